@@ -1,0 +1,227 @@
+"""minBERT: the BERT encoder (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding"), written bottom-up in plain PyTorch.
+
+Post-LN transformer layers, absolute position embeddings, attention through
+`scaled_dot_product_attention`. With no task conditioning it reproduces Hugging Face's
+`BertModel` to float precision; `model/loading.py` maps checkpoint key names onto ours.
+
+Task conditioning (task embeddings, PALs) plugs in through `EncoderHooks`: the encoder calls
+the hooks at three fixed points and knows nothing else about tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class BertConfig:
+    """The subset of a Hugging Face BERT `config.json` that defines the network."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BertConfig:
+        """Build from a `config.json` dict, ignoring keys that do not shape the network."""
+        if values.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BertConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` that `transformers.BertModel` reads."""
+        return {"architectures": ["BertModel"], "model_type": "bert", **asdict(self)}
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
+               "relu": F.relu}
+
+
+class EncoderHooks(nn.Module):
+    """Points where a task-conditioning module may change the encoder's computation.
+
+    Each default is the identity, so a subclass overrides only the hooks it needs. Shapes:
+    B batch, T tokens, H hidden size.
+    """
+
+    def input_embeddings(self, embeddings: Tensor) -> Tensor:
+        """(B, T, H) summed input embeddings, before LayerNorm."""
+        return embeddings
+
+    def attention_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, H) each: queries, keys and values of `layer` before the split into heads."""
+        return q, k, v
+
+    def attention_branch(self, layer: int, hidden: Tensor, mask: Tensor) -> Tensor | None:
+        """Extra (B, T, H) term added beside self-attention's output (PALs), or None.
+
+        `hidden` is the layer's input; `mask` is the (B, 1, 1, T) boolean attention mask.
+        """
+        return None
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor,
+                hooks: EncoderHooks | None) -> Tensor:
+        seq_len = input_ids.shape[1]
+        positions = torch.arange(seq_len, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))  # (B, T, H)
+        if hooks is not None:
+            x = hooks.input_embeddings(x)
+        return self.dropout(self.norm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention; Q, K and V come from one fused projection."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: Tensor, mask: Tensor | None, layer: int,
+                hooks: EncoderHooks | None) -> Tensor:
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).split(H, dim=-1)  # (B, T, H) each
+        if hooks is not None:
+            q, k, v = hooks.attention_qkv(layer, q, k, v)
+        q, k, v = (t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.output(y)
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertSelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor, mask: Tensor | None, layer: int,
+                hooks: EncoderHooks | None) -> Tensor:
+        attended = self.dropout(self.attention(x, mask, layer, hooks))
+        if hooks is not None:
+            branch = hooks.attention_branch(layer, x, mask)
+            if branch is not None:
+                attended = attended + branch
+        x = self.attention_norm(x + attended)
+        return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
+
+
+class BertPooler(nn.Module):
+    """dense + tanh on the [CLS] token."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class BertModel(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = BertPooler(config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation, for weights a checkpoint does not provide."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None,
+                hooks: EncoderHooks | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (last hidden states (B, T, H), pooled [CLS] (B, H)).
+
+        `attention_mask` is (B, T) with 1 for real tokens and 0 for padding.
+        """
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # (B, 1, 1, T): every query may attend to every real key. None skips masking
+        # altogether when the batch has no padding, which lets SDPA take its fastest kernel.
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, None, None, :].bool()
+        x = self.embeddings(input_ids, token_type_ids, hooks)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, mask, index, hooks)
+        return x, self.pooler(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Average of the real tokens' hidden states: (B, T, H), (B, T) -> (B, H)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
