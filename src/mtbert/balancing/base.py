@@ -1,0 +1,133 @@
+"""Interfaces for loss weighting and gradient combination, and the per-task gradient helpers.
+
+Split as in LibMTL: a ``LossWeighting`` turns per-task losses into weighted per-task terms, a
+``GradientCombiner`` turns those terms into ``.grad`` on the parameters.
+
+References:
+    - Lin & Zhang 2023, LibMTL: A Python Library for Multi-Task Learning,
+      https://arxiv.org/abs/2203.14338
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def trainable(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters that require grad, in order: the layout of every flat gradient vector."""
+    return [p for p in params if p.requires_grad]
+
+
+def per_task_gradients(terms: dict[str, Tensor], shared_params: Sequence[nn.Parameter]) -> Tensor:
+    """Flattened gradient of each term w.r.t. the trainable shared params, rows in ``terms`` order.
+
+    One ``torch.autograd.grad`` call per term with ``retain_graph=True``, so the graph survives
+    for later backward passes; parameters a term does not reach get zeros. Only the gradient
+    vectors are stored, never a copy of the model.
+
+    Returns:
+        Tensor (T, P): T terms, P = total number of trainable shared parameter elements.
+    """
+    params = trainable(shared_params)
+    rows = []
+    for term in terms.values():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )  # (P,)
+    return torch.stack(rows)  # (T, P)
+
+
+def accumulate_flat_grad(flat: Tensor, params: Sequence[nn.Parameter]) -> None:
+    """Add (+=) the flat vector (P,) into ``.grad`` of the trainable ``params``, in order."""
+    offset = 0
+    for p in trainable(params):
+        piece = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = piece.clone()
+        else:
+            p.grad.add_(piece)
+    if offset != flat.numel():
+        raise ValueError(
+            f"The flat gradient has {flat.numel()} elements but the parameters have {offset}."
+        )
+
+
+class LossWeighting(nn.Module):
+    """Turns per-task losses into the per-task terms whose sum is the objective.
+
+    ``forward`` accepts any non-empty subset of the tasks (samplers that draw one task per step
+    give one loss); methods that need every task say so. Learned weights are parameters of this
+    module: give them to the optimizer and list them as ``other_params`` of the combiner.
+
+    Args:
+        task_names: Names of all tasks, unique; the order of ``weights()``.
+    """
+
+    def __init__(self, task_names: Sequence[str]):
+        super().__init__()
+        if len(task_names) == 0:
+            raise ValueError("A loss weighting needs at least one task.")
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"Task names must be unique, got {list(task_names)}.")
+        self.task_names = tuple(task_names)
+
+    def check_losses(self, losses: dict[str, Tensor]) -> None:
+        """Raise ValueError unless ``losses`` is a non-empty dict over known task names."""
+        unknown = set(losses) - set(self.task_names)
+        if not losses or unknown:
+            raise ValueError(
+                f"Expected losses for a non-empty subset of {list(self.task_names)}, "
+                f"got {sorted(losses)}."
+            )
+
+    def forward(
+        self, losses: dict[str, Tensor], last_shared: Sequence[nn.Parameter]
+    ) -> dict[str, Tensor]:
+        """Weighted terms (same keys as ``losses``).
+
+        ``last_shared`` is the last shared layer's parameters, used only by methods that look at
+        gradient norms (GradNorm); such methods may set ``.grad`` on their own parameters.
+        """
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        """Current weight of every task, for logging."""
+        raise NotImplementedError
+
+    def on_epoch_end(self) -> None:
+        """Hook called once after each epoch (no-op by default)."""
+
+    def after_optimizer_step(self) -> None:
+        """Hook called after each optimizer step (no-op by default)."""
+
+
+class GradientCombiner:
+    """Turns per-task terms into gradients on the parameters.
+
+    Only ``shared_params`` and ``other_params`` receive gradients (the weighting's own
+    parameters, e.g. uncertainty log-variances, belong in ``other_params``).
+    """
+
+    def backward(
+        self,
+        terms: dict[str, Tensor],
+        shared_params: Sequence[nn.Parameter],
+        other_params: Sequence[nn.Parameter],
+    ) -> None:
+        """ACCUMULATE (+=) into ``.grad``; never zeroes it, so gradient accumulation works."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State to checkpoint (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (nothing by default)."""

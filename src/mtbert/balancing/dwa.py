@@ -1,0 +1,73 @@
+"""Dynamic Weight Average: weights from how fast each task's loss fell over the last epochs."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtbert.balancing.base import LossWeighting
+
+
+class DynamicWeightAverage(LossWeighting):
+    """Weights ``w_i = T * softmax_i(r_i / temperature)``, ``r_i = Lbar_i(e-1) / Lbar_i(e-2)``.
+
+    ``Lbar_i(e)`` is the mean of the losses that ``forward`` saw for task i in epoch e (each
+    call adds ``L_i.detach()`` to a running sum); ``on_epoch_end`` turns the sums into that
+    epoch's means and computes the weights used in the next epoch. A task whose loss falls
+    slowly (``r_i`` near or above 1) gets more weight. The first two epochs use weight 1.
+    Every task must have been seen in each epoch. All state is in buffers, so ``state_dict``
+    saves and restores it. Under DDP, all-reduce (sum) ``epoch_loss_sum`` and
+    ``epoch_loss_count`` before ``on_epoch_end`` so that every rank gets the same weights.
+
+    Args:
+        task_names: Names of all tasks.
+        temperature: Softmax temperature (> 0); larger gives weights closer to 1.
+
+    References:
+        - Liu, Johns & Davison 2019, End-to-End Multi-Task Learning with Attention,
+          https://arxiv.org/abs/1803.10704
+    """
+
+    def __init__(self, task_names: Sequence[str], temperature: float = 2.0):
+        super().__init__(task_names)
+        if temperature <= 0:
+            raise ValueError(f"DWA needs temperature > 0, got {temperature}.")
+        self.temperature = temperature
+        num_tasks = len(self.task_names)
+        self.register_buffer("epoch_loss_sum", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("epoch_loss_count", torch.zeros(num_tasks, dtype=torch.long))
+        # rows: mean losses of epochs e-2 and e-1; NaN until those epochs have ended
+        self.register_buffer(
+            "epoch_means", torch.full((2, num_tasks), float("nan"), dtype=torch.float64)
+        )
+        self.register_buffer("task_weights", torch.ones(num_tasks))  # (T,)
+
+    def forward(
+        self, losses: dict[str, Tensor], last_shared: Sequence[nn.Parameter]
+    ) -> dict[str, Tensor]:
+        self.check_losses(losses)
+        terms = {}
+        for name, loss in losses.items():
+            i = self.task_names.index(name)
+            self.epoch_loss_sum[i] += loss.detach().to(self.epoch_loss_sum.dtype)
+            self.epoch_loss_count[i] += 1
+            terms[name] = self.task_weights[i].to(loss.dtype) * loss
+        return terms
+
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.task_names, self.task_weights.tolist(), strict=True))
+
+    @torch.no_grad()
+    def on_epoch_end(self) -> None:
+        """Close the epoch: store its mean losses, update the weights, reset the running sums."""
+        unseen = [n for n, c in zip(self.task_names, self.epoch_loss_count, strict=True) if c == 0]
+        if unseen:
+            raise ValueError(f"DWA saw no loss for {unseen} in this epoch.")
+        self.epoch_means[0] = self.epoch_means[1]
+        self.epoch_means[1] = self.epoch_loss_sum / self.epoch_loss_count  # (T,)
+        if not torch.isnan(self.epoch_means[0]).any():
+            ratios = self.epoch_means[1] / self.epoch_means[0]  # (T,)
+            weights = len(self.task_names) * torch.softmax(ratios / self.temperature, dim=0)
+            self.task_weights.copy_(weights)
+        self.epoch_loss_sum.zero_()
+        self.epoch_loss_count.zero_()

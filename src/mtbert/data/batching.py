@@ -1,0 +1,172 @@
+"""Tokenize once, then batch by length: dynamic padding, shuffled length buckets.
+
+A split is tokenized when it is loaded, never per step. Pair tasks are stored either jointly
+(`[CLS] a [SEP] b [SEP]`, for cross-encoders) or as a table of distinct sentences plus an
+(N, 2) index (siamese heads), so a sentence that occurs several times in a batch is encoded
+once.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtbert.data.readers import Example
+from mtbert.tokenizer import Tokenizer
+
+# A bucket is this many batches' worth of shuffled examples, sorted by length before it is
+# cut into batches: rows of a batch have similar lengths, yet batches stay random.
+BUCKET_BATCHES = 50
+
+
+@dataclass
+class EncodedSplit:
+    """One task split, tokenized."""
+
+    example_ids: list[str]
+    labels: Tensor | None  # (N,) float32
+    token_ids: list[list[int]]  # joint: a row per example; siamese: a row per distinct sentence
+    token_types: list[list[int]]
+    pair_index: np.ndarray | None  # (N, 2) rows of token_ids; None when joint
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens each example costs the encoder."""
+        row_lengths = np.fromiter((len(r) for r in self.token_ids), dtype=np.int64,
+                                  count=len(self.token_ids))
+        if self.pair_index is None:
+            return row_lengths
+        return row_lengths[self.pair_index].sum(axis=1)
+
+
+def encode_split(examples: Sequence[Example], tokenizer: Tokenizer,
+                 siamese: bool) -> EncodedSplit:
+    """Tokenize examples; `siamese` pairs are split into a table of distinct sentences."""
+    labels = None
+    if examples and examples[0].label is not None:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
+    ids = [e.id for e in examples]
+    if not siamese:
+        texts = [e.texts[0] if len(e.texts) == 1 else e.texts for e in examples]
+        token_ids, token_types = tokenizer.encode(texts)
+        return EncodedSplit(ids, labels, token_ids, token_types, None)
+    table: dict[str, int] = {}
+    pair_index = np.array([[table.setdefault(t, len(table)) for t in e.texts] for e in examples],
+                          dtype=np.int64).reshape(len(examples), 2)
+    token_ids, token_types = tokenizer.encode(list(table))
+    return EncodedSplit(ids, labels, token_ids, token_types, pair_index)
+
+
+@dataclass
+class Batch:
+    """Padded encoder inputs for some examples of one task."""
+
+    input_ids: Tensor  # (R, T) R rows: examples, or distinct sentences when siamese
+    attention_mask: Tensor  # (R, T)
+    token_type_ids: Tensor  # (R, T)
+    pair_index: Tensor | None  # (B, 2) rows of input_ids per example (siamese)
+    labels: Tensor | None  # (B,)
+    rows: Tensor  # (B,) positions of the examples in their split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(t):
+            return (None if t is None else t.to(device, non_blocking=True))
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
+                     move(self.pair_index), move(self.labels), self.rows)
+
+
+def collate(split: EncodedSplit, rows: Sequence[int], pad_id: int) -> Batch:
+    """Pad the selected examples to the longest row of this batch only."""
+    rows = np.asarray(rows, dtype=np.int64)
+    pair_index = None
+    if split.pair_index is None:
+        sequence_rows = rows
+    else:
+        sequence_rows, inverse = np.unique(split.pair_index[rows], return_inverse=True)
+        pair_index = torch.from_numpy(inverse.reshape(len(rows), 2))
+    width = max(len(split.token_ids[r]) for r in sequence_rows)
+    input_ids = np.full((len(sequence_rows), width), pad_id, dtype=np.int64)
+    token_types = np.zeros((len(sequence_rows), width), dtype=np.int64)
+    mask = np.zeros((len(sequence_rows), width), dtype=np.int64)
+    for i, r in enumerate(sequence_rows):
+        n = len(split.token_ids[r])
+        input_ids[i, :n] = split.token_ids[r]
+        token_types[i, :n] = split.token_types[r]
+        mask[i, :n] = 1
+    input_ids, token_types, mask = map(torch.from_numpy, (input_ids, token_types, mask))
+    labels = None if split.labels is None else split.labels[torch.from_numpy(rows)]
+    return Batch(input_ids, mask, token_types, pair_index, labels, torch.from_numpy(rows))
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of shuffled batches whose rows have similar lengths."""
+    order = rng.permutation(len(lengths))
+    bucket = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = order[start:start + bucket]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches in length order, for evaluation (least padding; order is restored by rows)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def stable_seed(*parts: int | str) -> list[int]:
+    """A seed sequence from ints and strings that is the same in every process."""
+    return [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+
+
+class TaskStream:
+    """Endless length-bucketed batches of one task, reshuffled every pass over the data.
+
+    The position (`epoch`, `index`) is all its state: a resumed run continues exactly.
+    """
+
+    def __init__(self, name: str, split: EncodedSplit, batch_size: int, seed: int, pad_id: int):
+        self.name, self.split, self.batch_size = name, split, batch_size
+        self.seed, self.pad_id = seed, pad_id
+        self._lengths = split.lengths()
+        self.epoch, self.index = 0, 0
+        self._batches = self._plan(0)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(stable_seed(self.seed, self.name, epoch))
+        return bucketed_batches(self._lengths, self.batch_size, rng)
+
+    def __len__(self) -> int:
+        """Batches per pass over the data."""
+        return len(self._batches)
+
+    def next(self) -> Batch:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self._plan(self.epoch)
+        rows = self._batches[self.index]
+        self.index += 1
+        return collate(self.split, rows, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._batches = self._plan(self.epoch)

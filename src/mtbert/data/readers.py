@@ -1,0 +1,339 @@
+"""Readers for the task data files: delimited text (TSV/CSV) and JSON lines.
+
+Columns are found by header name, malformed rows are skipped (and logged) unless reading
+strictly, and any file content, however broken, either reads or raises :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+_MAX_LOGGED_SKIPS = 20
+# Bytes that are not valid UTF-8 decode (with "surrogateescape") to lone surrogates.
+_NOT_UTF8 = re.compile("[\ud800-\udfff]")
+# Large enough for any realistic field, small enough for a C long on every platform.
+_FIELD_SIZE_LIMIT = 2**31 - 1
+_FORMATS = ("tsv", "csv", "jsonl")
+_FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file (and line where there is one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One task example: its id, one or two stripped texts, and the label if labelled."""
+
+    id: str
+    texts: tuple[str, ...]
+    label: float | None
+
+
+@dataclass
+class ReadReport:
+    """What reading a file produced: the examples and the (line, reason) of skipped rows."""
+
+    path: Path
+    examples: list[Example]
+    skipped: list[tuple[int, str]]
+
+
+class _MalformedRow(Exception):
+    """A row that cannot be read; skipped, or fatal when reading strictly."""
+
+
+class _InvalidLabel(Exception):
+    """A numeric label outside the declared classes or range; always fatal."""
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """Which columns to read and which labels are valid."""
+
+    text_columns: tuple[str, ...]
+    label_column: str | None
+    id_column: str
+    num_classes: int | None
+    label_range: tuple[float, float] | None
+
+    def __post_init__(self) -> None:
+        if not self.text_columns:
+            raise ValueError("text_columns must name at least one column")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+        if self.label_range is not None:
+            low, high = self.label_range
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(
+                    f"label_range must be finite with lo <= hi, got {self.label_range}"
+                )
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        label = () if self.label_column is None else (self.label_column,)
+        return self.text_columns + label
+
+    def check_label(self, label: float) -> None:
+        """Raise _InvalidLabel if the label is not one of the declared classes or in range."""
+        if self.num_classes is not None and not (
+            label.is_integer() and 0 <= label < self.num_classes
+        ):
+            raise _InvalidLabel(f"label {label:g} is not a class in 0..{self.num_classes - 1}")
+        if self.label_range is not None:
+            low, high = self.label_range
+            if not low <= label <= high:
+                raise _InvalidLabel(f"label {label:g} is outside [{low:g}, {high:g}]")
+
+
+def read_examples(
+    path: str | Path,
+    text_columns: Sequence[str],
+    label_column: str | None,
+    *,
+    id_column: str = "id",
+    num_classes: int | None = None,
+    label_range: tuple[float, float] | None = None,
+    strict: bool = False,
+    file_format: str | None = None,
+) -> ReadReport:
+    """Read the examples of a TSV, CSV or JSON-lines file, selecting columns by name.
+
+    ``label_column=None`` reads an unlabelled file (labels are None). If the file has no
+    ``id_column``, ids are the 0-based data row index. ``num_classes`` or
+    ``label_range`` declare the valid labels; a numeric label outside them raises
+    DataError. Malformed rows are skipped and logged, or raise DataError if ``strict``.
+    ``file_format`` is "tsv", "csv" or "jsonl"; by default it follows the suffix, and a
+    file that is neither .jsonl/.json nor .tsv is tab-separated if its header line has a
+    tab, else comma-separated. Text is decoded as UTF-8 (a BOM is allowed); NUL bytes
+    are dropped.
+    """
+    if isinstance(text_columns, str):
+        raise ValueError("text_columns must be a sequence of column names, not a str")
+    schema = _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range)
+    path = Path(path)
+    resolved_format = _resolve_format(path, file_format)
+    newline = "\n" if resolved_format == "jsonl" else ""
+    with _open_text(path, newline) as stream:
+        lines = _without_nul(stream)
+        if resolved_format == "jsonl":
+            records, extract = _jsonl_records(lines), _json_object
+        else:
+            records, extract = _delimited_source(lines, path, resolved_format, schema)
+        report = _collect(path, records, extract, schema, strict)
+    _log_outcome(report)
+    return report
+
+
+def _resolve_format(path: Path, file_format: str | None) -> str | None:
+    """The file format, or None when the delimiter is to be sniffed from the header."""
+    if file_format is None:
+        return _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if file_format not in _FORMATS:
+        raise ValueError(f"file_format must be one of {_FORMATS}, got {file_format!r}")
+    return file_format
+
+
+def _open_text(path: Path, newline: str) -> TextIO:
+    try:
+        return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot open: {error.strerror or error}") from None
+
+
+def _without_nul(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        yield line.replace("\0", "")
+
+
+def _delimited_source(
+    lines: Iterator[str], path: Path, file_format: str | None, schema: _Schema
+) -> tuple[Iterator[tuple[int, list[str]]], partial[dict[str, str]]]:
+    """Records after the header, and a function mapping a record to its values by name."""
+    header_line = next(lines, "")
+    delimiter = _pick_delimiter(file_format, header_line)
+    records = _csv_records(itertools.chain([header_line], lines), delimiter, path)
+    header = next(records, None)
+    if header is None:
+        raise DataError(f"{path}: file is empty")
+    positions = _column_positions(header[1], schema, path)
+    return records, partial(_fields_by_name, positions=positions)
+
+
+def _pick_delimiter(file_format: str | None, header_line: str) -> str:
+    if file_format == "tsv":
+        return "\t"
+    if file_format == "csv":
+        return ","
+    return "\t" if "\t" in header_line else ","
+
+
+def _csv_records(
+    lines: Iterable[str], delimiter: str, path: Path
+) -> Iterator[tuple[int, list[str]]]:
+    """Yield (starting line number, fields) for each non-blank record."""
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
+    reader = csv.reader(lines, delimiter=delimiter)
+    start = 1
+    try:
+        for fields in reader:
+            if fields:
+                yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(f"{path}:{start}: {error}") from None
+
+
+def _column_positions(header: list[str], schema: _Schema, path: Path) -> dict[str, int]:
+    """Map each wanted column name to its field index; the id column is optional."""
+    names = [name.strip() for name in header]
+    missing = [column for column in schema.required_columns if column not in names]
+    if missing:
+        raise DataError(
+            f"{path}: header lacks column(s) {', '.join(map(repr, missing))}; "
+            f"columns found: {names!r}"
+        )
+    wanted = [*schema.required_columns, schema.id_column]
+    repeated = sorted({column for column in wanted if names.count(column) > 1})
+    if repeated:
+        raise DataError(f"{path}: header repeats column(s) {', '.join(map(repr, repeated))}")
+    return {column: names.index(column) for column in wanted if column in names}
+
+
+def _fields_by_name(fields: list[str], positions: Mapping[str, int]) -> dict[str, str]:
+    needed = max(positions.values()) + 1
+    if len(fields) < needed:
+        raise _MalformedRow(f"row has {len(fields)} fields, needs at least {needed}")
+    return {column: fields[index] for column, index in positions.items()}
+
+
+def _jsonl_records(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) for each non-blank line."""
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            yield number, line
+
+
+def _json_object(line: str) -> dict[str, object]:
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        raise _MalformedRow("line is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _MalformedRow("line is not a JSON object")
+    return value
+
+
+def _collect(
+    path: Path,
+    records: Iterable[tuple[int, Any]],
+    extract: Callable[[Any], Mapping[str, object]],
+    schema: _Schema,
+    strict: bool,
+) -> ReadReport:
+    """Turn records into examples, skipping (or, if strict, rejecting) malformed ones."""
+    report = ReadReport(path=path, examples=[], skipped=[])
+    for row_index, (line, record) in enumerate(records):
+        try:
+            report.examples.append(_build_example(extract(record), schema, row_index))
+        except _InvalidLabel as error:
+            raise DataError(f"{path}:{line}: {error}") from None
+        except _MalformedRow as error:
+            if strict:
+                raise DataError(f"{path}:{line}: malformed row: {error}") from None
+            _record_skip(report, line, str(error))
+    if not report.examples and not report.skipped:
+        raise DataError(f"{path}: no data rows")
+    return report
+
+
+def _build_example(values: Mapping[str, object], schema: _Schema, row_index: int) -> Example:
+    example = Example(
+        id=_read_id(values, schema.id_column, row_index),
+        texts=tuple(_read_text(values, column) for column in schema.text_columns),
+        label=None if schema.label_column is None else _read_label(values, schema.label_column),
+    )
+    if example.label is not None:
+        schema.check_label(example.label)
+    return example
+
+
+def _read_id(values: Mapping[str, object], column: str, row_index: int) -> str:
+    if column not in values:
+        return str(row_index)
+    value = values[column]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _read_text(values, column)
+
+
+def _read_text(values: Mapping[str, object], column: str) -> str:
+    if column not in values:
+        raise _MalformedRow(f"missing {column!r}")
+    value = values[column]
+    if not isinstance(value, str):
+        raise _MalformedRow(f"{column!r} is not a string")
+    text = value.strip()
+    if not text:
+        raise _MalformedRow(f"empty {column!r}")
+    if _NOT_UTF8.search(text):
+        raise _MalformedRow(f"{column!r} holds bytes that are not valid UTF-8")
+    return text
+
+
+def _read_label(values: Mapping[str, object], column: str) -> float:
+    if column not in values:
+        raise _MalformedRow(f"missing {column!r}")
+    value = values[column]
+    if isinstance(value, str) and not value.strip():
+        raise _MalformedRow(f"empty {column!r}")
+    label = _as_number(value)
+    if label is None:
+        raise _MalformedRow(f"{column!r} value {value!r} is not a number")
+    if not math.isfinite(label):
+        raise _MalformedRow(f"{column!r} value {value!r} is not finite")
+    return label
+
+
+def _as_number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _record_skip(report: ReadReport, line: int, reason: str) -> None:
+    report.skipped.append((line, reason))
+    if len(report.skipped) <= _MAX_LOGGED_SKIPS:
+        logger.warning("%s:%d: skipped row: %s", report.path, line, reason)
+
+
+def _log_outcome(report: ReadReport) -> None:
+    unlogged = len(report.skipped) - _MAX_LOGGED_SKIPS
+    if unlogged > 0:
+        logger.warning(
+            "%s: %d more malformed rows skipped, not logged individually", report.path, unlogged
+        )
+    logger.log(
+        logging.WARNING if report.skipped else logging.INFO,
+        "%s: read %d examples, skipped %d malformed rows",
+        report.path,
+        len(report.examples),
+        len(report.skipped),
+    )

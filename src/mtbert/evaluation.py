@@ -1,0 +1,122 @@
+"""Metrics, the overall score, predictions and prediction files."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from mtbert.config import TaskConfig
+from mtbert.data.batching import EncodedSplit, collate, sorted_batches
+from mtbert.data.tasks import default_loss
+from mtbert.model.multitask import MultitaskModel
+
+
+def to_predictions(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
+    """Head outputs -> labels: argmax of class logits, logit > 0 for one logit, or a score
+    clipped to the label range."""
+    if task.kind == "classification":
+        if default_loss(task) == "cross_entropy":
+            return outputs.argmax(-1).float()
+        return (outputs > 0).float()
+    low, high = task.label_range
+    return outputs.clamp(low, high)
+
+
+@torch.inference_mode()
+def predict(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
+            pad_id: int = 0, progress=None) -> np.ndarray:
+    """Predictions for every example of `split`, in the split's order."""
+    was_training = model.training
+    model.eval()
+    config = model.tasks[task]
+    out = torch.empty(len(split))
+    device = next(model.parameters()).device
+    batches = sorted_batches(split.lengths(), batch_size)
+    for rows in (progress(batches) if progress else batches):
+        batch = collate(split, rows, pad_id).to(device)
+        out[batch.rows] = to_predictions(config, model(task, batch).predictions).float().cpu()
+    model.train(was_training)
+    return out.numpy()
+
+
+def metric(task: TaskConfig, predictions: np.ndarray, labels: np.ndarray) -> float:
+    if task.metric == "accuracy":
+        return float((predictions == labels).mean())
+    if np.std(predictions) == 0:  # constant predictions: correlation undefined
+        return 0.0
+    if task.metric == "pearson":
+        return float(stats.pearsonr(predictions, labels).statistic)
+    return float(stats.spearmanr(predictions, labels).statistic)
+
+
+def normalised(task: TaskConfig, value: float) -> float:
+    """A metric on [0, 1]: correlations r become (r + 1) / 2."""
+    return value if task.metric == "accuracy" else (value + 1) / 2
+
+
+def overall_score(tasks: dict[str, TaskConfig], scores: dict[str, float]) -> float:
+    """Mean of the normalised task metrics: for sst, quora and sts this is the standard
+    `(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3`."""
+    values = [normalised(tasks[name], value) for name, value in scores.items()]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def write_predictions(path: Path, task: TaskConfig, example_ids: list[str],
+                      predictions: np.ndarray) -> None:
+    """`id,Predicted_...` CSV, one row per example, in the input file's order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    integer = task.kind == "classification"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", task.prediction_column])
+        for example_id, value in zip(example_ids, predictions):
+            writer.writerow([example_id, int(value) if integer else f"{value:.4f}"])
+
+
+def format_table(rows: dict[str, dict[str, float]], tasks: dict[str, TaskConfig]) -> str:
+    """A Markdown table: one row per split, a column per task metric, then overall."""
+    names = list(tasks)
+    header = ["split"] + [f"{n} {tasks[n].metric}" for n in names] + ["overall"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for split, scores in rows.items():
+        cells = [f"{scores[n]:.3f}" if n in scores else "-" for n in names]
+        lines.append("| " + " | ".join([split, *cells, f"{scores['overall']:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[str],
+                    predictions_dir: Path | None = None, progress=None
+                    ) -> dict[str, dict[str, float]]:
+    """Score every task on each labelled split and write `{task}-{split}-output.csv` files.
+
+    Returns {split: {task: metric, ..., "overall": score}} for the labelled splits.
+    """
+    from mtbert.data.batching import encode_split
+    from mtbert.data.tasks import read_split
+    from mtbert.model.heads import is_siamese
+
+    table = {}
+    for split in splits:
+        scores = {}
+        for name, task in model.tasks.items():
+            examples = read_split(task, split, config.data_dir, config.strict_data)
+            if examples is None:
+                continue
+            encoded = encode_split(examples, tokenizer, is_siamese(task))
+            predictions = predict(model, name, encoded, config.train.eval_batch_size,
+                                  tokenizer.pad_id, progress)
+            if predictions_dir is not None:
+                write_predictions(predictions_dir / f"{name}-{split}-output.csv", task,
+                                  encoded.example_ids, predictions)
+            if encoded.labels is not None:
+                scores[name] = metric(task, predictions, encoded.labels.numpy())
+        if scores:
+            scores["overall"] = overall_score(model.tasks, scores)
+            table[split] = scores
+    return table

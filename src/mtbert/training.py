@@ -1,0 +1,378 @@
+"""The multitask training loop, top to bottom: setup, steps, evaluation, checkpoints.
+
+Every technique enters through its interface: the sampler says which tasks a step draws,
+each task's stream gives a batch, the model and the task's loss give a loss, the weighting
+turns losses into terms, the combiner turns terms into gradients. Nothing here branches on a
+method's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtbert.balancing import build_combiner, build_weighting
+from mtbert.checkpoint import (
+    CorruptCheckpointError,
+    load_tensors,
+    save_json,
+    save_tensors,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from mtbert.config import ExperimentConfig, TaskConfig, dump_config, load_config
+from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
+from mtbert.data.sampling import build_sampler
+from mtbert.data.tasks import default_loss, read_split
+from mtbert.evaluation import metric, overall_score, predict
+from mtbert.losses import (
+    CosineThresholdPositives,
+    LabelThresholdPositives,
+    MultipleNegativesRankingLoss,
+    build_loss,
+    select_positive_pairs,
+    selected_pairs_mnrl,
+)
+from mtbert.model.bert import BertConfig, BertModel
+from mtbert.model.conditioning import build_conditioning
+from mtbert.model.heads import is_siamese
+from mtbert.model.loading import load_bert
+from mtbert.model.multitask import MultitaskModel
+from mtbert.optim import AdamW, warmup_linear_decay
+from mtbert.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MNRL_RULES = {"label": LabelThresholdPositives, "cosine": CosineThresholdPositives}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN); the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def build_model(config: ExperimentConfig, encoder: BertModel) -> MultitaskModel:
+    conditioning = build_conditioning(config.model, encoder.config,
+                                      [t.name for t in config.tasks])
+    return MultitaskModel(encoder, config.tasks, conditioning)
+
+
+def load_backbone(config: ExperimentConfig) -> tuple[BertModel, Tokenizer]:
+    encoder, folder = load_bert(config.model.backbone)
+    if config.model.hidden_dropout is not None or config.model.attention_dropout is not None:
+        encoder = _with_dropout(encoder, config)
+    return encoder, Tokenizer.from_folder(folder, config.model.max_length)
+
+
+def _with_dropout(encoder: BertModel, config: ExperimentConfig) -> BertModel:
+    bert_config = encoder.config
+    if config.model.hidden_dropout is not None:
+        bert_config.hidden_dropout_prob = config.model.hidden_dropout
+    if config.model.attention_dropout is not None:
+        bert_config.attention_probs_dropout_prob = config.model.attention_dropout
+    rebuilt = BertModel(bert_config)
+    rebuilt.load_state_dict(encoder.state_dict())
+    return rebuilt
+
+
+@dataclass
+class TaskData:
+    config: TaskConfig
+    train: EncodedSplit
+    dev: EncodedSplit | None
+
+
+def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, TaskData]:
+    """Read and tokenize every task's train and dev files once."""
+    data = {}
+    for task in config.tasks:
+        siamese = is_siamese(task)
+        train = read_split(task, "train", config.data_dir, config.strict_data)
+        dev = read_split(task, "dev", config.data_dir, config.strict_data)
+        train = _subsample(train, config.train.max_train_examples, config.train.seed)
+        dev = _subsample(dev, config.train.max_eval_examples, config.train.seed)
+        data[task.name] = TaskData(
+            task, encode_split(train, tokenizer, siamese),
+            None if dev is None else encode_split(dev, tokenizer, siamese))
+        log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
+    return data
+
+
+def _subsample(examples, limit, seed):
+    if examples is None or limit is None or len(examples) <= limit:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in keep]
+
+
+# ---------------------------------------------------------------- losses
+
+
+class TaskLoss(nn.Module):
+    """A task's loss on its head's output, plus its auxiliary MNRL term if configured."""
+
+    def __init__(self, task: TaskConfig):
+        super().__init__()
+        self.loss = build_loss(default_loss(task), **task.loss_options)
+        self.integer_labels = default_loss(task) == "cross_entropy"
+        self.mnrl = self.rule = None
+        if task.mnrl is not None:
+            self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
+            self.rule = MNRL_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
+            self.mnrl_weight = task.mnrl.weight
+
+    def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
+        target = labels.long() if self.integer_labels else labels
+        loss = self.loss(output.predictions, target)
+        parts = {"loss": loss.item()}
+        if self.mnrl is not None:
+            u, v = output.embeddings
+            mask = select_positive_pairs(self.rule, u, v, labels, epoch)
+            auxiliary = selected_pairs_mnrl(self.mnrl, u, v, mask)
+            parts["mnrl"] = auxiliary.item()
+            loss = loss + self.mnrl_weight * auxiliary
+        return loss, parts
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    bad_steps: int = 0  # NaN/inf steps in a row
+    skipped_steps: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    best_record: int = -1  # index into history
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns everything one run needs; `fit()` trains, evaluates and checkpoints."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: str | Path):
+        self.config, self.run_dir = config, Path(run_dir)
+        train = config.train
+        torch.manual_seed(train.seed)
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        encoder, self.tokenizer = load_backbone(config)
+        self.data = load_task_data(config, self.tokenizer)
+        self.model = build_model(config, encoder)
+        self.losses = {name: TaskLoss(t.config) for name, t in self.data.items()}
+        names = list(self.data)
+        self.streams = {
+            name: TaskStream(name, d.train, d.config.batch_size or train.batch_size,
+                             train.seed, self.tokenizer.pad_id)
+            for name, d in self.data.items()}
+        self.sampler = build_sampler(
+            train.sampler, {n: len(d.train) for n, d in self.data.items()},
+            {n: s.batch_size for n, s in self.streams.items()}, train.seed,
+            epochs=train.epochs, **train.sampler_options)
+        micro_steps = math.ceil(train.epochs * self.sampler.steps_per_epoch())
+        self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
+        if train.max_steps is not None:
+            self.total_steps = min(self.total_steps, train.max_steps)
+        self.weighting = build_weighting(train.weighting, names,
+                                         {n: d.config.kind for n, d in self.data.items()},
+                                         **train.weighting_options)
+        self.combiner = build_combiner(train.combiner, train.seed)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = warmup_linear_decay(
+            self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
+        self.state = TrainState()
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    def _build_optimizer(self) -> AdamW:
+        """Decay on weight matrices only; heads may have their own learning rate; the
+        weighting's learned parameters get a group of their own, without decay."""
+        train = self.config.train
+        shared = {id(p) for p in self.model.shared_parameters()}
+        groups = {"shared_decay": [], "shared_no_decay": [], "task_decay": [],
+                  "task_no_decay": []}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            scope = "shared" if id(p) in shared else "task"
+            decay = p.dim() >= 2 and "norm" not in name
+            groups[f"{scope}_{'decay' if decay else 'no_decay'}"].append(p)
+        head_lr = train.head_lr or train.lr
+        param_groups = [
+            dict(params=groups["shared_decay"], weight_decay=train.weight_decay),
+            dict(params=groups["shared_no_decay"], weight_decay=0.0),
+            dict(params=groups["task_decay"], weight_decay=train.weight_decay, lr=head_lr),
+            dict(params=groups["task_no_decay"], weight_decay=0.0, lr=head_lr),
+            dict(params=list(self.weighting.parameters()), weight_decay=0.0,
+                 lr=train.weighting_lr),
+        ]
+        return AdamW([g for g in param_groups if g["params"]], lr=train.lr)
+
+    # ------------------------------------------------------------ one step
+
+    @property
+    def epoch(self) -> int:
+        micro = self.state.step * self.config.train.grad_accumulation
+        return micro // max(1, self.sampler.steps_per_epoch())
+
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accumulation` micro-steps; returns logged values."""
+        train = self.config.train
+        model = self.model.train()
+        shared, other = model.shared_parameters(), model.task_parameters()
+        other = other + list(self.weighting.parameters())
+        logged: dict[str, float] = {}
+        tokens = 0
+        for micro in range(train.grad_accumulation):
+            micro_step = self.state.step * train.grad_accumulation + micro
+            losses = {}
+            for task in self.sampler.tasks_for_step(micro_step):
+                batch: Batch = self.streams[task].next()
+                tokens += batch.real_tokens()
+                loss, parts = self.losses[task](model(task, batch), batch.labels, self.epoch)
+                losses[task] = loss / train.grad_accumulation
+                logged.update({f"{task}/{k}": v for k, v in parts.items()})
+            terms = self.weighting(losses, model.last_shared_parameters())
+            self.combiner.backward(terms, shared, other)
+        # One pass over the gradients gives both the clipping norm and the NaN/inf check.
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), train.grad_clip or math.inf, foreach=True)
+        logged["grad_norm"] = grad_norm.item()
+        if not all(math.isfinite(v) for v in logged.values()):
+            self._skip_bad_step()
+        else:
+            self.state.bad_steps = 0
+            self.optimizer.step()
+            self.weighting.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        logged["tokens"] = tokens
+        return logged
+
+    def _skip_bad_step(self) -> None:
+        self.state.bad_steps += 1
+        self.state.skipped_steps += 1
+        log.warning("step %d: loss or gradient is NaN/inf; step skipped (%d in a row)",
+                    self.state.step, self.state.bad_steps)
+        if self.state.bad_steps >= self.config.train.max_bad_steps:
+            raise TrainingError(
+                f"{self.state.bad_steps} steps in a row had NaN/inf losses or gradients; "
+                f"training stopped. The last good checkpoint is in {self.run_dir}")
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, split: str = "dev") -> dict[str, float]:
+        scores = {}
+        for name, data in self.data.items():
+            encoded = data.dev if split == "dev" else data.train
+            if encoded is None or encoded.labels is None:
+                continue
+            predictions = predict(self.model, name, encoded,
+                                  self.config.train.eval_batch_size, self.tokenizer.pad_id)
+            scores[name] = metric(data.config, predictions, encoded.labels.numpy())
+        scores["overall"] = overall_score(self.model.tasks, scores)
+        return scores
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train to the end, evaluating `evals_per_epoch` times per epoch; returns the best
+        dev scores. The best model is kept in `RUN_DIR/best`."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, self.run_dir / "config.yaml")
+        log.info("parameters: %s", self.parameter_counts())
+        epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
+        eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
+        start = time.perf_counter()
+        running: dict[str, float] = {}
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
+                   dynamic_ncols=True)
+        while self.state.step < self.total_steps:
+            epoch_before = self.epoch
+            logged = self.train_step()
+            for key, value in logged.items():
+                running[key] = 0.9 * running.get(key, value) + 0.1 * value
+            bar.update(1)
+            bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in running.items()
+                             if k.endswith("/loss")})
+            if self.epoch != epoch_before:
+                self.weighting.on_epoch_end()
+            if self.state.step % eval_every == 0 or self.state.step == self.total_steps:
+                self._evaluate_and_checkpoint(running, time.perf_counter() - start)
+        bar.close()
+        return self.state.history[self.state.best_record]["dev"] if self.state.history else {}
+
+    def _evaluate_and_checkpoint(self, running: dict[str, float], elapsed: float) -> None:
+        scores = self.evaluate("dev")
+        record = {"step": self.state.step, "epoch": self.state.step / max(
+            1, self.sampler.steps_per_epoch() / self.config.train.grad_accumulation),
+            "elapsed_s": round(elapsed, 1), "train": dict(running), "dev": scores,
+            "weights": self.weighting.weights(), "lr": self.scheduler.get_last_lr()[0],
+            "skipped_steps": self.state.skipped_steps}
+        self.state.history.append(record)
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("step %d dev %s", self.state.step,
+                 {k: round(v, 4) for k, v in scores.items()})
+        if scores["overall"] > self.state.best_score:
+            self.state.best_score = scores["overall"]
+            self.state.best_step = self.state.step
+            self.state.best_record = len(self.state.history) - 1
+            save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
+                       {"dev": scores, "step": self.state.step})
+
+    def parameter_counts(self) -> dict[str, int]:
+        def count(params):
+            return (sum(p.numel() for p in params))
+        return {"encoder": count(self.model.encoder.parameters()),
+                "task_specific": count(self.model.task_parameters()),
+                "total": count(self.model.parameters())}
+
+
+# ---------------------------------------------------------------- saving and loading models
+
+
+def save_model(folder: Path, model: MultitaskModel, tokenizer: Tokenizer,
+               config: ExperimentConfig, metrics: dict) -> None:
+    """Everything `evaluate`, `predict` and `export` need: weights, encoder config, tokenizer,
+    the resolved experiment config and the metrics at save time."""
+
+    def write(tmp: Path) -> None:
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        save_json(tmp / "config.json", model.encoder.config.to_hf_dict())
+        tokenizer.save(tmp)
+        dump_config(config, tmp / "experiment.yaml")
+        save_json(tmp / "metrics.json", metrics)
+
+    write_checkpoint(folder, write)
+
+
+def load_model(folder: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentConfig]:
+    """A model saved by `save_model` (a run's `best/` folder, or the run folder itself)."""
+    folder = Path(folder)
+    if (folder / "best").is_dir():
+        folder = folder / "best"
+    verify_checkpoint(folder)
+    config = load_config(folder / "experiment.yaml")
+    bert_config = BertConfig.from_json(folder / "config.json")
+    model = build_model(config, BertModel(bert_config))
+    state = load_tensors(folder / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CorruptCheckpointError(
+            f"{folder}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    tokenizer = Tokenizer.from_folder(folder, config.model.max_length)
+    return model.eval(), tokenizer, config
+
