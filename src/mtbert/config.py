@@ -218,6 +218,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
     raw = resolve_presets(raw)
     for override in overrides:
         apply_override(raw, override)
+        raw = resolve_presets(raw)  # an override may name presets too: tasks=[sst,sts]
     if data_dir is not None:
         raw["data_dir"] = data_dir
     config = from_dict(ExperimentConfig, raw)

@@ -1,0 +1,90 @@
+"""End to end on a tiny BERT and tiny data: it learns, saves, reloads and predicts."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtbert.cli import main
+from mtbert.evaluation import predict
+from mtbert.training import Trainer, load_model
+
+from conftest import tiny_config
+
+MEAN_POOLING = [f"tasks.{t}.head.pooling=mean" for t in ("sst", "quora", "sts")]
+HEADS = {
+    "cross-encoder": ["tasks.quora.head.type=classifier", "tasks.sts.head.type=classifier",
+                      *MEAN_POOLING],
+    "siamese": ["tasks.quora.head.type=pair_features", "tasks.sts.head.type=cosine",
+                "tasks.sts.head.cosine_scale=learned", *MEAN_POOLING],
+}
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_tiny_model_overfits_each_task_type(tmp_path, tiny_backbone, tiny_data, heads):
+    config = tiny_config(tiny_backbone, tiny_data, *HEADS[heads], epochs=100)
+    trainer = Trainer(config, tmp_path / "run")
+    before = trainer.evaluate("train")
+    trainer.fit()
+    after = trainer.evaluate("train")
+    assert after["sst"] >= 0.9 and after["quora"] >= 0.9 and after["sts"] >= 0.9, after
+    assert after["overall"] > before["overall"] + 0.2
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert records and all({"step", "dev", "train", "elapsed_s"} <= r.keys() for r in records)
+
+
+def test_saved_model_reloads_to_identical_predictions(tmp_path, tiny_backbone, tiny_data):
+    config = tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], epochs=2)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    best = json.loads((tmp_path / "run/best/metrics.json").read_text())
+    reloaded, tokenizer, _ = load_model(tmp_path / "run")
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "run").rglob("*"))
+    # The best model was saved at its evaluation: its dev scores must come back exactly.
+    trainer.model.load_state_dict(reloaded.state_dict())
+    assert trainer.evaluate("dev") == best["dev"]
+    for name, data in trainer.data.items():
+        ours = predict(reloaded, name, data.dev, 7)
+        theirs = predict(trainer.model, name, data.dev, 64)
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_training_is_deterministic(tmp_path, tiny_backbone, tiny_data):
+    weights = []
+    for run in ("a", "b"):
+        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, max_steps=6), tmp_path / run)
+        trainer.fit()
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_cli_train_evaluate_predict(tmp_path, tiny_backbone, tiny_data, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "# mtbert train --config tiny.yaml\n"
+        f"model: {{backbone: {tiny_backbone}, max_length: 32}}\n"
+        "tasks: [sst, quora, sts]\n"
+        "train: {epochs: 1, batch_size: 16, lr: 1.0e-3}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data-dir", str(tiny_data),
+                 "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| dev |" in out and "overall" in out
+    for name in ("sst-dev", "sst-test", "quora-dev", "sts-dev", "sts-test"):
+        with open(run / "predictions" / f"{name}-output.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0][0] == "id" and rows[0][1].startswith("Predicted_")
+        assert len(rows) > 1
+    assert main(["evaluate", str(run)]) == 0
+    assert "| dev |" in capsys.readouterr().out
+    assert main(["predict", str(run), "--splits", "test", "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "sst-test-output.csv").is_file()
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [sst]\ntrain: {lr: fast}\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "train.lr: expected a number" in capsys.readouterr().err
