@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="experiment YAML (configs/default.yaml)")
     train.add_argument("--data-dir", help="folder with the task files (default: config)")
     train.add_argument("--run-dir", type=Path, help="output folder (default: runs/NAME)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue an interrupted run from its last good checkpoint")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.lr=3e-5 tasks.sts.head.type=cosine")
 
@@ -37,6 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--data-dir")
     predict.add_argument("--splits", nargs="+", default=["dev", "test"])
     predict.add_argument("--out", type=Path, help="folder (default: RUN_DIR/predictions)")
+
+    ablate = commands.add_parser(
+        "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",
+        description="Train each config for each seed into OUT/<config name>/seed-<k> "
+                    "(finished runs are skipped: re-run to resume), then write "
+                    "OUT/results.csv, OUT/results.md and OUT/results.png.")
+    ablate.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
+                        help="experiment YAMLs and overrides applied to every config, "
+                             "together (before or after the options, not between them)")
+    ablate.add_argument("--budget", default="small",
+                        help="small (~2 min/run on CPU), medium (~10 min/run) or full "
+                             "(no caps); see mtbert.experiments.budgets (default: small)")
+    ablate.add_argument("--seeds", type=int, default=1,
+                        help="seeds per config: train.seed + 0 .. N-1 (default: 1)")
+    ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
+                        help="output folder (default: runs/ablation)")
+    ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
+    ablate.add_argument("--report", action="store_true",
+                        help="also write report.html for each run trained")
+    ablate.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard scalars for each run trained")
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html (plots, curves)")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--data-dir")
+    report.add_argument("--max-examples", type=int,
+                        help="dev examples per task to plot, 0 for all (default: those "
+                             "the run was scored on, at most 5000)")
+    report.add_argument("--tensorboard", action="store_true",
+                        help="also write metrics.jsonl as TensorBoard scalars")
     return parser
 
 
@@ -44,10 +76,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mtbert.evaluation import evaluate_splits, format_table
     from mtbert.training import Trainer, load_model
 
-    config = load_config(args.config, args.overrides, args.data_dir)
-    run_dir = args.run_dir or Path("runs") / config.name
+    if args.resume is not None:
+        if args.config or args.overrides or args.run_dir:
+            raise ConfigError("--resume takes the run's own config; drop --config, --run-dir "
+                              "and overrides")
+        run_dir = args.resume
+        config = load_config(run_dir / "config.yaml", data_dir=args.data_dir)
+    else:
+        config = load_config(args.config, args.overrides, args.data_dir)
+        run_dir = args.run_dir or Path("runs") / config.name
     start = time.perf_counter()
     trainer = Trainer(config, run_dir)
+    if args.resume is not None:
+        trainer.resume()
     trainer.fit()
     train_seconds = time.perf_counter() - start
     model, tokenizer, config = load_model(run_dir)
@@ -57,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"predictions: {run_dir / 'predictions'}")
     if any(t.preset == "quora" for t in config.tasks) and "minilm" in config.model.backbone:
         print(QUORA_NOTE)
+    from mtbert.experiments.report import write_report
+    print(f"report: {write_report(run_dir)}")
 
 
 def _load(args: argparse.Namespace):
@@ -84,7 +127,36 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"predictions written to {out}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from mtbert.experiments.ablation import AblationError, run_ablation
+
+    configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
+    overrides = [i for i in args.items if i not in configs]
+    outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
+                           overrides, report=args.report, tensorboard=args.tensorboard)
+    print(outcome.files["md"].read_text(encoding="utf-8"))
+    print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
+          f"results: {', '.join(str(p) for p in outcome.files.values())}")
+    if outcome.failed:
+        raise AblationError(
+            f"{len(outcome.failed)} of {len(outcome.runs)} runs failed (traceback in their "
+            "error.txt; re-run the command to retry them): "
+            + "; ".join(f"{run.run_dir}: {message}" for run, message in outcome.failed))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mtbert.experiments.report import TensorBoardUnavailable, write_report, write_tensorboard
+
+    print(f"report: {write_report(args.run_dir, args.data_dir, args.max_examples)}")
+    if args.tensorboard:
+        try:
+            print(f"tensorboard: {write_tensorboard(args.run_dir)}")
+        except TensorBoardUnavailable as error:
+            print(f"mtbert report: {error}", file=sys.stderr)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "ablate": cmd_ablate, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,8 @@ class TrainConfig:
     max_train_examples: int | None = None  # per task; subsample for budgets and tests
     max_eval_examples: int | None = None
     max_bad_steps: int = 5  # NaN/inf steps in a row before training stops
+    checkpoint_every: int = 200  # optimizer steps between resume checkpoints (also at evals)
+    keep_checkpoints: int = 2  # the newest N resume checkpoints are kept
     threads: int | None = None  # None: all cores
 
 
@@ -287,6 +292,10 @@ def validate(config: ExperimentConfig) -> None:
     names = [t.name for t in config.tasks]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"tasks: every task needs a unique, non-empty name; got {names}")
+    for where, name in [("name", config.name)] + [(f"tasks[{i}].name", n)
+                                                  for i, n in enumerate(names)]:
+        if not SAFE_NAME.fullmatch(name):  # names become file and folder names
+            raise ConfigError(f"{where}: {name!r} may hold only letters, digits, '.', '_', '-'")
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"
         if len(task.text_columns) not in (1, 2):

@@ -120,3 +120,27 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
             scores["overall"] = overall_score(model.tasks, scores)
             table[split] = scores
     return table
+
+
+@torch.inference_mode()
+def predict_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
+                    pad_id: int = 0) -> np.ndarray:
+    """Raw head outputs for every example of `split`, in the split's order: class
+    probabilities (N, C) for cross-entropy tasks, the sigmoid probability (N,) of a single-logit
+    classifier, the unclipped score (N,) of a regression head."""
+    was_training = model.training
+    model.eval()
+    config = model.tasks[task]
+    probabilities = config.kind == "classification" and default_loss(config) == "cross_entropy"
+    out = torch.empty((len(split), config.num_classes) if probabilities else (len(split),))
+    device = next(model.parameters()).device
+    for rows in sorted_batches(split.lengths(), batch_size):
+        batch = collate(split, rows, pad_id).to(device)
+        outputs = model(task, batch).predictions.float()
+        if probabilities:
+            outputs = outputs.softmax(-1)
+        elif config.kind == "classification":
+            outputs = outputs.sigmoid()
+        out[batch.rows] = outputs.cpu()
+    model.train(was_training)
+    return out.numpy()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from mtbert.balancing import build_combiner, build_weighting
 from mtbert.checkpoint import (
     CorruptCheckpointError,
+    load_json,
     load_tensors,
     save_json,
     save_tensors,
@@ -293,6 +295,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(self.config, self.run_dir / "config.yaml")
         log.info("parameters: %s", self.parameter_counts())
+        save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
+                                             "total_steps": self.total_steps})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()
@@ -309,12 +313,16 @@ class Trainer:
                              if k.endswith("/loss")})
             if self.epoch != epoch_before:
                 self.weighting.on_epoch_end()
-            if self.state.step % eval_every == 0 or self.state.step == self.total_steps:
-                self._evaluate_and_checkpoint(running, time.perf_counter() - start)
+            finished = self.state.step == self.total_steps
+            evaluate = self.state.step % eval_every == 0 or finished
+            if evaluate:
+                self._evaluate_and_keep_best(running, time.perf_counter() - start)
+            if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
+                self.save_training_state()
         bar.close()
         return self.state.history[self.state.best_record]["dev"] if self.state.history else {}
 
-    def _evaluate_and_checkpoint(self, running: dict[str, float], elapsed: float) -> None:
+    def _evaluate_and_keep_best(self, running: dict[str, float], elapsed: float) -> None:
         scores = self.evaluate("dev")
         record = {"step": self.state.step, "epoch": self.state.step / max(
             1, self.sampler.steps_per_epoch() / self.config.train.grad_accumulation),
@@ -333,10 +341,90 @@ class Trainer:
             save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
                        {"dev": scores, "step": self.state.step})
 
+    # ------------------------------------------------------------ resume checkpoints
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_training_state(self) -> Path:
+        """Everything that decides the rest of the run, so that a resumed run ends with the
+        same weights as an uninterrupted one: model, optimizer, schedule, data positions,
+        balancing state, RNG state."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer_tensors, steps = {}, {}
+        for index, p in enumerate(params):
+            state = self.optimizer.state.get(p)
+            if state:
+                optimizer_tensors[f"{index}.exp_avg"] = state["exp_avg"]
+                optimizer_tensors[f"{index}.exp_avg_sq"] = state["exp_avg_sq"]
+                steps[index] = state["step"]
+
+        def write(tmp: Path) -> None:
+            save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
+            save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
+            save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+            save_json(tmp / "state.json", {
+                "train_state": asdict(self.state),
+                "optimizer_steps": steps,
+                "group_lrs": [group["lr"] for group in self.optimizer.param_groups],
+                "scheduler": self.scheduler.state_dict(),
+                "streams": {name: s.state_dict() for name, s in self.streams.items()},
+                "combiner": self.combiner.state_dict(),
+            })
+
+        folder = write_checkpoint(self.checkpoints_dir / f"step-{self.state.step:08d}", write)
+        keep = self.config.train.keep_checkpoints
+        for old in sorted(self.checkpoints_dir.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def resume(self) -> Path:
+        """Restore the newest checkpoint that passes its checksums (older ones are the
+        fallback when the newest is truncated or corrupt); returns its folder."""
+        for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
+            try:
+                verify_checkpoint(folder)
+                self._load_training_state(folder)
+            except CorruptCheckpointError as error:
+                log.warning("cannot resume from %s: %s; trying an older checkpoint", folder,
+                            error)
+                continue
+            log.info("resumed from %s (step %d)", folder, self.state.step)
+            return folder
+        raise TrainingError(f"no usable checkpoint under {self.checkpoints_dir}")
+
+    def _load_training_state(self, folder: Path) -> None:
+        meta = load_json(folder / "state.json")
+        self.model.load_state_dict(load_tensors(folder / "model.safetensors"))
+        optimizer_tensors = load_tensors(folder / "optimizer.safetensors")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.state.clear()
+        for index, step in meta["optimizer_steps"].items():
+            p = params[int(index)]
+            self.optimizer.state[p] = {"step": step,
+                                       "exp_avg": optimizer_tensors[f"{index}.exp_avg"],
+                                       "exp_avg_sq": optimizer_tensors[f"{index}.exp_avg_sq"]}
+        for group, lr in zip(self.optimizer.param_groups, meta["group_lrs"]):
+            group["lr"] = lr
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
+        self.combiner.load_state_dict(meta["combiner"])
+        for name, position in meta["streams"].items():
+            self.streams[name].load_state_dict(position)
+        torch.set_rng_state(load_tensors(folder / "rng.safetensors")["torch"])
+        self.state = TrainState(**meta["train_state"])
+        with open(self.metrics_file, "w", encoding="utf-8") as f:  # drop records after it
+            f.writelines(json.dumps(record) + "\n" for record in self.state.history)
+
     def parameter_counts(self) -> dict[str, int]:
         def count(params):
             return (sum(p.numel() for p in params))
+        conditioning = self.model.conditioning
         return {"encoder": count(self.model.encoder.parameters()),
+                "heads": count(self.model.heads.parameters()),
+                "conditioning": count(conditioning.parameters()) if conditioning else 0,
                 "task_specific": count(self.model.task_parameters()),
                 "total": count(self.model.parameters())}
 

@@ -6,14 +6,26 @@ lives in a file of its own; `CONDITIONINGS` maps the config name to the class.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from torch import nn
 
 from mtbert.config import ConfigError, ModelConfig
 from mtbert.model.bert import BertConfig
+from mtbert.model.conditioning.attention import TaskEmbeddedAttention
+from mtbert.model.conditioning.input import InputTaskEmbedding
+from mtbert.model.conditioning.pals import ProjectedAttentionLayers
+from mtbert.model.conditioning.projected import ProjectedTaskAttention
+from mtbert.model.conditioning.projected_activation import ProjectedActivationTaskAttention
 
-CONDITIONINGS: dict[str, type[nn.Module]] = {}
+CONDITIONINGS: dict[str, type[nn.Module]] = {
+    "input": InputTaskEmbedding,
+    "attention": TaskEmbeddedAttention,
+    "projected": ProjectedTaskAttention,
+    "projected_activation": ProjectedActivationTaskAttention,
+    "pals": ProjectedAttentionLayers,
+}
 
 
 def build_conditioning(config: ModelConfig, bert_config: BertConfig,
@@ -24,5 +36,14 @@ def build_conditioning(config: ModelConfig, bert_config: BertConfig,
     if config.conditioning not in CONDITIONINGS:
         raise ConfigError(f"model.conditioning: unknown variant {config.conditioning!r}; "
                           f"known: {sorted(CONDITIONINGS)}")
-    return CONDITIONINGS[config.conditioning](bert_config, list(task_names),
-                                              **config.conditioning_options)
+    variant = CONDITIONINGS[config.conditioning]
+    known = [p.name for p in inspect.signature(variant).parameters.values()
+             if p.kind is p.KEYWORD_ONLY]
+    for option in config.conditioning_options:
+        if option not in known:
+            raise ConfigError(f"model.conditioning_options.{option}: unknown option for "
+                              f"{config.conditioning!r}; known: {known}")
+    try:
+        return variant(bert_config, list(task_names), **config.conditioning_options)
+    except ValueError as error:
+        raise ConfigError(f"model.conditioning {config.conditioning!r}: {error}") from None

