@@ -80,3 +80,26 @@ def test_cross_field_checks(tmp_path):
         load_config(write(tmp_path, "tasks: [{preset: sst, head: {type: cosine}}]\n"))
     with pytest.raises(ConfigError, match="label_range"):
         load_config(write(tmp_path, "tasks: [{name: r, kind: regression, train_file: x}]\n"))
+
+
+def test_extends_merges_mappings_and_tasks_by_name(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ntasks:\n  - {preset: sst, head: {pooling: mean}}\n  - preset: sts\n"
+        "train: {lr: 1.0e-4, epochs: 2}\n")
+    child = write(tmp_path, "extends: base.yaml\nname: child\ntrain: {lr: 3.0e-5}\n"
+                            "tasks:\n  - {name: sst, head: {hidden_layers: 2}}\n  - quora\n")
+    config = load_config(child)
+    assert config.name == "child" and config.train.lr == 3e-5 and config.train.epochs == 2
+    assert [t.name for t in config.tasks] == ["sst", "sts", "quora"]
+    sst = config.task("sst")
+    assert sst.head.pooling == "mean" and sst.head.hidden_layers == 2 and sst.num_classes == 5
+
+
+def test_extends_loop_and_unnamed_task_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "base.yaml").write_text("tasks: [sst]\n")
+    with pytest.raises(ConfigError, match="names its tasks"):
+        load_config(write(tmp_path, "extends: base.yaml\ntasks:\n  - {head: {dropout: 0.2}}\n"))

@@ -209,18 +209,7 @@ def to_dict(config: Any) -> Any:
 def load_config(path: str | Path | None, overrides: list[str] = (),
                 data_dir: str | None = None) -> ExperimentConfig:
     """Read an experiment YAML, apply `key=value` overrides, resolve task presets, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    raw = resolve_presets(raw)
+    raw = read_raw(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
         raw = resolve_presets(raw)  # an override may name presets too: tasks=[sst,sts]
@@ -229,6 +218,34 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
     config = from_dict(ExperimentConfig, raw)
     validate(config)
     return config
+
+
+def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as plain data, presets resolved. `extends: other.yaml` (relative to the
+    file) starts from that config: mappings merge key by key, tasks merge by name."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = resolve_presets(raw)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = read_raw(path.parent / str(parent), (*seen, path.resolve()))
+    tasks = {t.get("name"): t for t in base.get("tasks", [])}
+    for index, task in enumerate(raw.pop("tasks", [])):
+        if not task.get("name"):
+            raise ConfigError(f"{path}: tasks[{index}]: an extending config names its tasks")
+        tasks[task["name"]] = _deep_merge(tasks.get(task["name"], {}), task)
+    merged = _deep_merge(base, raw)
+    merged["tasks"] = list(tasks.values())
+    return merged
 
 
 def resolve_presets(raw: dict) -> dict:
