@@ -88,3 +88,28 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     bad.write_text("tasks: [sst]\ntrain: {lr: fast}\n")
     assert main(["train", "--config", str(bad)]) == 2
     assert "train.lr: expected a number" in capsys.readouterr().err
+
+
+def test_siamese_chunks_pad_less_and_give_the_same_outputs(tiny_backbone, tiny_data):
+    from mtbert.data.batching import collate, encode_split, two_chunks
+    from mtbert.data.readers import Example
+    from mtbert.data.tasks import read_split
+    from mtbert.training import Trainer as _Trainer
+
+    assert two_chunks(np.array([30, 29, 5, 4, 3])) == ((2, 30), (5, 5))
+    assert two_chunks(np.array([10, 10, 9])) == ()  # saving < 10%: one chunk
+    config = tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], max_steps=1)
+    trainer = _Trainer(config, "/nonexistent-not-written")
+    model = trainer.model.eval()
+    examples = read_split(config.task("sts"), "dev", tiny_data)
+    long = " ".join(["good movie plot"] * 8)  # a few long sentences among short ones
+    examples = [Example(e.id, (long if i < 3 else e.texts[0], e.texts[1]), e.label)
+                for i, e in enumerate(examples)]
+    split = encode_split(examples, trainer.tokenizer, siamese=True)
+    batch = collate(split, range(len(split)), trainer.tokenizer.pad_id)
+    assert batch.chunks and batch.chunks[1][1] < batch.chunks[0][1]
+    with torch.no_grad():
+        chunked = model("sts", batch).predictions
+        batch.chunks = ()
+        whole = model("sts", batch).predictions
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)

@@ -1,0 +1,271 @@
+"""Inference throughput: HF `BertModel` vs mtbert fp32 / int8 / ONNX Runtime, same sentences.
+
+    python benchmarks/bench_infer.py [--batch-size 128] [--repeats 5] [--batches 8]
+        [--threads N] [--backbone DIR] [--data-dir DIR] [--no-memory] [--no-onnx]
+        [--keep-fp32 MODULE ...] [--smoke]
+    python benchmarks/bench_infer.py --accuracy RUN_DIR [--max-examples 2000] [--data-dir DIR]
+        [--keep-fp32 MODULE ...]
+
+Speed: every contender maps the same shuffled Quora dev sentences (both columns) to the
+probabilities of one linear head on mean-pooled token states, with autograd off;
+tokenization is timed for all. Each repeat gives all contenders the same fresh chunk of
+`--batches` x `--batch-size` sentences, in alternating order, after one untimed batch each.
+
+- HF: `BertTokenizerFast(..., padding=True)` per batch of the shuffled chunk.
+- mtbert fp32: the chunk tokenized at once, `sorted_batches` by length, `collate` padding
+  (`evaluation.predict_outputs`). Sorting is within the chunk: more batches, less padding.
+- mtbert int8: the same on `mtbert.inference.quantize_dynamic(model, --keep-fp32)`.
+- mtbert ONNX fp32 / int8: `export_onnx(..., quantize=False/True)` run by ONNX Runtime on the
+  same sorted batches (skipped when onnxruntime or onnx is missing).
+
+Reports sentences/s, real tokens/s, the median paired ratio to HF, and peak memory (a child
+process per contender tokenizes and encodes one chunk; see bench_train.py for how RSS is read).
+
+`--accuracy RUN_DIR` instead loads a trained run and prints each task's dev metric for fp32,
+int8, ONNX and ONNX int8 with the differences (goal: |difference| < 0.5 point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_train import (
+    DEFAULT_DATA,
+    MemoryProbe,
+    common_arguments,
+    markdown_table,
+    memory_probes,
+    sample_texts,
+    set_threads,
+)
+
+from mtbert.config import HeadConfig, TaskConfig
+from mtbert.data.batching import EncodedSplit, collate, encode_split, sorted_batches
+from mtbert.data.tasks import read_split
+from mtbert.evaluation import metric, predict, predict_outputs
+from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic
+from mtbert.model.bert import mean_pool
+from mtbert.model.heads import build_head, is_siamese
+from mtbert.model.loading import load_bert, resolve_checkpoint
+from mtbert.model.multitask import MultitaskModel
+from mtbert.tokenizer import Tokenizer
+
+TASK = "sentence"
+NAMES = {"hf": "HF BertModel (padding=True)", "fp32": "mtbert fp32 (sorted, dynamic padding)",
+         "int8": "mtbert int8 (torch dynamic quantization)", "onnx": "mtbert ONNX Runtime fp32",
+         "onnx-int8": "mtbert ONNX Runtime int8"}
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SENTENCE = TaskConfig(name=TASK, num_classes=2, head=HeadConfig(pooling="mean", dropout=0.0))
+
+
+def sentence_head(hidden_size: int) -> torch.nn.Module:
+    """The linear head every contender uses (seeded: the same in every process)."""
+    torch.manual_seed(0)
+    return build_head(SENTENCE, hidden_size).eval()
+
+
+def sentence_model(folder: Path) -> MultitaskModel:
+    """The backbone with `sentence_head()` on mean-pooled token states."""
+    encoder = load_bert(folder)[0]
+    model = MultitaskModel(encoder, [SENTENCE])
+    model.heads[TASK] = sentence_head(encoder.config.hidden_size)
+    return model.eval()
+
+
+class Mtbert:
+    """Tokenize the chunk at once, then run length-sorted batches (in PyTorch or ORT)."""
+
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, model: MultitaskModel,
+                 onnx_file: Path | None = None):
+        self.tokenizer, self.batch_size, self.model = tokenizer, batch_size, model
+        self.onnx = None if onnx_file is None else OnnxPredictor(onnx_file, SENTENCE)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        ids, types = self.tokenizer.encode(texts)
+        split = EncodedSplit(list(map(str, range(len(texts)))), None, ids, types, None)
+        pad = self.tokenizer.pad_id
+        if self.onnx is None:
+            return predict_outputs(self.model, TASK, split, self.batch_size, pad)
+        out = np.empty((len(texts), SENTENCE.num_classes), dtype=np.float32)
+        for rows in sorted_batches(split.lengths(), self.batch_size):
+            logits = torch.from_numpy(self.onnx.outputs(collate(split, rows, pad)))
+            out[rows] = logits.softmax(-1).numpy()
+        return out
+
+
+class HuggingFace:
+    """A typical transformers user: tokenize each batch with padding=True, mean-pool."""
+
+    def __init__(self, folder: Path, batch_size: int, max_length: int):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.model = transformers.BertModel.from_pretrained(folder).eval()
+        self.tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
+        self.head = sentence_head(self.model.config.hidden_size)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(texts), self.batch_size):
+            inputs = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+                                    truncation=True, max_length=self.max_length,
+                                    return_tensors="pt")
+            vectors = mean_pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
+            outputs.append(self.head(vectors, None).predictions.softmax(-1))
+        return torch.cat(outputs).numpy()
+
+
+def build(name: str, folder: Path, args, onnx_dir: Path | None):
+    """One contender: `hf`, `fp32`, `int8`, `onnx` or `onnx-int8` (reads ONNX_DIR/NAME.onnx)."""
+    if name == "hf":
+        return HuggingFace(folder, args.batch_size, args.max_length)
+    model = sentence_model(folder)
+    if name == "int8":
+        model = quantize_dynamic(model, args.keep_fp32)
+    tokenizer = Tokenizer.from_folder(folder, args.max_length)
+    onnx_file = onnx_dir / f"{name}.onnx" if name.startswith("onnx") else None
+    return Mtbert(tokenizer, args.batch_size, model, onnx_file)
+
+
+def speed(args) -> None:
+    folder = resolve_checkpoint(args.backbone)
+    chunk = args.batches * args.batch_size
+    texts = sample_texts("quora", args.data_dir or DEFAULT_DATA,
+                         (args.repeats + 1) * chunk, args.seed)[0]
+    use_onnx = args.onnx and onnx_available()
+    names = ["hf", "fp32", "int8"] + (["onnx", "onnx-int8"] if use_onnx else [])
+    if args.memory_probe:
+        contender = build(args.memory_probe, folder, args, args.onnx_dir)
+        probe = MemoryProbe()
+        contender(texts[:chunk])
+        return probe.report()
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        onnx_dir = Path(onnx_dir)
+        if use_onnx:
+            start = time.perf_counter()
+            for quantize in (False, True):
+                export_onnx(sentence_model(folder), TASK,
+                            onnx_dir / ("onnx-int8.onnx" if quantize else "onnx.onnx"), quantize)
+            export_s = time.perf_counter() - start
+        contenders = {name: build(name, folder, args, onnx_dir) for name in names}
+        tokenizer = contenders["fp32"].tokenizer
+        real_tokens = [sum(map(len, tokenizer.encode(texts[i * chunk:(i + 1) * chunk])[0]))
+                       for i in range(args.repeats + 1)]
+        reference = {name: run(texts[:args.batch_size]) for name, run in contenders.items()}
+        results = {name: [] for name in names}
+        for repeat in range(args.repeats):
+            part = texts[(repeat + 1) * chunk:(repeat + 2) * chunk]
+            for name in names if repeat % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                contenders[name](part)
+                seconds = time.perf_counter() - start
+                results[name].append((len(part) / seconds, real_tokens[repeat + 1] / seconds))
+        memory = {} if args.no_memory else memory_probes(names, ["--onnx-dir", str(onnx_dir)])
+
+    print(f"inference: Quora dev sentences, batch {args.batch_size}, {args.repeats} repeats x "
+          f"{chunk} sentences after 1 warm-up batch, threads {torch.get_num_threads()}")
+    print(f"backbone: {folder}")
+    if use_onnx:
+        print(f"ONNX export (fp32 and int8) took {export_s:.1f} s (not timed)")
+    elif args.onnx:
+        print("ONNX skipped: onnxruntime or onnx is not installed")
+    for name in names[1:]:
+        gap = np.abs(reference[name] - reference["hf"]).max()
+        print(f"max |{name} - HF| head probabilities on one batch: {gap:.1e}")
+    rows = []
+    for name in names:
+        ratios = [ours[0] / theirs[0] for ours, theirs in zip(results[name], results["hf"])]
+        probe = memory.get(name)
+        rows.append([NAMES[name], f"{statistics.median(r[0] for r in results[name]):.1f}",
+                     f"{statistics.median(r[1] for r in results[name]):.0f}",
+                     f"{statistics.median(ratios):.2f}x",
+                     f"{probe['peak_mb']:.0f}" if probe else "-",
+                     f"{probe['growth_mb']:.0f}" if probe else "-"])
+    print()
+    print(markdown_table(["contender", "sentences/s", "real tokens/s", "vs HF (median ratio)",
+                          "peak RSS MiB", "encoding RSS MiB"], rows))
+    print("\ngoal: fp32 >= 2x, int8 / ONNX >= 4x HF")
+
+
+def accuracy(args) -> None:
+    """Dev metric of each task of a trained run: fp32 vs int8 vs ONNX (fp32 and int8)."""
+    from mtbert.training import load_model
+
+    model, tokenizer, config = load_model(args.accuracy)
+    data_dir = args.data_dir or config.data_dir
+    quantized = quantize_dynamic(model, args.keep_fp32)
+    variants = ["int8"] + (["onnx", "onnx-int8"] if args.onnx and onnx_available() else [])
+    rows, worst = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, task in model.tasks.items():
+            examples = read_split(task, "dev", data_dir)
+            if not examples:
+                continue
+            if len(examples) > args.max_examples:
+                keep = np.random.default_rng(args.seed).permutation(len(examples))
+                examples = [examples[i] for i in np.sort(keep[:args.max_examples])]
+            split = encode_split(examples, tokenizer, is_siamese(task))
+            labels, pad = split.labels.numpy(), tokenizer.pad_id
+            fp32 = metric(task, predict(model, name, split, args.batch_size, pad), labels)
+            row = [name, f"{task.metric} (n={len(split)})", f"{100 * fp32:.2f}"]
+            for variant in variants:
+                if variant == "int8":
+                    predictions = predict(quantized, name, split, args.batch_size, pad)
+                else:
+                    path = export_onnx(model, name, Path(tmp) / f"{name}-{variant}.onnx",
+                                       quantize=variant == "onnx-int8")
+                    predictions = OnnxPredictor(path, task).predict(split, args.batch_size, pad)
+                value = metric(task, predictions, labels)
+                row += [f"{100 * value:.2f}", f"{100 * (value - fp32):+.2f}"]
+                worst = max(worst, abs(value - fp32))
+            rows.append(row)
+    header = ["task", "metric", "fp32"]
+    header += [column for v in variants for column in (v, f"{v} - fp32")]
+    print(f"dev metrics (x100) of {args.accuracy}, at most {args.max_examples} examples a task"
+          + (f"; int8 keeps {' '.join(args.keep_fp32)} fp32" if args.keep_fp32 else "")
+          + ("" if len(variants) > 1 else "; ONNX skipped (not installed, or --no-onnx)"))
+    print(markdown_table(header, rows))
+    verdict = "ok" if 100 * worst < 0.5 else "ABOVE the 0.5 point goal"
+    print(f"\nlargest |difference|: {100 * worst:.2f} points ({verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=8, help="batches per repeat")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--accuracy", type=Path, default=None, metavar="RUN_DIR")
+    parser.add_argument("--max-examples", type=int, default=2000, help="per task (--accuracy)")
+    parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="MODULE",
+                        help="encoder modules the torch int8 model keeps fp32, e.g. layers.0")
+    parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.repeats, args.batches = 8, 2, 1
+    set_threads(args.threads)
+    accuracy(args) if args.accuracy else speed(args)
+
+
+if __name__ == "__main__":
+    main()

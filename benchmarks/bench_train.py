@@ -1,0 +1,313 @@
+"""Training throughput: mtbert vs `transformers.BertModel` with the same weights and sentences.
+
+    python benchmarks/bench_train.py [--batch-size 32] [--repeats 5] [--steps 10] [--warmup 2]
+        [--naive] [--optimizer own|torch] [--threads N] [--backbone DIR] [--data-dir DIR]
+        [--no-memory] [--smoke]
+
+Both models load the same checkpoint (the embedded all-MiniLM-L6-v2 by default) and train on
+the same shuffled SST train sentences: forward, a linear head on the pooled [CLS] vector,
+cross-entropy, backward, AdamW step, dropout on. They run in one process in alternating blocks
+of `--steps` steps (the order flips every repeat), after `--warmup` untimed steps each.
+
+- mtbert: sentences tokenized once up front (that time is printed, not counted), batches from
+  `bucketed_batches` (shuffled length buckets), `collate` pads to each batch's longest row.
+- HF: `BertTokenizerFast(..., padding=True)` on every random batch of the same sentences, as a
+  typical user writes it (the tokenizer call is timed); `--naive` adds HF with
+  `padding="max_length"` (128).
+- `--optimizer own` (default): mtbert steps `mtbert.optim.AdamW`, HF the default
+  `torch.optim.AdamW`; `--optimizer torch`: both use `torch.optim.AdamW`.
+
+Throughput counts real (non-pad) tokens. The ratio is the median over repeats of the paired
+ratio mtbert / HF (padding=True). Peak memory is measured apart, in a child process per
+contender (mtbert's never imports transformers) that runs three steps on the batch of the
+longest sentences. Peak RSS is the child's high-water mark (Linux VmHWM, loading included);
+training RSS is how far the resident set rose above its size just before the first step
+(activations, gradients, optimizer state): VmHWM after the mark is reset through
+`/proc/self/clear_refs`. Off Linux both fall back to `resource.getrusage(...).ru_maxrss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtbert.config import TaskConfig
+from mtbert.data.batching import EncodedSplit, bucketed_batches, collate
+from mtbert.data.tasks import PRESETS, read_split
+from mtbert.model.loading import load_bert, resolve_checkpoint
+from mtbert.optim import AdamW
+from mtbert.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------- helpers shared with bench_infer
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="all-minilm-l6-v2",
+                        help="checkpoint folder or name (default: the embedded MiniLM)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"task data folder (default: {DEFAULT_DATA})")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+
+
+def sample_texts(task: str, data_dir: Path, count: int, seed: int) -> tuple[list[str], list]:
+    """`count` shuffled texts (every text column) of the task's train or dev split, with the
+    example labels (tiled when the split is smaller)."""
+    config = TaskConfig(name=task, **PRESETS[task])
+    split = "train" if task == "sst" else "dev"
+    examples = read_split(config, split, data_dir)
+    texts = [(text, e.label) for e in examples for text in e.texts]
+    order = np.random.default_rng(seed).permutation(len(texts))
+    order = np.resize(order, count)  # repeats the permutation if the split is too small
+    return [texts[i][0] for i in order], [texts[i][1] for i in order]
+
+
+def rss_mb(field: str) -> float:
+    """`VmRSS` (now) or `VmHWM` (peak) of this process, MiB, from Linux's /proc/self/status;
+    elsewhere the peak `ru_maxrss`. (On Linux `ru_maxrss` is no good for a child process: it
+    carries over the parent's peak across fork and exec.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class MemoryProbe:
+    """Created just before the measured steps; `report()` prints the probe's JSON line."""
+
+    def __init__(self):
+        self.loading_peak = rss_mb("VmHWM")
+        try:  # reset the peak mark to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+            self.baseline = rss_mb("VmRSS")
+        except OSError:  # no reset: growth is how far the peak itself rises
+            self.baseline = self.loading_peak
+
+    def report(self) -> None:
+        peak = rss_mb("VmHWM")
+        print(json.dumps({"peak_mb": max(peak, self.loading_peak),
+                          "growth_mb": peak - self.baseline}))
+
+
+def memory_probes(names: list[str], extra: list[str] = ()) -> dict[str, dict]:
+    """Run this script once per contender with `--memory-probe NAME`; parse its JSON line."""
+    results = {}
+    for name in names:
+        command = [sys.executable, sys.argv[0], *sys.argv[1:], *extra, "--memory-probe", name]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"memory probe {name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the two training loops
+
+
+class MtbertTraining:
+    """mtbert's own path: pre-tokenized split, length-bucketed batches, dynamic padding."""
+
+    def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module):
+        self.encoder = load_bert(folder)[0].train()
+        tokenizer = Tokenizer.from_folder(folder, args.max_length)
+        self.pad_id = tokenizer.pad_id
+        start = time.perf_counter()
+        ids, types = tokenizer.encode(texts)
+        self.tokenize_s = time.perf_counter() - start
+        self.split = EncodedSplit([str(i) for i in range(len(texts))],
+                                  torch.tensor(labels, dtype=torch.float32), ids, types, None)
+        self.head = copy.deepcopy(head)
+        params = [*self.encoder.parameters(), *self.head.parameters()]
+        optimizer = AdamW if args.optimizer == "own" else torch.optim.AdamW
+        self.optimizer = optimizer(params, lr=args.lr, weight_decay=0.01)
+
+    def plan(self, batch_size: int, seed: int) -> list[np.ndarray]:
+        return bucketed_batches(self.split.lengths(), batch_size, np.random.default_rng(seed))
+
+    def step(self, rows: np.ndarray) -> tuple[int, int]:
+        batch = collate(self.split, rows, self.pad_id)
+        _, pooled = self.encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        loss = F.cross_entropy(self.head(pooled), batch.labels.long())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return batch.real_tokens(), batch.input_ids.numel()
+
+
+class HfTraining:
+    """What a typical transformers user writes: tokenize each batch, pad, train."""
+
+    def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module,
+                 padding: str | bool):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.model = transformers.BertModel.from_pretrained(folder).train()
+        self.tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
+        self.texts, self.labels = texts, torch.tensor(labels).long()
+        self.padding, self.max_length = padding, args.max_length
+        self.head = copy.deepcopy(head)
+        params = [*self.model.parameters(), *self.head.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+
+    def step(self, rows: np.ndarray) -> tuple[int, int]:
+        inputs = self.tokenizer([self.texts[i] for i in rows], padding=self.padding,
+                                truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        pooled = self.model(**inputs).pooler_output
+        loss = F.cross_entropy(self.head(pooled), self.labels[torch.from_numpy(rows)])
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(inputs["attention_mask"].sum()), inputs["input_ids"].numel()
+
+
+@torch.no_grad()
+def pooled_gap(ours: MtbertTraining, theirs: HfTraining, rows: np.ndarray) -> float:
+    """Max |pooled mtbert - pooled HF| on one batch in eval mode: are the weights the same?"""
+    inputs = theirs.tokenizer([theirs.texts[i] for i in rows], padding=True, truncation=True,
+                              max_length=theirs.max_length, return_tensors="pt")
+    ours.encoder.eval(), theirs.model.eval()
+    gap = (ours.encoder(inputs["input_ids"], inputs["attention_mask"],
+                        inputs["token_type_ids"])[1] - theirs.model(**inputs).pooler_output)
+    ours.encoder.train(), theirs.model.train()
+    return gap.abs().max().item()
+
+
+def timed_block(trainer, batches: list[np.ndarray]) -> dict[str, float]:
+    real = padded = sentences = 0
+    start = time.perf_counter()
+    for rows in batches:
+        r, p = trainer.step(rows)
+        real, padded, sentences = real + r, padded + p, sentences + len(rows)
+    seconds = time.perf_counter() - start
+    return {"tokens/s": real / seconds, "sentences/s": sentences / seconds,
+            "padding": 1 - real / padded}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--optimizer", choices=["own", "torch"], default="own")
+    parser.add_argument("--naive", action="store_true",
+                        help="also time HF with padding='max_length'")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.repeats, args.steps, args.warmup = 8, 2, 1, 1
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    folder = resolve_checkpoint(args.backbone)
+    batches_needed = args.warmup + args.repeats * args.steps
+    texts, labels = sample_texts("sst", args.data_dir or DEFAULT_DATA,
+                                 batches_needed * args.batch_size, args.seed)
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    head = nn.Linear(hidden, 5)
+
+    names = ["mtbert", "hf"] + (["hf-max-length"] if args.naive else [])
+    if args.memory_probe:
+        lengths = [len(ids) for ids in Tokenizer.from_folder(folder, args.max_length)
+                   .encode(texts)[0]]
+        longest = np.argsort(lengths, kind="stable")[-args.batch_size:]
+        trainer = MtbertTraining(folder, texts, labels, args, head) \
+            if args.memory_probe == "mtbert" else HfTraining(
+                folder, texts, labels, args, head,
+                "max_length" if args.memory_probe == "hf-max-length" else True)
+        probe = MemoryProbe()
+        for _ in range(3):
+            trainer.step(longest)
+        return probe.report()
+
+    mtbert = MtbertTraining(folder, texts, labels, args, head)
+    trainers = {"mtbert": mtbert, "hf": HfTraining(folder, texts, labels, args, head, True)}
+    if args.naive:
+        trainers["hf-max-length"] = HfTraining(folder, texts, labels, args, head, "max_length")
+    ours_plan = mtbert.plan(args.batch_size, args.seed)
+    theirs_plan = np.array_split(np.arange(len(texts)), batches_needed)
+    plans = {name: ours_plan if name == "mtbert" else theirs_plan for name in trainers}
+
+    gap = pooled_gap(mtbert, trainers["hf"], theirs_plan[0])
+    for name, trainer in trainers.items():
+        timed_block(trainer, plans[name][:args.warmup])
+    results = {name: [] for name in trainers}
+    for repeat in range(args.repeats):
+        order = list(trainers) if repeat % 2 == 0 else list(trainers)[::-1]
+        start = args.warmup + repeat * args.steps
+        for name in order:
+            block = plans[name][start:start + args.steps]
+            results[name].append(timed_block(trainers[name], block))
+    memory = {} if args.no_memory else memory_probes(names)
+
+    labels_by_name = {"mtbert": "mtbert (bucketed, dynamic padding)",
+                      "hf": "HF BertModel (padding=True)",
+                      "hf-max-length": f"HF BertModel (padding=max_length {args.max_length})"}
+    rows = []
+    for name, runs in results.items():
+        cells = [f"{statistics.median(r[key] for r in runs):.1f}"
+                 for key in ("tokens/s", "sentences/s")]
+        cells.append(f"{statistics.median(r['padding'] for r in runs):.0%}")
+        probe = memory.get(name)
+        cells += [f"{probe['peak_mb']:.0f}", f"{probe['growth_mb']:.0f}"] if probe else ["-", "-"]
+        rows.append([labels_by_name[name], *cells])
+    ratios = [a["tokens/s"] / b["tokens/s"] for a, b in zip(results["mtbert"], results["hf"])]
+    optimizer = ("mtbert.optim.AdamW (mtbert), torch.optim.AdamW (HF)"
+                 if args.optimizer == "own" else "torch.optim.AdamW (both)")
+    print(f"training: SST train, batch {args.batch_size}, {args.repeats} repeats x "
+          f"{args.steps} steps after {args.warmup} warm-up steps, "
+          f"threads {torch.get_num_threads()}")
+    attention = trainers["hf"].model.config._attn_implementation
+    print(f"backbone: {folder}\noptimizer: {optimizer}; HF attention: {attention}")
+    print(f"same weights: max |pooled mtbert - pooled HF| = {gap:.1e} on one batch (eval mode)")
+    print(f"mtbert tokenized {len(texts)} sentences up front in {mtbert.tokenize_s:.2f} s "
+          "(not in its timing)\n")
+    print(markdown_table(["contender", "real tokens/s", "sentences/s", "padding",
+                          "peak RSS MiB", "training RSS MiB"], rows))
+    print(f"\nratio mtbert / HF (padding=True), real tokens/s, median of {args.repeats} paired "
+          f"repeats: {statistics.median(ratios):.2f}x  (per repeat: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+
+
+if __name__ == "__main__":
+    main()

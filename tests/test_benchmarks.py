@@ -1,0 +1,73 @@
+"""Each benchmark script's `--smoke` mode runs end to end on the tiny backbone and data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtbert.training import Trainer
+
+from conftest import tiny_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture
+def tiny(tiny_backbone, tiny_data):
+    return ["--backbone", tiny_backbone, "--data-dir", tiny_data]
+
+
+def test_bench_train_smoke(tiny):
+    pytest.importorskip("transformers")
+    out = run("bench_train.py", "--smoke", "--max-length", 32, *tiny)
+    assert "| mtbert (bucketed, dynamic padding) |" in out
+    assert "| HF BertModel (padding=True) |" in out
+    assert "ratio mtbert / HF" in out
+    assert "| - |" not in out  # the memory probes filled their columns
+
+
+def test_bench_infer_smoke(tiny):
+    pytest.importorskip("transformers")
+    out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32, *tiny)
+    for contender in ("HF BertModel", "mtbert fp32", "mtbert int8"):
+        assert f"| {contender}" in out
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        assert "ONNX skipped" in out
+    else:
+        assert "| mtbert ONNX Runtime int8 |" in out
+
+
+def test_bench_infer_accuracy_mode(tiny_backbone, tiny_data, tmp_path):
+    Trainer(tiny_config(tiny_backbone, tiny_data, max_steps=2), tmp_path / "run").fit()
+    out = run("bench_infer.py", "--accuracy", tmp_path / "run", "--data-dir", tiny_data,
+              "--max-examples", 20)
+    for task in ("sst", "quora", "sts"):
+        assert f"| {task} |" in out
+    assert "(n=20)" in out
+    assert "largest |difference|" in out
+
+
+def test_bench_epoch_smoke(tiny):
+    out = run("bench_epoch.py", "--smoke", *tiny)
+    assert "| steps per epoch | 2 |" in out  # 64 examples a task, batch 32, round robin
+    assert "| real tokens/s |" in out
+
+
+def test_bench_gpu_smoke():
+    import torch
+
+    out = run("bench_gpu.py", "--smoke")
+    if torch.cuda.is_available():
+        assert "| MFU |" in out
+    else:
+        assert "CUDA is not available" in out
