@@ -95,15 +95,32 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
-# Hugging Face name -> minBERT name, for the parts whose names differ.
-_RENAMES = [
-    (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.output."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention_norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.intermediate."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.output."),
-    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.output_norm."),
+# Hugging Face name prefix <-> minBERT name prefix, where they differ ({i}: a layer index).
+_NAME_PAIRS = [
+    ("embeddings.LayerNorm.", "embeddings.norm."),
+    ("encoder.layer.{i}.attention.output.dense.", "layers.{i}.attention.output."),
+    ("encoder.layer.{i}.attention.output.LayerNorm.", "layers.{i}.attention_norm."),
+    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.intermediate."),
+    ("encoder.layer.{i}.output.dense.", "layers.{i}.output."),
+    ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.output_norm."),
 ]
+
+
+def _prefix_pattern(prefix: str) -> re.Pattern:
+    return re.compile("^" + r"(\d+)".join(re.escape(part) for part in prefix.split("{i}")))
+
+
+_TO_MTBERT = [(_prefix_pattern(hf), ours) for hf, ours in _NAME_PAIRS]
+_TO_HF = [(_prefix_pattern(ours), hf) for hf, ours in _NAME_PAIRS]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, target in table:
+        if match := pattern.match(key):
+            return target.replace("{i}", "".join(match.groups())) + key[match.end():]
+    return key
+
+
 _QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$")
 # Keys a BERT checkpoint may carry that the encoder does not use.
 _IGNORED = re.compile(r"(^|\.)position_ids$|^cls\.|^classifier\.|^qa_outputs\.")
@@ -127,9 +144,7 @@ def hf_to_mtbert(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
             layer, part, kind = match.groups()
             qkv_parts.setdefault((layer, kind), {})[part] = tensor
             continue
-        for pattern, replacement in _RENAMES:
-            name = re.sub(pattern, replacement, name)
-        mapped[name] = tensor
+        mapped[_rename(name, _TO_MTBERT)] = tensor
     for (layer, kind), parts in qkv_parts.items():
         missing = {"query", "key", "value"} - parts.keys()
         if missing:
@@ -141,14 +156,6 @@ def hf_to_mtbert(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
 
 def mtbert_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """minBERT state dict -> Hugging Face `BertModel` names (no `bert.` prefix)."""
-    inverse = [
-        (r"^embeddings\.norm\.", "embeddings.LayerNorm."),
-        (r"^layers\.(\d+)\.attention\.output\.", r"encoder.layer.\1.attention.output.dense."),
-        (r"^layers\.(\d+)\.attention_norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
-        (r"^layers\.(\d+)\.intermediate\.", r"encoder.layer.\1.intermediate.dense."),
-        (r"^layers\.(\d+)\.output\.", r"encoder.layer.\1.output.dense."),
-        (r"^layers\.(\d+)\.output_norm\.", r"encoder.layer.\1.output.LayerNorm."),
-    ]
     out = {}
     for key, tensor in state.items():
         if match := re.match(r"^layers\.(\d+)\.attention\.qkv\.(weight|bias)$", key):
@@ -156,9 +163,7 @@ def mtbert_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for part, chunk in zip(("query", "key", "value"), tensor.chunk(3)):
                 out[f"encoder.layer.{layer}.attention.self.{part}.{kind}"] = chunk.contiguous()
             continue
-        for pattern, replacement in inverse:
-            key = re.sub(pattern, replacement, key)
-        out[key] = tensor.contiguous()
+        out[_rename(key, _TO_HF)] = tensor.contiguous()
     return out
 
 
