@@ -43,14 +43,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def inside(root: Path, path: Path) -> Path:
-    """`path` resolved, refusing anything that escapes `root` (e.g. `../../etc`)."""
-    root, resolved = root.resolve(), (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ValueError(f"path {path} escapes the run directory {root}")
-    return resolved
-
-
 def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
     """Atomically create or replace `folder` with what `writer(tmp_folder)` puts there."""
     folder.parent.mkdir(parents=True, exist_ok=True)
