@@ -113,3 +113,15 @@ def test_siamese_chunks_pad_less_and_give_the_same_outputs(tiny_backbone, tiny_d
         batch.chunks = ()
         whole = model("sts", batch).predictions
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_path_trains(tmp_path, tiny_backbone, tiny_data):
+    """The GPU recipe's bf16 autocast, exercised on the CPU (where fp32 is the fast path)."""
+    trainer = Trainer(tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], max_steps=3,
+                                  precision="bf16", device="cpu"), tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.state.skipped_steps == 0
+    after = trainer.model.state_dict()
+    assert all(v.dtype == before[k].dtype for k, v in after.items())  # weights stay fp32
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())

@@ -120,6 +120,8 @@ class TrainConfig:
     checkpoint_every: int = 200  # optimizer steps between resume checkpoints (also at evals)
     keep_checkpoints: int = 2  # the newest N resume checkpoints are kept
     threads: int | None = None  # None: all cores
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (slow on CPUs)
 
 
 @dataclass

@@ -136,10 +136,10 @@ class TaskLoss(nn.Module):
 
     def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
         target = labels.long() if self.integer_labels else labels
-        loss = self.loss(output.predictions, target)
+        loss = self.loss(output.predictions.float(), target)  # fp32 loss under bf16 autocast
         parts = {"loss": loss.item()}
         if self.mnrl is not None:
-            u, v = output.embeddings
+            u, v = (e.float() for e in output.embeddings)
             mask = select_positive_pairs(self.rule, u, v, labels, epoch)
             auxiliary = selected_pairs_mnrl(self.mnrl, u, v, mask)
             parts["mnrl"] = auxiliary.item()
@@ -170,9 +170,12 @@ class Trainer:
         torch.manual_seed(train.seed)
         if train.threads:
             torch.set_num_threads(train.threads)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if train.device == "auto"
+            else train.device)
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
-        self.model = build_model(config, encoder)
+        self.model = build_model(config, encoder).to(self.device)
         self.losses = {name: TaskLoss(t.config) for name, t in self.data.items()}
         names = list(self.data)
         self.streams = {
@@ -240,9 +243,11 @@ class Trainer:
             micro_step = self.state.step * train.grad_accumulation + micro
             losses = {}
             for task in self.sampler.tasks_for_step(micro_step):
-                batch: Batch = self.streams[task].next()
+                batch: Batch = self.streams[task].next().to(self.device)
                 tokens += batch.real_tokens()
-                loss, parts = self.losses[task](model(task, batch), batch.labels, self.epoch)
+                with self.autocast():
+                    output = model(task, batch)
+                loss, parts = self.losses[task](output, batch.labels, self.epoch)
                 losses[task] = loss / train.grad_accumulation
                 logged.update({f"{task}/{k}": v for k, v in parts.items()})
             terms = self.weighting(losses, model.last_shared_parameters())
@@ -262,6 +267,11 @@ class Trainer:
         self.state.step += 1
         logged["tokens"] = tokens
         return logged
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast when configured (meant for CUDA; fp32 is the fast path on CPUs)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.train.precision == "bf16")
 
     def _skip_bad_step(self) -> None:
         self.state.bad_steps += 1
@@ -364,7 +374,7 @@ class Trainer:
             save_tensors(tmp / "model.safetensors", self.model.state_dict())
             save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
-            save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+            save_tensors(tmp / "rng.safetensors", rng_states())
             save_json(tmp / "state.json", {
                 "train_state": asdict(self.state),
                 "optimizer_steps": steps,
@@ -403,9 +413,9 @@ class Trainer:
         self.optimizer.state.clear()
         for index, step in meta["optimizer_steps"].items():
             p = params[int(index)]
-            self.optimizer.state[p] = {"step": step,
-                                       "exp_avg": optimizer_tensors[f"{index}.exp_avg"],
-                                       "exp_avg_sq": optimizer_tensors[f"{index}.exp_avg_sq"]}
+            self.optimizer.state[p] = {
+                "step": step, "exp_avg": optimizer_tensors[f"{index}.exp_avg"].to(p.device),
+                "exp_avg_sq": optimizer_tensors[f"{index}.exp_avg_sq"].to(p.device)}
         for group, lr in zip(self.optimizer.param_groups, meta["group_lrs"]):
             group["lr"] = lr
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -413,7 +423,7 @@ class Trainer:
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
             self.streams[name].load_state_dict(position)
-        torch.set_rng_state(load_tensors(folder / "rng.safetensors")["torch"])
+        set_rng_states(load_tensors(folder / "rng.safetensors"))
         self.state = TrainState(**meta["train_state"])
         with open(self.metrics_file, "w", encoding="utf-8") as f:  # drop records after it
             f.writelines(json.dumps(record) + "\n" for record in self.state.history)
@@ -427,6 +437,21 @@ class Trainer:
                 "conditioning": count(conditioning.parameters()) if conditioning else 0,
                 "task_specific": count(self.model.task_parameters()),
                 "total": count(self.model.parameters())}
+
+
+def rng_states() -> dict[str, Tensor]:
+    """The CPU generator's state, and each CUDA device's when there are any."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(states: dict[str, Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---------------------------------------------------------------- saving and loading models

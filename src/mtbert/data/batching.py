@@ -85,8 +85,17 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        def move(t):
-            return (None if t is None else t.to(device, non_blocking=True))
+        """The batch on `device`; host memory is pinned first so CUDA copies overlap."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        pin = device.type == "cuda"
+
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
                      move(self.pair_index), move(self.labels), self.rows, self.chunks)
 
