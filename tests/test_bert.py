@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from mtbert.model.bert import BertConfig, BertModel
+from mtbert.model.bert import BertConfig, BertModel, Dropout
 from mtbert.model.loading import (
     CheckpointError,
     hf_to_mtbert,
@@ -117,6 +117,31 @@ def test_dropout_only_in_training():
     assert torch.equal(model(ids)[0], model(ids)[0])
     model.train()
     assert not torch.equal(model(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_at_rate_p_and_rescales(p):
+    torch.manual_seed(0)
+    x = torch.rand(64, 33, 384) + 0.5  # odd element count: the last 64-bit word is partial
+    dropout = Dropout(p).train()
+    y = dropout(x)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # 5 standard errors
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+    # the gradient flows through kept elements only, with the same scale
+    x.requires_grad_(True)
+    torch.manual_seed(1)
+    y = dropout(x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, (y != 0).float() / (1 - p))
+    # seeded: the same mask again; eval and p = 0: the identity
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x), y)
+    assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
+    # no pattern across positions: each of the 4 elements sharing a word drops at rate p
+    flat = (Dropout(p).train()(torch.ones(400_000)) == 0).view(-1, 4).double().mean(0)
+    assert (flat - p).abs().max() < 5 * (p * (1 - p) / 100_000) ** 0.5
 
 
 class TestBadCheckpoints:

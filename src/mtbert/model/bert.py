@@ -74,6 +74,37 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gel
                "relu": F.relu}
 
 
+class Dropout(nn.Module):
+    """Inverted dropout (Srivastava et al. 2014) with a cheaper mask on CPU.
+
+    `nn.Dropout` draws one Bernoulli number per element from the CPU generator, ~9% of a
+    MiniLM training step here. This draws one 64-bit word per 4 elements and keeps an element
+    when 15 of its 16 bits, read as an integer, are >= round(p * 2^15): the drop probability is
+    p to within 2^-16. The mask comes from torch's global generator, so runs stay reproducible.
+    Other devices use `F.dropout`.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        count = x.numel()
+        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()  # 63 random bits
+        draws = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF  # 15 bits each
+        keep = draws >= round(self.p * 2**15)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class EncoderHooks(nn.Module):
     """Points where a task-conditioning module may change the encoder's computation.
 
@@ -106,7 +137,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor,
                 hooks: EncoderHooks | None) -> Tensor:
@@ -153,7 +184,7 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor, mask: Tensor | None, layer: int,

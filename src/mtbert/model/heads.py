@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mtbert.config import TaskConfig
 from mtbert.data.tasks import output_size
-from mtbert.model.bert import mean_pool
+from mtbert.model.bert import Dropout, mean_pool
 
 
 @dataclass
@@ -35,9 +35,9 @@ def pool(hidden: Tensor, pooled: Tensor, attention_mask: Tensor, pooling: str) -
 def mlp(in_size: int, out_size: int, hidden_layers: int, hidden_size: int,
         dropout: float) -> nn.Sequential:
     """dropout -> (linear -> ReLU -> dropout) x hidden_layers -> linear."""
-    layers: list[nn.Module] = [nn.Dropout(dropout)]
+    layers: list[nn.Module] = [Dropout(dropout)]
     for _ in range(hidden_layers):
-        layers += [nn.Linear(in_size, hidden_size), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(in_size, hidden_size), nn.ReLU(), Dropout(dropout)]
         in_size = hidden_size
     layers.append(nn.Linear(in_size, out_size))
     return nn.Sequential(*layers)
