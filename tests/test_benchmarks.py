@@ -59,7 +59,7 @@ def test_bench_infer_accuracy_mode(tiny_backbone, tiny_data, tmp_path):
 
 def test_bench_epoch_smoke(tiny):
     out = run("bench_epoch.py", "--smoke", *tiny)
-    assert "| steps per epoch | 2 |" in out  # 64 examples a task, batch 32, round robin
+    assert "| steps per epoch | 6 |" in out  # 3 tasks x 64 examples, batch 32, proportional
     assert "| real tokens/s |" in out
 
 

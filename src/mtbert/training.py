@@ -32,6 +32,7 @@ from mtbert.checkpoint import (
     write_checkpoint,
 )
 from mtbert.config import ExperimentConfig, TaskConfig, dump_config, load_config
+from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import default_loss, read_split
@@ -173,6 +174,8 @@ class Trainer:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if train.device == "auto"
             else train.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
