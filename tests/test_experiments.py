@@ -191,7 +191,8 @@ def test_every_budget_is_accepted(tmp_path, tiny_backbone, tiny_data, budget):
 
 
 def test_unknown_budget_is_a_clear_error(tmp_path, tiny_backbone, tiny_data, capsys):
-    with pytest.raises(ConfigError, match="unknown budget 'huge'; known budgets: small, medium"):
+    with pytest.raises(ConfigError, match=
+                       "unknown budget 'huge'; known budgets: small, medium, large"):
         get_budget("huge")
     path = tiny_yaml(tmp_path, "a", tiny_backbone)
     assert main(["ablate", str(path), "--budget", "huge", "--out", str(tmp_path / "out"),

@@ -4,8 +4,9 @@ A budget is applied on top of each config (the user's own `KEY=VALUE` overrides 
 
 | budget | training cap (examples drawn) | train / dev examples per task | evaluations |
 |---|---|---|---|
-| `small` | 5,760 (60 round-robin steps of 3 x 32) | 2,000 / 1,000 | 1 per epoch |
-| `medium` | 38,400 (400 round-robin steps of 3 x 32) | 20,000 / 2,000 | 2 per epoch |
+| `small` | 3,072 (32 round-robin steps of 3 x 32) | 1,000 / 500 | 1 per epoch |
+| `medium` | 5,760 (60 round-robin steps of 3 x 32) | 2,000 / 1,000 | 1 per epoch |
+| `large` | 38,400 (400 round-robin steps of 3 x 32) | 20,000 / 2,000 | 2 per epoch |
 | `full` | none: the config as written | all / all | the config's |
 
 The training cap counts *examples drawn*, not steps, so it is fair across samplers and batch
@@ -17,15 +18,15 @@ files' line counts, capped by `max_train_examples`). A config's own `max_steps` 
 smaller. On a CPU training costs roughly the examples it sees, so every config of a budget gets
 about the same compute.
 
-Calibration of `small` (2-core CPU, all-MiniLM-L6-v2): a single-task step of 32 examples takes
-~0.5 s, so 5,760 examples take ~90 s; evaluation runs at ~200 examples/s, so one evaluation of
-3 x 1,000 dev examples takes ~15 s; loading the model and tokenizing 3 x 2,000 + 3 x 1,000
-examples a few seconds. About 2 minutes per run: 20 configs x 1 seed in ~40 minutes. Its
-scores are for ranking configs quickly, not for comparison with the reports: dev scores are on
+Calibration (2-core CPU, all-MiniLM-L6-v2): a single-task step of 32 examples takes ~0.55 s
+(~58 examples/s), evaluation runs at ~200 examples/s, loading the model and tokenizing the
+capped data takes a few seconds, writing the report a few more. `small` is ~1.3 min per run:
+the 30 configs of `configs/papers/` x 1 seed in ~40 minutes. `medium` is ~2 min per run (the
+technique and conditioning tables in docs/results/ used it), `large` ~10 min (a night for 20
+configs x 2 seeds; a minute or two on a GPU). The scores of `small` and `medium` are for
+ranking configs quickly, not for comparison with the reports: dev scores are on 500- or
 1,000-example subsamples of each dev set (the same subsample for every config and seed).
-
-`medium` is ~10 minutes per run on that CPU (a night for 20 configs x 2 seeds), a minute or two
-on a GPU. `full` trains for the config's epochs on all the data and scores the whole dev sets.
+`full` trains for the config's epochs on all the data and scores the whole dev sets.
 """
 
 from __future__ import annotations
@@ -45,13 +46,19 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
-        "small", "~2 min per run on a 2-core CPU: 5,760 training examples, "
-                 "2,000 train / 1,000 dev examples per task",
+        "small", "~1.3 min per run on a 2-core CPU: 3,072 training examples, "
+                 "1,000 train / 500 dev examples per task",
+        ("train.max_train_examples=1000", "train.max_eval_examples=500",
+         "train.evals_per_epoch=1"),
+        train_examples=3_072),
+    "medium": Budget(
+        "medium", "~2 min per run on a 2-core CPU: 5,760 training examples, "
+                  "2,000 train / 1,000 dev examples per task",
         ("train.max_train_examples=2000", "train.max_eval_examples=1000",
          "train.evals_per_epoch=1"),
         train_examples=5_760),
-    "medium": Budget(
-        "medium", "~10 min per run on a 2-core CPU: 38,400 training examples, "
+    "large": Budget(
+        "large", "~10 min per run on a 2-core CPU: 38,400 training examples, "
                   "20,000 train / 2,000 dev examples per task",
         ("train.max_train_examples=20000", "train.max_eval_examples=2000",
          "train.evals_per_epoch=2"),
