@@ -1,5 +1,6 @@
 """Each benchmark script's `--smoke` mode runs end to end on the tiny backbone and data."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,24 @@ def test_bench_gpu_smoke():
         assert "| MFU |" in out
     else:
         assert "CUDA is not available" in out
+
+
+def test_bench_accuracy_smoke_and_resume(tiny, tmp_path):
+    pytest.importorskip("transformers")
+    out_dir = tmp_path / "accuracy"
+    out = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
+    for row in ("(a) HF single-task cross-encoders (3 models)",
+                "(b) mtbert, one multitask model", "(b) - (a)"):
+        assert f"| {row} |" in out
+    results = json.loads((out_dir / "results.json").read_text())
+    assert {"hf/sst", "hf/quora", "hf/sts", "mtbert"} <= set(results)
+    assert all(results[f"hf/{task}"]["steps"] == 1 for task in ("sst", "quora", "sts"))
+    # one stored encoder against three
+    ratio = results["mtbert"]["parameters"] / sum(
+        results[f"hf/{task}"]["parameters"] for task in ("sst", "quora", "sts"))
+    assert ratio < 0.5
+    assert (out_dir / "mtbert" / "predictions" / "sst-dev-output.csv").is_file()
+    # a second run finds every result and trains nothing: the same table comes back
+    again = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
+    assert again.split("\n\n")[1] == out.split("\n\n")[1]
+    assert json.loads((out_dir / "results.json").read_text()) == results

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from mtbert.config import ConfigError, load_config
@@ -74,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mtbert.evaluation import evaluate_splits, format_table
-    from mtbert.training import Trainer, load_model
+    from mtbert.evaluation import format_table
+    from mtbert.training import train_and_evaluate
 
     if args.resume is not None:
         if args.config or args.overrides or args.run_dir:
@@ -86,14 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
         run_dir = args.run_dir or Path("runs") / config.name
-    start = time.perf_counter()
-    trainer = Trainer(config, run_dir)
-    if args.resume is not None:
-        trainer.resume()
-    trainer.fit()
-    train_seconds = time.perf_counter() - start
-    model, tokenizer, config = load_model(run_dir)
-    table = evaluate_splits(model, tokenizer, config, ["dev", "test"], run_dir / "predictions")
+    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None)
     print(format_table(table, model.tasks))
     print(f"training wall time: {train_seconds / 60:.1f} min; best model: {run_dir / 'best'}; "
           f"predictions: {run_dir / 'predictions'}")

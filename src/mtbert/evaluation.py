@@ -91,11 +91,12 @@ def format_table(rows: dict[str, dict[str, float]], tasks: dict[str, TaskConfig]
 
 
 def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[str],
-                    predictions_dir: Path | None = None, progress=None
-                    ) -> dict[str, dict[str, float]]:
+                    predictions_dir: Path | None = None, progress=None,
+                    limit: int | None = None) -> dict[str, dict[str, float]]:
     """Score every task on each labelled split and write `{task}-{split}-output.csv` files.
 
-    Returns {split: {task: metric, ..., "overall": score}} for the labelled splits.
+    `limit` keeps the first `limit` examples of each split (quick checks). Returns
+    {split: {task: metric, ..., "overall": score}} for the labelled splits.
     """
     from mtbert.data.batching import encode_split
     from mtbert.data.tasks import read_split
@@ -108,7 +109,7 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
             examples = read_split(task, split, config.data_dir, config.strict_data)
             if examples is None:
                 continue
-            encoded = encode_split(examples, tokenizer, is_siamese(task))
+            encoded = encode_split(examples[:limit], tokenizer, is_siamese(task))
             predictions = predict(model, name, encoded, config.train.eval_batch_size,
                                   tokenizer.pad_id, progress)
             if predictions_dir is not None:

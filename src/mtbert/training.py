@@ -492,3 +492,25 @@ def load_model(folder: str | Path) -> tuple[MultitaskModel, Tokenizer, Experimen
     tokenizer = Tokenizer.from_folder(folder, config.model.max_length)
     return model.eval(), tokenizer, config
 
+
+
+def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bool = False,
+                       splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None
+                       ) -> tuple[dict[str, dict[str, float]], float, MultitaskModel]:
+    """What `mtbert train` does: train (or resume) a run, then score its best model on whole
+    splits and write `{task}-{split}-output.csv` under `run_dir/predictions`.
+
+    Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
+    """
+    from mtbert.evaluation import evaluate_splits
+
+    start = time.perf_counter()
+    trainer = Trainer(config, run_dir)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    model, tokenizer, config = load_model(run_dir)
+    table = evaluate_splits(model, tokenizer, config, splits, Path(run_dir) / "predictions",
+                            limit=limit)
+    return table, seconds, model

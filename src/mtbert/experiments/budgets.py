@@ -4,7 +4,7 @@ A budget is applied on top of each config (the user's own `KEY=VALUE` overrides 
 
 | budget | training cap (examples drawn) | train / dev examples per task | evaluations |
 |---|---|---|---|
-| `small` | 3,072 (32 round-robin steps of 3 x 32) | 1,000 / 500 | 1 per epoch |
+| `small` | 2,048 (64 single-task steps of 32) | 1,000 / 500 | 1 per epoch |
 | `medium` | 5,760 (60 round-robin steps of 3 x 32) | 2,000 / 1,000 | 1 per epoch |
 | `large` | 38,400 (400 round-robin steps of 3 x 32) | 20,000 / 2,000 | 2 per epoch |
 | `full` | none: the config as written | all / all | the config's |
@@ -18,8 +18,8 @@ files' line counts, capped by `max_train_examples`). A config's own `max_steps` 
 smaller. On a CPU training costs roughly the examples it sees, so every config of a budget gets
 about the same compute.
 
-Calibration (2-core CPU, all-MiniLM-L6-v2): a single-task step of 32 examples takes ~0.55 s
-(~58 examples/s), evaluation runs at ~200 examples/s, loading the model and tokenizing the
+Calibration (2-core CPU, all-MiniLM-L6-v2): a training step of 32 single sentences takes
+~0.55 s, of 32 sentence pairs about twice that (~40 examples/s for a three-task mix); evaluation runs at ~200 examples/s, loading the model and tokenizing the
 capped data takes a few seconds, writing the report a few more. `small` is ~1.3 min per run:
 the 30 configs of `configs/papers/` x 1 seed in ~40 minutes. `medium` is ~2 min per run (the
 technique and conditioning tables in docs/results/ used it), `large` ~10 min (a night for 20
@@ -46,11 +46,11 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
-        "small", "~1.3 min per run on a 2-core CPU: 3,072 training examples, "
+        "small", "~1.3 min per run on a 2-core CPU: 2,048 training examples, "
                  "1,000 train / 500 dev examples per task",
         ("train.max_train_examples=1000", "train.max_eval_examples=500",
          "train.evals_per_epoch=1"),
-        train_examples=3_072),
+        train_examples=2_048),
     "medium": Budget(
         "medium", "~2 min per run on a 2-core CPU: 5,760 training examples, "
                   "2,000 train / 1,000 dev examples per task",
