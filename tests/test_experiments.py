@@ -92,6 +92,9 @@ def test_ablate_two_configs_two_seeds_tabulates_mean_and_std(tmp_path, tiny_back
             np.mean([r["wall_time_s"] for r in results]), abs=0.01)
     assert "Quora scores" not in table  # not the default backbone
     assert is_png(out / "results.png")
+    for run in (out / name / f"seed-{k}" for name in "ab" for k in (0, 1)):  # a report per run
+        images = re.findall(r'<img src="([^"]+)"', (run / "report.html").read_text())
+        assert images and all(is_png(run / image) for image in images)
 
 
 def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, tiny_data,
@@ -134,10 +137,12 @@ def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, t
     assert all((out / f"{n}/seed-{k}/result.json").is_file() for n in "ab" for k in (0, 1))
     assert {r["config"] for r in outcome.results["b"]} == {"b"}
 
-    # Everything finished: a re-run trains nothing.
+    # Everything finished: a re-run trains nothing, but writes a report that went missing.
     fitted.clear()
+    (out / "a/seed-0/report.html").unlink()
     run_ablation([a, b], budget="full", seeds=2, out=out, data_dir=str(tiny_data))
     assert fitted == []
+    assert (out / "a/seed-0/report.html").is_file()
     # Finished runs made with another config are not mixed into the table.
     with pytest.raises(ConfigError, match="train.lr"):
         plan_runs([a], budget="full", seeds=1, out=out, data_dir=str(tiny_data),

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
-    ablate.add_argument("--report", action="store_true",
-                        help="also write report.html for each run trained")
+    ablate.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip each run's report.html (written by default, also for "
+                             "finished runs that lack one)")
     ablate.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars for each run trained")
 

@@ -216,12 +216,12 @@ def read_result(run: PlannedRun) -> dict:
 
 def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 1,
                  out: str | Path = "runs/ablation", data_dir: str | None = None,
-                 overrides: Sequence[str] = (), report: bool = False,
+                 overrides: Sequence[str] = (), report: bool = True,
                  tensorboard: bool = False) -> AblationOutcome:
     """Train every config x seed not finished yet, then write the result tables.
 
-    `report` / `tensorboard`: also write each newly trained run's `report.html` /
-    TensorBoard scalars.
+    `report`: write each run's `report.html` (also for a finished run that lacks one);
+    `tensorboard`: each newly trained run's TensorBoard scalars.
     """
     runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides)
     outcome = AblationOutcome(runs, {})
@@ -231,6 +231,8 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
     for run in runs:
         if run.finished:
             outcome.skipped.append(run)
+            if report and not (run.run_dir / "report.html").is_file():
+                _extras(run.run_dir, report=True, tensorboard=False)
             continue
         log.info("[%d/%d] %s seed-%d (seed %d)", len(outcome.trained) + len(outcome.failed) + 1,
                  len(todo), run.name, run.seed_index, run.config.train.seed)
