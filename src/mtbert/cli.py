@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="experiment YAMLs and overrides applied to every config, "
                              "together (before or after the options, not between them)")
     ablate.add_argument("--budget", default="small",
-                        help="small (~1.3 min/run on CPU), medium (~2 min), large (~10 min) "
+                        help="small (~1 min/run on CPU), medium (~2 min), large (~10 min) "
                              "or full (no caps); see mtbert.experiments.budgets "
                              "(default: small)")
     ablate.add_argument("--seeds", type=int, default=1,

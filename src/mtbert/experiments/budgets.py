@@ -21,13 +21,14 @@ about the same compute.
 Calibration (2-core CPU, all-MiniLM-L6-v2): a training step of 32 single sentences takes
 ~0.55 s, of 32 sentence pairs about twice that (~40 examples/s for a three-task mix);
 evaluation runs at ~200 examples/s; loading the model and tokenizing the capped data takes a
-few seconds, writing the report a few more. `small` is ~1.3 min per run: the 30 configs of
-`configs/papers/` x 1 seed in ~40 minutes. `medium` is ~2 min per run (the technique and
-conditioning tables in docs/results/ used it), `large` ~10 min (a night for 20 configs x 2
-seeds; a minute or two on a GPU). The scores of `small` and `medium` are for ranking configs
-quickly, not for comparison with the reports: dev scores are on 500- or 1,000-example
-subsamples of each dev set (the same subsample for every config and seed). `full` trains for
-the config's epochs on all the data and scores the whole dev sets.
+few seconds, writing the report ~9 s. `small` is ~1 min per run: the 30 configs of
+`configs/papers/` x 1 seed took 27.1 min of training plus 4.6 min of reports. `medium` is
+~2 min per run (the technique and conditioning tables in docs/results/ used it), `large`
+~10 min (a night for 20 configs x 2 seeds; a minute or two on a GPU). The scores of `small`
+and `medium` are for ranking configs quickly, not for comparison with the reports: dev
+scores are on 500- or 1,000-example subsamples of each dev set (the same subsample for every
+config and seed). `full` trains for the config's epochs on all the data and scores the whole
+dev sets.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
-        "small", "~1.3 min per run on a 2-core CPU: 2,048 training examples, "
+        "small", "~1 min per run on a 2-core CPU: 2,048 training examples, "
                  "1,000 train / 500 dev examples per task",
         ("train.max_train_examples=1000", "train.max_eval_examples=500",
          "train.evals_per_epoch=1"),
