@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_train import markdown_table
 from tqdm.auto import tqdm
 
+from mtbert.checkpoint import write_json_atomically
 from mtbert.cli import QUORA_NOTE
 from mtbert.config import TaskConfig, load_config
 from mtbert.data.tasks import PRESETS, read_split
@@ -43,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 TASKS = ("sst", "quora", "sts")
 LABELS = {"sst": "SST acc", "quora": "Quora acc*", "sts": "STS Pearson"}
+# The single-task recipe of (a), beside the command-line settings.
+WEIGHT_DECAY, WARMUP_RATIO, CLIP_NORM = 0.01, 0.1, 1.0
 
 
 # ---------------------------------------------------------------- (a) single-task HF models
@@ -51,8 +55,8 @@ LABELS = {"sst": "SST acc", "quora": "Quora acc*", "sts": "STS Pearson"}
 def hf_settings(args) -> dict:
     """Everything that defines the HF runs; a resumed benchmark must match it."""
     return {"backbone": args.backbone, "seed": args.seed, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 0.01,
-            "warmup": 0.1, "max_length": args.max_length, "clip": 1.0,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": WEIGHT_DECAY,
+            "warmup": WARMUP_RATIO, "max_length": args.max_length, "clip": CLIP_NORM,
             "max_steps": args.max_steps, "limit": args.limit}
 
 
@@ -89,10 +93,11 @@ def train_hf_task(name: str, folder: Path, args) -> dict:
         folder, num_labels=1 if regression else task.num_classes,
         problem_type="regression" if regression else "single_label_classification")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.1 * total), total)
+    scheduler = transformers.get_linear_schedule_with_warmup(
+        optimizer, int(WARMUP_RATIO * total), total)
     rng = np.random.default_rng(args.seed)
 
     start = time.perf_counter()
@@ -106,7 +111,7 @@ def train_hf_task(name: str, folder: Path, args) -> dict:
                 loss = model(**hf_inputs(tokenizer, batch, args.max_length),
                              labels=hf_labels(task, batch)).loss
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -118,17 +123,14 @@ def train_hf_task(name: str, folder: Path, args) -> dict:
     seconds = time.perf_counter() - start
 
     model.eval()
-    outputs = []
+    predictions = np.empty(len(dev))
     order = np.argsort([sum(len(t) for t in e.texts) for e in dev], kind="stable")
     with torch.inference_mode():
         for begin in tqdm(range(0, len(dev), 128), desc=f"HF {name} dev", file=sys.stderr):
             rows = order[begin:begin + 128]
             logits = model(**hf_inputs(tokenizer, [dev[i] for i in rows], args.max_length)).logits
-            outputs.append((rows, logits))
-    predictions = np.empty(len(dev))
-    for rows, logits in outputs:
-        predictions[rows] = (logits[:, 0] * task.label_range[1] if regression
-                             else logits.argmax(-1)).numpy()
+            predictions[rows] = (logits[:, 0] * task.label_range[1] if regression
+                                 else logits.argmax(-1)).numpy()
     labels = np.array([e.label for e in dev], dtype=float)
     return {"score": metric(task, predictions, labels), "train_s": seconds,
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -165,29 +167,25 @@ def train_mtbert(args, run_dir: Path) -> dict:
 
 def table(results: dict) -> str:
     tasks = {name: TaskConfig(name=name, **PRESETS[name]) for name in TASKS}
-    hf_scores = {name: results[f"hf/{name}"]["score"] for name in TASKS}
+    hf = [results[f"hf/{name}"] for name in TASKS]
+    hf_scores = {name: r["score"] for name, r in zip(TASKS, hf)}
+    hf_time, hf_params = sum(r["train_s"] for r in hf), sum(r["parameters"] for r in hf)
     ours = results["mtbert"]
     rows = []
     for label, scores, seconds, params in (
-            ("(a) HF single-task cross-encoders (3 models)", hf_scores,
-             sum(results[f"hf/{n}"]["train_s"] for n in TASKS),
-             sum(results[f"hf/{n}"]["parameters"] for n in TASKS)),
+            ("(a) HF single-task cross-encoders (3 models)", hf_scores, hf_time, hf_params),
             ("(b) mtbert, one multitask model", ours["scores"], ours["train_s"],
              ours["parameters"])):
         rows.append([label, *(f"{scores[n]:.3f}" for n in TASKS),
                      f"{overall_score(tasks, scores):.3f}", f"{seconds / 60:.1f} min",
                      f"{params / 1e6:.1f}M"])
-    delta = {n: ours["scores"][n] - hf_scores[n] for n in TASKS}
     overall = overall_score(tasks, ours["scores"]) - overall_score(tasks, hf_scores)
-    hf_time = sum(results[f"hf/{n}"]["train_s"] for n in TASKS)
-    hf_params = sum(results[f"hf/{n}"]["parameters"] for n in TASKS)
-    rows.append(["(b) - (a)", *(f"{delta[n]:+.3f}" for n in TASKS), f"{overall:+.3f}",
-                 f"{(ours['train_s'] - hf_time) / 60:+.1f} min",
+    rows.append(["(b) - (a)", *(f"{ours['scores'][n] - hf_scores[n]:+.3f}" for n in TASKS),
+                 f"{overall:+.3f}", f"{(ours['train_s'] - hf_time) / 60:+.1f} min",
                  f"{ours['parameters'] / hf_params:.2f}x"])
     header = ["model", *(LABELS[n] for n in TASKS), "overall", "training wall time",
               "parameters stored"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return markdown_table(header, rows)
 
 
 def main() -> None:
@@ -223,7 +221,7 @@ def main() -> None:
 
     def keep(key: str, value: dict) -> None:
         results[key] = value
-        results_path.write_text(json.dumps(results, indent=1))
+        write_json_atomically(results_path, results)
 
     folder = resolve_checkpoint(args.backbone)
     if args.only != "mtbert":
@@ -243,11 +241,12 @@ def main() -> None:
     print(f"(a): {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max length "
           f"{args.max_length}, steps {steps}")
     print(f"(b): {args.config} {' '.join(results['mtbert']['overrides'])}\n")
-    print(table(results))
+    text = table(results)
+    print(text)
     print(f"\n*{QUORA_NOTE.removeprefix('note: ')}")
     per_task = ", ".join(f"{n} {results[f'hf/{n}']['train_s'] / 60:.1f} min" for n in TASKS)
     print(f"(a) training time per task: {per_task}")
-    (args.out / "results.md").write_text(table(results) + "\n")
+    (args.out / "results.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

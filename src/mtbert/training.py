@@ -36,7 +36,7 @@ from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import default_loss, read_split
-from mtbert.evaluation import metric, overall_score, predict
+from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses import (
     CosineThresholdPositives,
     LabelThresholdPositives,
@@ -493,17 +493,15 @@ def load_model(folder: str | Path) -> tuple[MultitaskModel, Tokenizer, Experimen
     return model.eval(), tokenizer, config
 
 
-
 def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bool = False,
                        splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None
                        ) -> tuple[dict[str, dict[str, float]], float, MultitaskModel]:
     """What `mtbert train` does: train (or resume) a run, then score its best model on whole
-    splits and write `{task}-{split}-output.csv` under `run_dir/predictions`.
+    splits (or their first `limit` examples) and write `{task}-{split}-output.csv` under
+    `run_dir/predictions`.
 
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
-    from mtbert.evaluation import evaluate_splits
-
     start = time.perf_counter()
     trainer = Trainer(config, run_dir)
     if resume:

@@ -26,7 +26,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import traceback
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mtbert.checkpoint import write_json_atomically
 from mtbert.config import ConfigError, ExperimentConfig, load_config, to_dict
 from mtbert.experiments.budgets import budget_max_steps, get_budget
 from mtbert.training import TrainingError
@@ -200,14 +200,8 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "parameters": trainer.parameter_counts(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json_atomically(run.result_file, result)
+    write_json_atomically(run.result_file, result)
     return result
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_result(run: PlannedRun) -> dict:
