@@ -104,7 +104,7 @@ def save_json(path: Path, data: object) -> None:
 def write_json_atomically(path: Path, data: dict) -> None:
     """Replace `path` with `data` as JSON in one step: a crash leaves the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    save_json(tmp, data)
     os.replace(tmp, path)
 
 
