@@ -32,6 +32,24 @@ def test_matches_torch_adamw_after_100_steps(weight_decay, seed):
     assert any((a - i).abs().max() > 0.1 for a, i in zip(ours, init)), "parameters must move"
 
 
+def test_rows_without_gradient_match_torch_adamw():
+    """Like word embeddings: rows never looked up keep a zero second moment (sqrt(0) path)."""
+    torch.manual_seed(0)
+    init = torch.randn(50, 8)
+    ours, theirs = init.clone().requires_grad_(), init.clone().requires_grad_()
+    kwargs = dict(lr=1e-2, weight_decay=0.01)
+    opt_ours, opt_theirs = AdamW([ours], **kwargs), torch.optim.AdamW([theirs], **kwargs)
+    for step in range(30):
+        rows = torch.arange(step % 5, 20, 5)  # rows 0-19 now and then, 20-49 never
+        for param, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            (param[rows] ** 2).sum().backward()
+            opt.step()
+    assert torch.isfinite(ours).all()
+    assert (ours - theirs).abs().max().item() <= 1e-6
+    assert opt_ours.state[ours]["exp_avg_sq"][20:].eq(0).all()
+
+
 def test_parameters_without_grad_are_untouched_and_keep_their_step():
     used, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     opt = AdamW([used, unused], lr=0.1, weight_decay=0.1)

@@ -89,8 +89,10 @@ class AdamW(Optimizer):
         step_size = lr * math.sqrt(bias2) / (1.0 - beta1**step)
         eps_hat = eps * math.sqrt(bias2)
         for p, exp_avg, exp_avg_sq in zip(params, exp_avgs, exp_avg_sqs):
-            denom = torch.sqrt(exp_avg_sq, out=self._denominator_buffer(exp_avg_sq))
-            p.addcdiv_(exp_avg, denom.add_(eps_hat), value=-step_size)
+            # sqrt(v) as 1 / rsqrt(v) (within 2e-7 relative): torch's CPU sqrt is ~5x slower
+            # on zeros, and most rows of the word embeddings' v stay zero (tokens not yet seen).
+            denom = torch.rsqrt(exp_avg_sq, out=self._denominator_buffer(exp_avg_sq))
+            p.addcdiv_(exp_avg, denom.reciprocal_().add_(eps_hat), value=-step_size)
 
 
 def warmup_linear_decay(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
