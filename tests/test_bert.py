@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from mtbert.model.bert import BertConfig, BertModel, Dropout
+from mtbert.model.bert import BertConfig, BertModel, Dropout, TokenLayout
 from mtbert.model.loading import (
     CheckpointError,
     hf_to_mtbert,
@@ -25,14 +25,19 @@ def sst_sentences(data_dir, n):
 
 
 def max_diff(ours, theirs, ids, mask):
-    """Largest |difference| of hidden states at real tokens, at padding, and of the pooler."""
+    """Largest |difference| of hidden states at real tokens and of the pooler; padded positions
+    (never computed by `forward`) must be zeros. The padded layout, which computes every
+    position like transformers does, is compared at padding too."""
     hidden, pooled = ours(ids, mask)
     with torch.no_grad():
         out = theirs(input_ids=ids, attention_mask=mask)
-    diff = (hidden - out.last_hidden_state).abs()
     real = mask.bool()
-    padding = diff[~real].max().item() if (~real).any() else 0.0
-    return diff[real].max().item(), padding, (pooled - out.pooler_output).abs().max().item()
+    assert not hidden[~real].any()
+    every_position = ours.encode(ids, None, TokenLayout.padded(mask))
+    padding = (every_position - out.last_hidden_state).abs()[~real]
+    return ((hidden - out.last_hidden_state).abs()[real].max().item(),
+            padding.max().item() if padding.numel() else 0.0,
+            (pooled - out.pooler_output).abs().max().item())
 
 
 @torch.no_grad()

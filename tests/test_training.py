@@ -90,14 +90,15 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert "train.lr: expected a number" in capsys.readouterr().err
 
 
-def test_siamese_chunks_pad_less_and_give_the_same_outputs(tiny_backbone, tiny_data):
-    from mtbert.data.batching import collate, encode_split, two_chunks
+def test_packed_tokens_give_the_padded_computation(tiny_backbone, tiny_data):
+    """The encoder computes real tokens only; outputs equal computing every padded position."""
+    from mtbert.data.batching import collate, encode_split
     from mtbert.data.readers import Example
     from mtbert.data.tasks import read_split
+    from mtbert.model.bert import TokenLayout
+    from mtbert.model.heads import pool
     from mtbert.training import Trainer as _Trainer
 
-    assert two_chunks(np.array([30, 29, 5, 4, 3])) == ((2, 30), (5, 5))
-    assert two_chunks(np.array([10, 10, 9])) == ()  # saving < 10%: one chunk
     config = tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], max_steps=1)
     trainer = _Trainer(config, "/nonexistent-not-written")
     model = trainer.model.eval()
@@ -107,12 +108,14 @@ def test_siamese_chunks_pad_less_and_give_the_same_outputs(tiny_backbone, tiny_d
                 for i, e in enumerate(examples)]
     split = encode_split(examples, trainer.tokenizer, siamese=True)
     batch = collate(split, range(len(split)), trainer.tokenizer.pad_id)
-    assert batch.chunks and batch.chunks[1][1] < batch.chunks[0][1]
+    assert batch.real_tokens() < 0.7 * batch.input_ids.numel()  # mostly padding
     with torch.no_grad():
-        chunked = model("sts", batch).predictions
-        batch.chunks = ()
-        whole = model("sts", batch).predictions
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+        packed = model("sts", batch).predictions
+        hidden = model.encoder.encode(batch.input_ids, batch.token_type_ids,
+                                      TokenLayout.padded(batch.attention_mask))
+        vectors = pool(hidden, None, batch.attention_mask, config.task("sts").head.pooling)
+        padded = model.heads["sts"](vectors, batch.pair_index).predictions
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_path_trains(tmp_path, tiny_backbone, tiny_data):

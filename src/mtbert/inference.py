@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch, EncodedSplit, collate, sorted_batches
 from mtbert.evaluation import to_predictions
+from mtbert.model.bert import TokenLayout
 from mtbert.model.heads import is_siamese, pool
 from mtbert.model.multitask import MultitaskModel
 
@@ -51,8 +52,10 @@ def quantize_dynamic(model: MultitaskModel, keep_fp32: Sequence[str] = ()) -> Mu
 class TaskGraph(nn.Module):
     """The encoder and one task's head as a single function of tensors, for export.
 
-    The padding mask is always applied: an exported graph must not depend on whether the
-    example batch happened to have padding (`BertModel.forward` skips an all-ones mask).
+    Every position is computed and the padding mask always applied
+    (`TokenLayout.padded`): an exported graph must not depend on where the example batch
+    happened to have padding (`BertModel.forward` packs the real tokens, a data-dependent
+    shape, and skips an all-ones mask).
     """
 
     def __init__(self, model: MultitaskModel, task: str):
@@ -64,10 +67,8 @@ class TaskGraph(nn.Module):
                 pair_index: Tensor | None = None) -> Tensor:
         model = self.model
         hooks = model.conditioning.hooks(self.task) if model.conditioning is not None else None
-        mask = attention_mask[:, None, None, :].bool()
-        x = model.encoder.embeddings(input_ids, token_type_ids, hooks)
-        for index, layer in enumerate(model.encoder.layers):
-            x = layer(x, mask, index, hooks)
+        x = model.encoder.encode(input_ids, token_type_ids, TokenLayout.padded(attention_mask),
+                                 hooks)
         pooled = model.encoder.pooler(x) if self.pooling == "pooler" else None
         vectors = pool(x, pooled, attention_mask, self.pooling)
         return model.heads[self.task](vectors, pair_index).predictions

@@ -74,9 +74,6 @@ class Batch:
     pair_index: Tensor | None  # (B, 2) rows of input_ids per example (siamese)
     labels: Tensor | None  # (B,)
     rows: Tensor  # (B,) positions of the examples in their split
-    # Siamese batches: rows are sorted longest first and encoded in chunks, each padded only
-    # to its own longest row: (end row, width) per chunk. Empty: one chunk, full width.
-    chunks: tuple[tuple[int, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,24 +94,19 @@ class Batch:
             return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
-                     move(self.pair_index), move(self.labels), self.rows, self.chunks)
+                     move(self.pair_index), move(self.labels), self.rows)
 
 
 def collate(split: EncodedSplit, rows: Sequence[int], pad_id: int) -> Batch:
-    """Pad the selected examples to the longest row of this batch only."""
+    """Pad the selected examples to the longest row of this batch only (the encoder computes
+    real tokens only, so padding costs memory, not matrix products)."""
     rows = np.asarray(rows, dtype=np.int64)
-    pair_index, chunks = None, ()
+    pair_index = None
     if split.pair_index is None:
         sequence_rows = rows
     else:
         sequence_rows, inverse = np.unique(split.pair_index[rows], return_inverse=True)
-        lengths = np.array([len(split.token_ids[r]) for r in sequence_rows])
-        order = np.argsort(-lengths, kind="stable")  # longest first
-        position = np.empty_like(order)
-        position[order] = np.arange(len(order))
-        sequence_rows = sequence_rows[order]
-        pair_index = torch.from_numpy(position[inverse].reshape(len(rows), 2))
-        chunks = two_chunks(lengths[order])
+        pair_index = torch.from_numpy(inverse.reshape(len(rows), 2))
     width = max(len(split.token_ids[r]) for r in sequence_rows)
     input_ids = np.full((len(sequence_rows), width), pad_id, dtype=np.int64)
     token_types = np.zeros((len(sequence_rows), width), dtype=np.int64)
@@ -126,22 +118,7 @@ def collate(split: EncodedSplit, rows: Sequence[int], pad_id: int) -> Batch:
         mask[i, :n] = 1
     input_ids, token_types, mask = map(torch.from_numpy, (input_ids, token_types, mask))
     labels = None if split.labels is None else split.labels[torch.from_numpy(rows)]
-    return Batch(input_ids, mask, token_types, pair_index, labels, torch.from_numpy(rows),
-                 chunks)
-
-
-def two_chunks(lengths: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Split rows sorted longest first where padding each part to its own longest row costs
-    the fewest tokens; no split unless it saves at least a tenth of the padded tokens."""
-    rows = len(lengths)
-    whole = rows * int(lengths[0])
-    if rows < 2:
-        return ()
-    costs = np.arange(1, rows) * lengths[0] + (rows - np.arange(1, rows)) * lengths[1:]
-    best = int(np.argmin(costs))
-    if costs[best] > 0.9 * whole:
-        return ()
-    return ((best + 1, int(lengths[0])), (rows, int(lengths[best + 1])))
+    return Batch(input_ids, mask, token_types, pair_index, labels, torch.from_numpy(rows))
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int,

@@ -5,6 +5,9 @@ Post-LN transformer layers, absolute position embeddings, attention through
 `scaled_dot_product_attention`. With no task conditioning it reproduces Hugging Face's
 `BertModel` to float precision; `model/loading.py` maps checkpoint key names onto ours.
 
+The layers compute only a batch's real tokens, packed into one (tokens, H) matrix, and pad
+just around attention (`TokenLayout`): padding costs no matrix products.
+
 Task conditioning (task embeddings, PALs) plugs in through `EncoderHooks`: the encoder calls
 the hooks at three fixed points and knows nothing else about tasks.
 """
@@ -105,26 +108,80 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class TokenLayout:
+    """Where a padded (B, T) batch's real tokens are, so the encoder can work on those alone.
+
+    The encoder's layers see hidden states as a 2-D (N, H) matrix of the N tokens they
+    compute: token-wise work (projections, feed-forward, LayerNorm, dropout) is done for real
+    tokens only, and `attention` scatters them into the padded (B, T) grid and back. This is
+    the "unpadding" of NVIDIA's BERT and MosaicBERT (Portes et al. 2023, "MosaicBERT: A
+    Bidirectional Encoder Optimized for Fast Pretraining"). Results equal the padded
+    computation's at every real token; padded positions come out as zeros.
+    """
+
+    def __init__(self, batch: int, length: int, index: Tensor | None, mask: Tensor | None):
+        self.batch, self.length = batch, length
+        self.index = index  # (N,) positions in the flattened (B * T) grid; None: all of them
+        self.mask = mask  # (B, 1, 1, T) keys a query may attend to; None: every key
+
+    @classmethod
+    def packed(cls, attention_mask: Tensor) -> TokenLayout:
+        """Real tokens only; no index and no mask at all when the batch has no padding."""
+        batch, length = attention_mask.shape
+        if bool(attention_mask.all()):
+            return cls(batch, length, None, None)
+        index = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(batch, length, index, attention_mask[:, None, None, :].bool())
+
+    @classmethod
+    def padded(cls, attention_mask: Tensor) -> TokenLayout:
+        """Every position, padding included, with the mask always applied: a computation that
+        does not depend on where the padding is (what an exported graph needs)."""
+        batch, length = attention_mask.shape
+        return cls(batch, length, None, attention_mask[:, None, None, :].bool())
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (N, ...): the computed tokens."""
+        x = x.reshape(self.batch * self.length, *x.shape[2:])
+        return x if self.index is None else x.index_select(0, self.index)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """(N, C) -> (B, T, C), zeros at the positions not computed."""
+        if self.index is not None:
+            grid = x.new_zeros(self.batch * self.length, x.shape[-1])
+            x = grid.index_copy(0, self.index, x)
+        return x.view(self.batch, self.length, x.shape[-1])
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, dropout_p: float) -> Tensor:
+        """Multi-head scaled dot-product attention within each sequence: (N, D) x 3 -> (N, D)."""
+        B, T, D = self.batch, self.length, q.shape[-1]
+        q, k, v = (self.unpack(t).view(B, T, heads, D // heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, heads, T, D / heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
+        return self.pack(y.transpose(1, 2).reshape(B, T, D))
+
+
 class EncoderHooks(nn.Module):
     """Points where a task-conditioning module may change the encoder's computation.
 
-    Each default is the identity, so a subclass overrides only the hooks it needs. Shapes:
-    B batch, T tokens, H hidden size.
+    Each default is the identity, so a subclass overrides only the hooks it needs. Hidden
+    states are (N, H): the N tokens the encoder computes (see `TokenLayout`), H hidden size.
     """
 
     def input_embeddings(self, embeddings: Tensor) -> Tensor:
-        """(B, T, H) summed input embeddings, before LayerNorm."""
+        """(N, H) summed input embeddings, before LayerNorm."""
         return embeddings
 
     def attention_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, H) each: queries, keys and values of `layer` before the split into heads."""
+        """(N, H) each: queries, keys and values of `layer` before the split into heads."""
         return q, k, v
 
-    def attention_branch(self, layer: int, hidden: Tensor, mask: Tensor) -> Tensor | None:
-        """Extra (B, T, H) term added beside self-attention's output (PALs), or None.
+    def attention_branch(self, layer: int, hidden: Tensor, layout: TokenLayout
+                         ) -> Tensor | None:
+        """Extra (N, H) term added beside self-attention's output (PALs), or None.
 
-        `hidden` is the layer's input; `mask` is the (B, 1, 1, T) boolean attention mask.
+        `hidden` is the layer's input; `layout.attention` attends within each sequence.
         """
         return None
 
@@ -139,12 +196,13 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor,
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, layout: TokenLayout,
                 hooks: EncoderHooks | None) -> Tensor:
-        seq_len = input_ids.shape[1]
-        positions = torch.arange(seq_len, device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings(token_type_ids))  # (B, T, H)
+        """(B, T) ids -> (N, H) embeddings of the tokens `layout` computes."""
+        positions = torch.arange(layout.length, device=input_ids.device).expand_as(input_ids)
+        x = (self.word_embeddings(layout.pack(input_ids))
+             + self.position_embeddings(layout.pack(positions))
+             + self.token_type_embeddings(layout.pack(token_type_ids)))  # (N, H)
         if hooks is not None:
             x = hooks.input_embeddings(x)
         return self.dropout(self.norm(x))
@@ -160,17 +218,12 @@ class BertSelfAttention(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, mask: Tensor | None, layer: int,
+    def forward(self, x: Tensor, layout: TokenLayout, layer: int,
                 hooks: EncoderHooks | None) -> Tensor:
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).split(H, dim=-1)  # (B, T, H) each
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # (N, H) each
         if hooks is not None:
             q, k, v = hooks.attention_qkv(layer, q, k, v)
-        q, k, v = (t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, H)
+        y = layout.attention(q, k, v, self.num_heads, self.dropout_p if self.training else 0.0)
         return self.output(y)
 
 
@@ -187,11 +240,11 @@ class BertLayer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: Tensor, mask: Tensor | None, layer: int,
+    def forward(self, x: Tensor, layout: TokenLayout, layer: int,
                 hooks: EncoderHooks | None) -> Tensor:
-        attended = self.dropout(self.attention(x, mask, layer, hooks))
+        attended = self.dropout(self.attention(x, layout, layer, hooks))
         if hooks is not None:
-            branch = hooks.attention_branch(layer, x, mask)
+            branch = hooks.attention_branch(layer, x, layout)
             if branch is not None:
                 attended = attended + branch
         x = self.attention_norm(x + attended)
@@ -234,19 +287,23 @@ class BertModel(nn.Module):
                 hooks: EncoderHooks | None = None) -> tuple[Tensor, Tensor]:
         """Returns (last hidden states (B, T, H), pooled [CLS] (B, H)).
 
-        `attention_mask` is (B, T) with 1 for real tokens and 0 for padding.
+        `attention_mask` is (B, T) with 1 for real tokens and 0 for padding; hidden states at
+        padding are zeros.
         """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encode(input_ids, token_type_ids, TokenLayout.packed(attention_mask), hooks)
+        return hidden, self.pooler(hidden)
+
+    def encode(self, input_ids: Tensor, token_type_ids: Tensor | None, layout: TokenLayout,
+               hooks: EncoderHooks | None = None) -> Tensor:
+        """Last hidden states (B, T, H) of the tokens `layout` computes (zeros elsewhere)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # (B, 1, 1, T): every query may attend to every real key. None skips masking
-        # altogether when the batch has no padding, which lets SDPA take its fastest kernel.
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask[:, None, None, :].bool()
-        x = self.embeddings(input_ids, token_type_ids, hooks)
+        x = self.embeddings(input_ids, token_type_ids, layout, hooks)  # (N, H)
         for index, layer in enumerate(self.layers):
-            x = layer(x, mask, index, hooks)
-        return x, self.pooler(x)
+            x = layer(x, layout, index, hooks)
+        return layout.unpack(x)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

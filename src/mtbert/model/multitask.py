@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from mtbert.config import TaskConfig
@@ -28,17 +27,10 @@ class MultitaskModel(nn.Module):
 
     def forward(self, task: str, batch: Batch) -> HeadOutput:
         hooks = self.conditioning.hooks(task) if self.conditioning is not None else None
-        pooling = self.tasks[task].head.pooling
-        chunks = batch.chunks or ((len(batch.input_ids), batch.input_ids.shape[1]),)
-        vectors, start = [], 0
-        for end, width in chunks:  # each chunk padded only to its own longest row
-            ids, mask, types = (t[start:end, :width] for t in (
-                batch.input_ids, batch.attention_mask, batch.token_type_ids))
-            hidden, pooled = self.encoder(ids, mask, types, hooks)
-            vectors.append(pool(hidden, pooled, mask, pooling))
-            start = end
-        return self.heads[task](torch.cat(vectors) if len(vectors) > 1 else vectors[0],
-                                batch.pair_index)
+        hidden, pooled = self.encoder(batch.input_ids, batch.attention_mask,
+                                      batch.token_type_ids, hooks)
+        vectors = pool(hidden, pooled, batch.attention_mask, self.tasks[task].head.pooling)
+        return self.heads[task](vectors, batch.pair_index)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task's loss reaches: the encoder (gradient methods act on these)."""

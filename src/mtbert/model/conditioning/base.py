@@ -12,7 +12,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from mtbert.model.bert import EncoderHooks
+from mtbert.model.bert import EncoderHooks, TokenLayout
 
 
 class TaskConditioning(nn.Module):
@@ -44,7 +44,7 @@ class TaskConditioning(nn.Module):
         return q, k, v
 
     def attention_branch(self, task: str, layer: int, hidden: Tensor,
-                         mask: Tensor | None) -> Tensor | None:
+                         layout: TokenLayout) -> Tensor | None:
         return None
 
 
@@ -65,8 +65,9 @@ class _TaskHooks(EncoderHooks):
                       ) -> tuple[Tensor, Tensor, Tensor]:
         return self._attention_qkv(layer, q, k, v)
 
-    def attention_branch(self, layer: int, hidden: Tensor, mask: Tensor | None) -> Tensor | None:
-        return self._attention_branch(layer, hidden, mask)
+    def attention_branch(self, layer: int, hidden: Tensor, layout: TokenLayout
+                         ) -> Tensor | None:
+        return self._attention_branch(layer, hidden, layout)
 
 
 def positive_int(name: str, value: object) -> int:

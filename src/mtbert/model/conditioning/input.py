@@ -23,7 +23,7 @@ class InputTaskEmbedding(TaskConditioning):
             {task: nn.Parameter(torch.zeros(self.hidden_size)) for task in task_names})  # (H,)
 
     def input_embeddings(self, task: str, embeddings: Tensor) -> Tensor:
-        return embeddings + self.embeddings[task]  # (B, T, H) + (H,)
+        return embeddings + self.embeddings[task]  # (N, H) + (H,)
 
     def added_parameters(self) -> int:
         return len(self.task_names) * self.hidden_size

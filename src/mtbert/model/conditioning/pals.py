@@ -15,10 +15,9 @@ weights start as BERT's, N(0, initializer_range) with zero biases.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtbert.model.bert import BertConfig
+from mtbert.model.bert import BertConfig, TokenLayout
 from mtbert.model.conditioning.base import TaskConditioning, positive_int
 
 RANK_RATIO = 0.266  # the paper's r = 204 for H = 768
@@ -55,14 +54,11 @@ class _TaskPAL(nn.Module):
         nn.init.zeros_(self.decoder.weight)
         nn.init.zeros_(self.decoder.bias)
 
-    def forward(self, layer: int, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        x = self.encoder(hidden)  # (B, T, r)
-        B, T, r = x.shape
-        q, k, v = (t.view(B, T, self.heads, r // self.heads).transpose(1, 2)
-                   for t in self.attention[layer](x).split(r, dim=-1))  # (B, heads, T, r/heads)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
-        return self.decoder(y.transpose(1, 2).reshape(B, T, r))  # (B, T, H)
+    def forward(self, layer: int, hidden: Tensor, layout: TokenLayout) -> Tensor:
+        x = self.encoder(hidden)  # (N, r)
+        q, k, v = self.attention[layer](x).split(x.shape[-1], dim=-1)  # (N, r) each
+        y = layout.attention(q, k, v, self.heads, self.dropout_p if self.training else 0.0)
+        return self.decoder(y)  # (N, H)
 
 
 class ProjectedAttentionLayers(TaskConditioning):
@@ -75,8 +71,8 @@ class ProjectedAttentionLayers(TaskConditioning):
             {task: _TaskPAL(bert_config, self.rank, self.heads) for task in task_names})
 
     def attention_branch(self, task: str, layer: int, hidden: Tensor,
-                         mask: Tensor | None) -> Tensor:
-        return self.pals[task](layer, hidden, mask)
+                         layout: TokenLayout) -> Tensor:
+        return self.pals[task](layer, hidden, layout)
 
     def added_parameters(self) -> int:
         h, r = self.hidden_size, self.rank
