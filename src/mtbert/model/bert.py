@@ -114,9 +114,9 @@ class TokenLayout:
     The encoder's layers see hidden states as a 2-D (N, H) matrix of the N tokens they
     compute: token-wise work (projections, feed-forward, LayerNorm, dropout) is done for real
     tokens only, and `attention` scatters them into the padded (B, T) grid and back. This is
-    the "unpadding" of NVIDIA's BERT and MosaicBERT (Portes et al. 2023, "MosaicBERT: A
-    Bidirectional Encoder Optimized for Fast Pretraining"). Results equal the padded
-    computation's at every real token; padded positions come out as zeros.
+    the "unpadding" MosaicBERT uses (Portes et al. 2023, "MosaicBERT: A Bidirectional Encoder
+    Optimized for Fast Pretraining"). Results equal the padded computation's at every real
+    token; padded positions come out as zeros.
     """
 
     def __init__(self, batch: int, length: int, index: Tensor | None, mask: Tensor | None):
@@ -150,7 +150,7 @@ class TokenLayout:
         if self.index is not None:
             grid = x.new_zeros(self.batch * self.length, x.shape[-1])
             x = grid.index_copy(0, self.index, x)
-        return x.view(self.batch, self.length, x.shape[-1])
+        return x.reshape(self.batch, self.length, x.shape[-1])
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, dropout_p: float) -> Tensor:
         """Multi-head scaled dot-product attention within each sequence: (N, D) x 3 -> (N, D)."""
