@@ -239,11 +239,46 @@ def test_crlf_reads_the_same_as_lf(tmp_path):
     assert len(crlf.examples) == 2
 
 
-def test_line_numbers_count_lines_inside_quoted_fields(tmp_path):
-    rows = SENTIMENT_HEADER + '0\ta\t"spans\nthree\nlines"\t1\n1\tb\tbad\tx\n'
+def test_a_stray_quote_skips_its_own_line_only(tmp_path):
+    """Issue 21, defect 1: a sentence opening with `"` that never closes used to make the CSV
+    parser read the rest of the file as one field (4 of 200 rows kept, exit 0)."""
+    rows = [f"{i}\tid{i}\tsentence {i}\t{i % 5}" for i in range(200)]
+    rows[4] = '4\tid4\t"an opening quote that never closes\t4'
+    report = read_sentiment(write(tmp_path, "stray.tsv", SENTIMENT_HEADER + "\n".join(rows)))
+    assert len(report.examples) == 199
+    assert [line for line, _ in report.skipped] == [6]
+    assert "quoting" in report.skipped[0][1]
+    assert report.examples[-1] == Example("id199", ("sentence 199",), 4.0)
+
+
+def test_a_quoted_field_does_not_run_across_lines(tmp_path):
+    rows = SENTIMENT_HEADER + '0\ta\t"spans\nthree\nlines"\t1\n1\tb\tbad\tx\n2\tc\tok\t2\n'
     report = read_sentiment(write(tmp_path, "span.tsv", rows))
-    assert report.examples[0].texts == ("spans\nthree\nlines",)
-    assert report.skipped == [(5, "'sentiment' value 'x' is not a number")]
+    assert report.examples == [Example("c", ("ok",), 2.0)]
+    assert [line for line, _ in report.skipped] == [2, 3, 4, 5]
+
+
+def test_quotes_that_close_on_their_line_are_csv_quoting(tmp_path):
+    rows = SENTIMENT_HEADER + '0\ta\t"""Why ""this""?"""\t1\n'
+    assert read_sentiment(write(tmp_path, "q.tsv", rows)).examples == [
+        Example("a", ('"Why "this"?"',), 1.0)]
+
+
+def test_too_many_malformed_rows_is_an_error(tmp_path):
+    rows = SENTIMENT_HEADER + "".join(f"{i}\t{i}\ttext\t{'x' if i < 3 else 1}\n"
+                                      for i in range(20))
+    path = write(tmp_path, "bad.tsv", rows)
+    assert len(read_sentiment(path, max_skipped_share=0.2).skipped) == 3
+    with pytest.raises(DataError, match=r"bad.tsv: 3 of 20 rows are malformed .*line 2"):
+        read_sentiment(path, max_skipped_share=0.1)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])
+def test_utf16_is_an_error_not_text_with_nuls_dropped(tmp_path, encoding):
+    path = tmp_path / "wide.tsv"
+    path.write_text(SENTIMENT_HEADER + "0\ta\tfine\t1\n", encoding=encoding)
+    with pytest.raises(DataError, match="wide.tsv: looks UTF-16 encoded"):
+        read_sentiment(path)
 
 
 def test_byte_order_mark_is_ignored(tmp_path):

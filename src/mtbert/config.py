@@ -131,7 +131,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
-    strict_data: bool = False
+    strict_data: bool = False  # malformed rows are errors instead of skipped rows
+    max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
 
     def task(self, name: str) -> TaskConfig:
         for task in self.tasks:

@@ -101,8 +101,8 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
     data = {}
     for task in config.tasks:
         siamese = is_siamese(task)
-        train = read_split(task, "train", config.data_dir, config.strict_data)
-        dev = read_split(task, "dev", config.data_dir, config.strict_data)
+        train = read_split(task, "train", config)
+        dev = read_split(task, "dev", config)
         train = _subsample(train, config.train.max_train_examples, config.train.seed)
         dev = _subsample(dev, config.train.max_eval_examples, config.train.seed)
         data[task.name] = TaskData(

@@ -108,6 +108,7 @@ def read_examples(
     label_range: tuple[float, float] | None = None,
     strict: bool = False,
     file_format: str | None = None,
+    max_skipped_share: float | None = None,
 ) -> ReadReport:
     """Read the examples of a TSV, CSV or JSON-lines file, selecting columns by name.
 
@@ -118,7 +119,9 @@ def read_examples(
     ``file_format`` is "tsv", "csv" or "jsonl"; by default it follows the suffix, and a
     file that is neither .jsonl/.json nor .tsv is tab-separated if its header line has a
     tab, else comma-separated. Text is decoded as UTF-8 (a BOM is allowed); NUL bytes
-    are dropped.
+    are dropped; a file that looks UTF-16 is an error. Delimited files hold one record per
+    line (quotes may wrap a field but not run past its line). ``max_skipped_share`` makes it
+    an error when more than that share of the data rows is malformed.
     """
     if isinstance(text_columns, str):
         raise ValueError("text_columns must be a sequence of column names, not a str")
@@ -134,6 +137,12 @@ def read_examples(
             records, extract = _delimited_source(lines, path, resolved_format, schema)
         report = _collect(path, records, extract, schema, strict)
     _log_outcome(report)
+    rows = len(report.examples) + len(report.skipped)
+    if max_skipped_share is not None and len(report.skipped) > max_skipped_share * rows:
+        first_line, reason = report.skipped[0]
+        raise DataError(
+            f"{path}: {len(report.skipped)} of {rows} rows are malformed (more than "
+            f"{max_skipped_share:.0%}); first at line {first_line}: {reason}")
     return report
 
 
@@ -148,9 +157,16 @@ def _resolve_format(path: Path, file_format: str | None) -> str | None:
 
 def _open_text(path: Path, newline: str) -> TextIO:
     try:
+        with open(path, "rb") as raw:
+            head = raw.read(4096)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(0) > len(head) // 10:
+            raise DataError(f"{path}: looks UTF-16 encoded (byte-order mark or NUL bytes); "
+                            "save it as UTF-8")
         return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: cannot open: it is a folder, not a data file") from None
     except OSError as error:
         raise DataError(f"{path}: cannot open: {error.strerror or error}") from None
 
@@ -170,6 +186,8 @@ def _delimited_source(
     header = next(records, None)
     if header is None:
         raise DataError(f"{path}: file is empty")
+    if isinstance(header[1], _MalformedRow):
+        raise DataError(f"{path}:{header[0]}: header: {header[1]}")
     positions = _column_positions(header[1], schema, path)
     return records, partial(_fields_by_name, positions=positions)
 
@@ -184,18 +202,22 @@ def _pick_delimiter(file_format: str | None, header_line: str) -> str:
 
 def _csv_records(
     lines: Iterable[str], delimiter: str, path: Path
-) -> Iterator[tuple[int, list[str]]]:
-    """Yield (starting line number, fields) for each non-blank record."""
+) -> Iterator[tuple[int, list[str] | _MalformedRow]]:
+    """Yield (line number, fields) for each non-blank line: one record per line.
+
+    Quotes may wrap a field, but a quoted field never runs past its line: in these corpora a
+    stray quote is text, and letting the CSV parser follow it would swallow the rest of the
+    file into one field. A line whose quoting does not parse is yielded as a malformed row.
+    """
     csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
-    reader = csv.reader(lines, delimiter=delimiter)
-    start = 1
-    try:
-        for fields in reader:
-            if fields:
-                yield start, fields
-            start = reader.line_num + 1
-    except csv.Error as error:
-        raise DataError(f"{path}:{start}: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        text = line.rstrip("\r\n")
+        if not text:
+            continue
+        try:
+            yield number, next(csv.reader([text], delimiter=delimiter, strict=True))
+        except csv.Error as error:
+            yield number, _MalformedRow(f"quoting does not parse on this line ({error})")
 
 
 def _column_positions(header: list[str], schema: _Schema, path: Path) -> dict[str, int]:
@@ -214,7 +236,11 @@ def _column_positions(header: list[str], schema: _Schema, path: Path) -> dict[st
     return {column: names.index(column) for column in wanted if column in names}
 
 
-def _fields_by_name(fields: list[str], positions: Mapping[str, int]) -> dict[str, str]:
+def _fields_by_name(
+    fields: list[str] | _MalformedRow, positions: Mapping[str, int]
+) -> dict[str, str]:
+    if isinstance(fields, _MalformedRow):
+        raise fields
     needed = max(positions.values()) + 1
     if len(fields) < needed:
         raise _MalformedRow(f"row has {len(fields)} fields, needs at least {needed}")

@@ -65,7 +65,7 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
     found = {}
     for name, task in model.tasks.items():
         try:
-            examples = read_split(task, "dev", data_dir or config.data_dir, config.strict_data)
+            examples = read_split(task, "dev", config, data_dir)
         except DataError as error:
             found[name] = {"error": str(error)}
             continue
