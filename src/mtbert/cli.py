@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder with the task files (default: config)")
     train.add_argument("--run-dir", type=Path, help="output folder (default: runs/NAME)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue an interrupted run from its last good checkpoint")
+                       help="continue an interrupted run from its last good checkpoint; "
+                            "overrides may lower train.lr (e.g. after NaN losses)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run that --run-dir already holds")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.lr=3e-5 tasks.sts.head.type=cosine")
 
@@ -75,18 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from mtbert.evaluation import format_table
-    from mtbert.training import train_and_evaluate
+    from mtbert.training import RESUME_OVERRIDES, train_and_evaluate
 
     if args.resume is not None:
-        if args.config or args.overrides or args.run_dir:
-            raise ConfigError("--resume takes the run's own config; drop --config, --run-dir "
-                              "and overrides")
+        others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+        if args.config or args.run_dir or args.overwrite or others:
+            raise ConfigError("--resume takes the run's own config; drop --config, --run-dir, "
+                              f"--overwrite and overrides other than {', '.join(RESUME_OVERRIDES)}")
         run_dir = args.resume
-        config = load_config(run_dir / "config.yaml", data_dir=args.data_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml)")
+        config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
         run_dir = args.run_dir or Path("runs") / config.name
-    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None)
+    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None,
+                                                     overwrite=args.overwrite)
     print(format_table(table, model.tasks))
     print(f"training wall time: {train_seconds / 60:.1f} min; best model: {run_dir / 'best'}; "
           f"predictions: {run_dir / 'predictions'}")
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from mtbert.checkpoint import CorruptCheckpointError
+    from mtbert.checkpoint import CorruptCheckpointError, RunFolderError
     from mtbert.data.readers import DataError
     from mtbert.model.loading import CheckpointError
     from mtbert.training import TrainingError
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, CorruptCheckpointError, TrainingError,
-            FileNotFoundError) as error:
+            RunFolderError, OSError) as error:  # OSError: a file or folder that cannot be used
         print(f"mtbert {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -24,14 +24,27 @@ from tqdm.auto import tqdm
 from mtbert.balancing import build_combiner, build_weighting
 from mtbert.checkpoint import (
     CorruptCheckpointError,
+    RunFolderError,
+    RunLock,
+    clear_run,
+    holds_run,
     load_json,
     load_tensors,
+    recover_interrupted_writes,
     save_json,
     save_tensors,
     verify_checkpoint,
     write_checkpoint,
 )
-from mtbert.config import ExperimentConfig, TaskConfig, dump_config, load_config
+from mtbert.config import (
+    ConfigError,
+    ExperimentConfig,
+    TaskConfig,
+    config_differences,
+    dump_config,
+    load_config,
+    to_dict,
+)
 from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
@@ -58,6 +71,11 @@ log = logging.getLogger(__name__)
 MNRL_RULES = {"label": LabelThresholdPositives, "cosine": CosineThresholdPositives}
 
 
+# What `mtbert train --resume RUN KEY=VALUE` may change: a run that stopped on NaN losses
+# goes on from its last good checkpoint with a smaller learning rate.
+RESUME_OVERRIDES = ("train.lr", "train.head_lr", "train.weighting_lr", "train.max_bad_steps")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN); the last good checkpoint is kept."""
 
@@ -73,6 +91,9 @@ def build_model(config: ExperimentConfig, encoder: BertModel) -> MultitaskModel:
 
 def load_backbone(config: ExperimentConfig) -> tuple[BertModel, Tokenizer]:
     encoder, folder = load_bert(config.model.backbone)
+    if config.model.max_length > encoder.config.max_position_embeddings:
+        raise ConfigError(f"model.max_length: {config.model.max_length} is more than the "
+                          f"backbone's {encoder.config.max_position_embeddings} positions")
     if config.model.hidden_dropout is not None or config.model.attention_dropout is not None:
         encoder = _with_dropout(encoder, config)
     return encoder, Tokenizer.from_folder(folder, config.model.max_length)
@@ -198,6 +219,7 @@ class Trainer:
                                          **train.weighting_options)
         self.combiner = build_combiner(train.combiner, train.seed)
         self.optimizer = self._build_optimizer()
+        self.configured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler = warmup_linear_decay(
             self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
@@ -284,7 +306,9 @@ class Trainer:
         if self.state.bad_steps >= self.config.train.max_bad_steps:
             raise TrainingError(
                 f"{self.state.bad_steps} steps in a row had NaN/inf losses or gradients; "
-                f"training stopped. The last good checkpoint is in {self.run_dir}")
+                f"training stopped. The checkpoints in {self.checkpoints_dir} are from good "
+                f"steps; go on from the newest with a smaller learning rate: mtbert train "
+                f"--resume {self.run_dir} train.lr={self.config.train.lr / 2:g}")
 
     # ------------------------------------------------------------ evaluation
 
@@ -306,6 +330,8 @@ class Trainer:
         """Train to the end, evaluating `evals_per_epoch` times per epoch; returns the best
         dev scores. The best model is kept in `RUN_DIR/best`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, self.checkpoints_dir):
+            recover_interrupted_writes(folder)
         dump_config(self.config, self.run_dir / "config.yaml")
         log.info("parameters: %s", self.parameter_counts())
         save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
@@ -328,11 +354,19 @@ class Trainer:
                 self.weighting.on_epoch_end()
             finished = self.state.step == self.total_steps
             evaluate = self.state.step % eval_every == 0 or finished
+            # While steps are being skipped nothing is written: the checkpoints and best/ on
+            # disk stay those of the last good step, which is where --resume starts.
+            if self.state.bad_steps:
+                continue
             if evaluate:
                 self._evaluate_and_keep_best(running, time.perf_counter() - start)
             if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
                 self.save_training_state()
         bar.close()
+        if self.state.best_record < 0 and not any(d.dev for d in self.data.values()):
+            log.info("no task has dev data: best/ is the model of the last step")
+            save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
+                       {"dev": {}, "step": self.state.step})
         return self.state.history[self.state.best_record]["dev"] if self.state.history else {}
 
     def _evaluate_and_keep_best(self, running: dict[str, float], elapsed: float) -> None:
@@ -340,14 +374,14 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.step / max(
             1, self.sampler.steps_per_epoch() / self.config.train.grad_accumulation),
             "elapsed_s": round(elapsed, 1), "train": dict(running), "dev": scores,
-            "weights": self.weighting.weights(), "lr": self.scheduler.get_last_lr()[0],
+            "weights": self.weighting.weights(), "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.state.skipped_steps}
         self.state.history.append(record)
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info("step %d dev %s", self.state.step,
                  {k: round(v, 4) for k, v in scores.items()})
-        if scores["overall"] > self.state.best_score:
+        if math.isfinite(scores["overall"]) and scores["overall"] > self.state.best_score:
             self.state.best_score = scores["overall"]
             self.state.best_step = self.state.step
             self.state.best_record = len(self.state.history) - 1
@@ -381,10 +415,10 @@ class Trainer:
             save_json(tmp / "state.json", {
                 "train_state": asdict(self.state),
                 "optimizer_steps": steps,
-                "group_lrs": [group["lr"] for group in self.optimizer.param_groups],
                 "scheduler": self.scheduler.state_dict(),
                 "streams": {name: s.state_dict() for name, s in self.streams.items()},
                 "combiner": self.combiner.state_dict(),
+                "config": to_dict(self.config),
             })
 
         folder = write_checkpoint(self.checkpoints_dir / f"step-{self.state.step:08d}", write)
@@ -396,9 +430,11 @@ class Trainer:
     def resume(self) -> Path:
         """Restore the newest checkpoint that passes its checksums (older ones are the
         fallback when the newest is truncated or corrupt); returns its folder."""
+        recover_interrupted_writes(self.checkpoints_dir)
         for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
             try:
-                verify_checkpoint(folder)
+                verify_checkpoint(folder, ["state.json", "model.safetensors"])
+                self._check_same_run(load_json(folder / "state.json"), folder)
                 self._load_training_state(folder)
             except CorruptCheckpointError as error:
                 log.warning("cannot resume from %s: %s; trying an older checkpoint", folder,
@@ -407,6 +443,19 @@ class Trainer:
             log.info("resumed from %s (step %d)", folder, self.state.step)
             return folder
         raise TrainingError(f"no usable checkpoint under {self.checkpoints_dir}")
+
+    def _check_same_run(self, meta: dict, folder: Path) -> None:
+        """A checkpoint resumes only the run it was saved by: the config may differ only in
+        `RESUME_OVERRIDES` (and where the data lives)."""
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            raise CorruptCheckpointError(f"{folder}/state.json does not record its config")
+        changed = config_differences(saved, to_dict(self.config),
+                                     (*RESUME_OVERRIDES, "data_dir"))
+        if changed:
+            raise TrainingError(f"{folder} was trained with another config than "
+                                f"{self.run_dir / 'config.yaml'} ({'; '.join(changed[:3])}); "
+                                "start a new run with --overwrite or another --run-dir")
 
     def _load_training_state(self, folder: Path) -> None:
         meta = load_json(folder / "state.json")
@@ -419,9 +468,14 @@ class Trainer:
             self.optimizer.state[p] = {
                 "step": step, "exp_avg": optimizer_tensors[f"{index}.exp_avg"].to(p.device),
                 "exp_avg_sq": optimizer_tensors[f"{index}.exp_avg_sq"].to(p.device)}
-        for group, lr in zip(self.optimizer.param_groups, meta["group_lrs"]):
-            group["lr"] = lr
         self.scheduler.load_state_dict(meta["scheduler"])
+        # The schedule continues from the configured learning rates, which --resume may
+        # have lowered; unchanged, this recomputes the saved rates exactly.
+        self.scheduler.base_lrs = list(self.configured_lrs)
+        for group, base, factor in zip(self.optimizer.param_groups, self.configured_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
@@ -478,37 +532,62 @@ def save_model(folder: Path, model: MultitaskModel, tokenizer: Tokenizer,
 def load_model(folder: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentConfig]:
     """A model saved by `save_model` (a run's `best/` folder, or the run folder itself)."""
     folder = Path(folder)
-    if (folder / "best").is_dir():
-        folder = folder / "best"
-    verify_checkpoint(folder)
+    for candidate in ("best", ".best.old"):  # .best.old: a write of best/ was interrupted
+        if (folder / candidate).is_dir():
+            folder = folder / candidate
+            break
+    verify_checkpoint(folder, ["model.safetensors", "config.json", "experiment.yaml"])
     config = load_config(folder / "experiment.yaml")
     bert_config = BertConfig.from_json(folder / "config.json")
     model = build_model(config, BertModel(bert_config))
     state = load_tensors(folder / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CorruptCheckpointError(
-            f"{folder}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            f"{folder}: weights do not fit the model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CorruptCheckpointError(
+                f"{folder}/model.safetensors: {key} has shape {list(tensor.shape)}, the model "
+                f"expects {list(expected[key].shape)}")
+    model.load_state_dict(state)
     tokenizer = Tokenizer.from_folder(folder, config.model.max_length)
     return model.eval(), tokenizer, config
 
 
 def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bool = False,
-                       splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None
+                       splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None,
+                       overwrite: bool = False
                        ) -> tuple[dict[str, dict[str, float]], float, MultitaskModel]:
     """What `mtbert train` does: train (or resume) a run, then score its best model on whole
     splits (or their first `limit` examples) and write `{task}-{split}-output.csv` under
     `run_dir/predictions`.
 
+    The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
+    holds another run, unless `overwrite` clears it first.
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
-    start = time.perf_counter()
-    trainer = Trainer(config, run_dir)
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    seconds = time.perf_counter() - start
-    model, tokenizer, config = load_model(run_dir)
-    table = evaluate_splits(model, tokenizer, config, splits, Path(run_dir) / "predictions",
-                            limit=limit)
+    run_dir = Path(run_dir)
+    with RunLock(run_dir):
+        found = holds_run(run_dir)
+        if found and not resume:
+            if not overwrite:
+                raise RunFolderError(
+                    f"{run_dir} holds another run ({', '.join(found)}); continue it with "
+                    f"--resume {run_dir}, replace it with --overwrite, or choose another "
+                    "--run-dir")
+            log.info("--overwrite: removing the run in %s", run_dir)
+            clear_run(run_dir)
+        start = time.perf_counter()
+        trainer = Trainer(config, run_dir)
+        if resume:
+            trainer.resume()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+        model, tokenizer, config = load_model(run_dir)
+        table = evaluate_splits(model, tokenizer, config, splits, run_dir / "predictions",
+                                limit=limit)
     return table, seconds, model

@@ -35,10 +35,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from mtbert.checkpoint import write_json_atomically
-from mtbert.config import ConfigError, ExperimentConfig, load_config, to_dict
+from mtbert.checkpoint import (
+    RunFolderError,
+    RunLock,
+    clear_run,
+    holds_run,
+    write_json_atomically,
+)
+from mtbert.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_differences,
+    load_config,
+    load_yaml,
+    to_dict,
+)
 from mtbert.experiments.budgets import budget_max_steps, get_budget
 from mtbert.training import TrainingError
 
@@ -98,7 +110,7 @@ class AblationOutcome:
 
 def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) -> str:
     """The config's `name:` (from the file or an override), else the file's stem."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
     named = "name" in raw or any(o.split("=", 1)[0].strip() == "name" for o in overrides)
     return config.name if named else Path(path).stem
 
@@ -141,24 +153,9 @@ def _stale(run: PlannedRun) -> str | None:
     saved = run.run_dir / "config.yaml"
     if not run.finished or not saved.is_file():
         return None
-    before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    now = _flatten(to_dict(run.config))
-    changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now)
-               if before[key] != now[key] and not key.startswith(IGNORED_KEYS)]
+    before = load_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {}
+    changed = config_differences(before, to_dict(run.config), IGNORED_KEYS, common_only=True)
     return f"{run.run_dir} ({'; '.join(changed[:3])})" if changed else None
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        items = data.items()
-    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        items = ((v.get("name", i), v) for i, v in enumerate(data))
-    else:
-        return {prefix: data}
-    flat = {}
-    for key, value in items:
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 # ---------------------------------------------------------------- running
@@ -168,19 +165,19 @@ def run_one(run: PlannedRun, budget: str) -> dict:
     """Train one run from scratch and write its `result.json`; returns the result."""
     from mtbert.training import Trainer
 
-    if run.run_dir.exists():  # an interrupted or failed run: start again from scratch
-        log.info("%s: removing the unfinished run", run.run_dir)
-        shutil.rmtree(run.run_dir)
-    run.run_dir.mkdir(parents=True)
-    start = time.perf_counter()
-    trainer = Trainer(run.config, run.run_dir)
-    fit_start = time.perf_counter()
-    dev = trainer.fit()
-    end = time.perf_counter()
-    # Resume checkpoints (model + optimizer state) are of no use once the run has finished;
-    # at ~4x the model's size each they would fill the disk over an ablation. best/ stays.
-    shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
-                  ignore_errors=True)
+    with RunLock(run.run_dir):  # a second ablation into the same --out skips this run
+        if holds_run(run.run_dir):  # an interrupted or failed run: start again from scratch
+            log.info("%s: removing the unfinished run", run.run_dir)
+        clear_run(run.run_dir, everything=True)
+        start = time.perf_counter()
+        trainer = Trainer(run.config, run.run_dir)
+        fit_start = time.perf_counter()
+        dev = trainer.fit()
+        end = time.perf_counter()
+        # Resume checkpoints (model + optimizer state) are of no use once the run has
+        # finished; at ~4x the model's size each they would fill the disk. best/ stays.
+        shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
+                      ignore_errors=True)
     config = run.config
     result = {
         "config": run.name,
@@ -235,8 +232,10 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the rest
             message = f"{type(error).__name__}: {error}"
             log.error("%s failed: %s", run.run_dir, message)
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            (run.run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            if not isinstance(error, RunFolderError):  # not into another process's run
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                (run.run_dir / "error.txt").write_text(traceback.format_exc(),
+                                                       encoding="utf-8")
             outcome.failed.append((run, message))
             continue
         outcome.trained.append(run)
