@@ -26,15 +26,18 @@ MIN_MAX_LENGTH = 8  # tokens per input, special tokens included
 MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (alias bombs)
 
 _repr = reprlib.Repr()  # error messages show a bounded view of any value
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlist = _repr.maxdict = 5
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxdict = 4
 _repr.maxlevel = 2
-_short = _repr.repr
 
 
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value: Any) -> str:
+    return _one_line(_repr.repr(value), 120)
 
 
 class ConfigError(ValueError):

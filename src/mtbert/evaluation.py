@@ -106,7 +106,8 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
     for split in splits:
         scores = {}
         for name, task in model.tasks.items():
-            examples = read_split(task, split, config)
+            examples = read_split(task, split, config.data_dir, config.strict_data,
+                                  config.max_skipped_share)
             if examples is None:
                 continue
             encoded = encode_split(examples[:limit], tokenizer, is_siamese(task))

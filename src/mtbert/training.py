@@ -122,8 +122,10 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
     data = {}
     for task in config.tasks:
         siamese = is_siamese(task)
-        train = read_split(task, "train", config)
-        dev = read_split(task, "dev", config)
+        train = read_split(task, "train", config.data_dir, config.strict_data,
+                           config.max_skipped_share)
+        dev = read_split(task, "dev", config.data_dir, config.strict_data,
+                         config.max_skipped_share)
         train = _subsample(train, config.train.max_train_examples, config.train.seed)
         dev = _subsample(dev, config.train.max_eval_examples, config.train.seed)
         data[task.name] = TaskData(
@@ -342,27 +344,29 @@ class Trainer:
         running: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
                    dynamic_ncols=True)
-        while self.state.step < self.total_steps:
-            epoch_before = self.epoch
-            logged = self.train_step()
-            for key, value in logged.items():
-                running[key] = 0.9 * running.get(key, value) + 0.1 * value
-            bar.update(1)
-            bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in running.items()
-                             if k.endswith("/loss")})
-            if self.epoch != epoch_before:
-                self.weighting.on_epoch_end()
-            finished = self.state.step == self.total_steps
-            evaluate = self.state.step % eval_every == 0 or finished
-            # While steps are being skipped nothing is written: the checkpoints and best/ on
-            # disk stay those of the last good step, which is where --resume starts.
-            if self.state.bad_steps:
-                continue
-            if evaluate:
-                self._evaluate_and_keep_best(running, time.perf_counter() - start)
-            if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
-                self.save_training_state()
-        bar.close()
+        try:  # the bar ends its line even when training stops with an error
+            while self.state.step < self.total_steps:
+                epoch_before = self.epoch
+                logged = self.train_step()
+                for key, value in logged.items():
+                    running[key] = 0.9 * running.get(key, value) + 0.1 * value
+                bar.update(1)
+                bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in running.items()
+                                 if k.endswith("/loss")})
+                if self.epoch != epoch_before:
+                    self.weighting.on_epoch_end()
+                finished = self.state.step == self.total_steps
+                evaluate = self.state.step % eval_every == 0 or finished
+                # While steps are being skipped nothing is written: the checkpoints and best/ on
+                # disk stay those of the last good step, which is where --resume starts.
+                if self.state.bad_steps:
+                    continue
+                if evaluate:
+                    self._evaluate_and_keep_best(running, time.perf_counter() - start)
+                if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
+                    self.save_training_state()
+        finally:
+            bar.close()
         if self.state.best_record < 0 and not any(d.dev for d in self.data.values()):
             log.info("no task has dev data: best/ is the model of the last step")
             save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtbert.config import ConfigError, ExperimentConfig, TaskConfig
+from mtbert.config import ConfigError, TaskConfig
 from mtbert.data.readers import Example, read_examples
 
 PRESETS: dict[str, dict] = {
@@ -57,15 +57,16 @@ def split_file(task: TaskConfig, split: str, data_dir: str | Path) -> Path | Non
     return path if path.is_absolute() else Path(data_dir) / path
 
 
-def read_split(task: TaskConfig, split: str, config: ExperimentConfig,
-               data_dir: str | Path | None = None) -> list[Example] | None:
-    """Examples of one split (files under `data_dir`, default the config's), or None when
-    the task has no file for it. Test files are read without labels. Malformed rows are
-    skipped as `config.strict_data` and `config.max_skipped_share` allow.
+def read_split(task: TaskConfig, split: str, data_dir: str | Path, strict: bool = False,
+               max_skipped_share: float | None = None) -> list[Example] | None:
+    """Examples of one split, or None when the task has no file for it.
+
+    Test files are read without labels. Malformed rows are skipped (errors if `strict`);
+    more than `max_skipped_share` of a file's rows malformed is an error.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; known: {SPLITS}")
-    path = split_file(task, split, data_dir or config.data_dir)
+    path = split_file(task, split, data_dir)
     if path is None:
         return None
     labelled = split != "test"
@@ -74,5 +75,5 @@ def read_split(task: TaskConfig, split: str, config: ExperimentConfig,
         id_column=task.id_column,
         num_classes=task.num_classes if task.kind == "classification" else None,
         label_range=tuple(task.label_range) if task.kind == "regression" else None,
-        strict=config.strict_data, max_skipped_share=config.max_skipped_share)
+        strict=strict, max_skipped_share=max_skipped_share)
     return report.examples

@@ -65,7 +65,8 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
     found = {}
     for name, task in model.tasks.items():
         try:
-            examples = read_split(task, "dev", config, data_dir)
+            examples = read_split(task, "dev", data_dir or config.data_dir,
+                                  config.strict_data, config.max_skipped_share)
         except DataError as error:
             found[name] = {"error": str(error)}
             continue
