@@ -100,7 +100,7 @@ def test_ablate_two_configs_two_seeds_tabulates_mean_and_std(tmp_path, tiny_back
 def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, tiny_data,
                                                       monkeypatch, capsys):
     a = tiny_yaml(tmp_path, "a", tiny_backbone)
-    b = tiny_yaml(tmp_path, "b", tiny_backbone, train="weighting: no_such_weighting")
+    b = tiny_yaml(tmp_path, "b", tiny_backbone, train="weighting_options: {no_such_option: 1}")
     out = tmp_path / "ablation"
     args = ["ablate", str(a), str(b), "--seeds", "2", "--budget", "full", "--out", str(out),
             "--data-dir", str(tiny_data)]
@@ -108,7 +108,7 @@ def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, t
     # First attempt: b crashes on its bad option; a finishes; the table has what finished.
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "2 of 4 runs failed" in err and "no_such_weighting" in err
+    assert "2 of 4 runs failed" in err and "no_such_option" in err
     assert (out / "b/seed-0/error.txt").is_file() and not (out / "b/seed-0/result.json").exists()
     assert "| a |" in (out / "results.md").read_text()
     assert "b/seed-0" in (out / "results.md").read_text()  # listed as failed
@@ -116,7 +116,7 @@ def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, t
     # Interrupt a/seed-1: no result.json, a partial file left behind. Fix b.
     (out / "a/seed-1/result.json").unlink()
     (out / "a/seed-1/partial.tmp").write_text("half-written")
-    b.write_text(b.read_text().replace(", weighting: no_such_weighting", ""))
+    b.write_text(b.read_text().replace(", weighting_options: {no_such_option: 1}", ""))
     finished = [out / "a/seed-0/result.json", out / "a/seed-0/metrics.jsonl"]
     mtimes = [p.stat().st_mtime_ns for p in finished]
     fitted = []
@@ -288,7 +288,7 @@ def test_there_is_a_paper_config_per_table_row():
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
 def test_paper_config_loads_and_builds(path, tiny_backbone):
-    from mtbert.balancing import build_combiner, build_weighting
+    from mtbert.balancing import TaskContext, build_combiner, build_weighting
     from mtbert.training import build_model, load_backbone
 
     lines = path.read_text().splitlines()
@@ -306,7 +306,9 @@ def test_paper_config_loads_and_builds(path, tiny_backbone):
             pytest.skip(f"conditioning {config.model.conditioning!r} is not registered yet")
         raise
     assert set(model.heads) == {t.name for t in config.tasks}
-    build_weighting(config.train.weighting, [t.name for t in config.tasks],
-                    {t.name: t.kind for t in config.tasks}, **config.train.weighting_options)
-    build_combiner(config.train.combiner, config.train.seed)
+    context = TaskContext(tuple(t.name for t in config.tasks),
+                          {t.name: t.kind for t in config.tasks},
+                          {t.name: t.weight for t in config.tasks}, config.train.seed)
+    build_weighting(config.train.weighting, context, **config.train.weighting_options)
+    build_combiner(config.train.combiner, context)
     assert examples_per_step(load_config(path, list(BUDGETS["small"].overrides))) > 0

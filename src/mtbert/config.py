@@ -67,7 +67,7 @@ class AuxiliaryMnrlConfig:
     """Multiple negatives ranking loss on a pair task's sentence embeddings (Henderson et al.
     2017), positives chosen by gold label or by embedding cosine above an annealed threshold."""
 
-    rule: Literal["label", "cosine", "all"] = "label"
+    rule: str = "label"  # a name in losses.POSITIVE_RULES
     start: float = 4.4
     step_per_epoch: float = 0.05
     scale: float = 20.0
@@ -95,7 +95,7 @@ class TaskConfig:
     loss: str | None = None  # None: cross_entropy / bce / mse by kind
     loss_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None  # None: train.batch_size
-    weight: float = 1.0  # used by the `static` weighting
+    weight: float = 1.0  # read by weightings that use task weights (`static`)
     mnrl: AuxiliaryMnrlConfig | None = None
 
     @property
@@ -129,7 +129,7 @@ class TrainConfig:
     weighting: str = "sum"
     weighting_options: dict[str, Any] = field(default_factory=dict)
     weighting_lr: float = 1e-2
-    combiner: Literal["sum", "pcgrad"] = "sum"
+    combiner: str = "sum"
     eval_batch_size: int = 128
     evals_per_epoch: int = 1
     max_steps: int | None = None  # stop early (budgets, smoke tests)
@@ -406,6 +406,54 @@ def validate(config: ExperimentConfig) -> None:
     for key, value, ok, requirement in _bounds(config):
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
+    _check_techniques(config)
+
+
+def _registered(key: str, name: str, registry: dict) -> Any:
+    if name not in registry:
+        raise ConfigError(f"{key}: unknown {name!r}; registered: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _check_techniques(config: ExperimentConfig) -> None:
+    """Names must be registered, and a technique must be able to act in this run: the
+    requirements are what each one declares in its own file (no method is named here)."""
+    from mtbert.balancing import COMBINERS, WEIGHTINGS
+    from mtbert.data.sampling import SAMPLERS
+    from mtbert.losses import LOSSES, POSITIVE_RULES
+
+    train = config.train
+    sampler = _registered("train.sampler", train.sampler, SAMPLERS)
+    weighting = _registered("train.weighting", train.weighting, WEIGHTINGS)
+    combiner = _registered("train.combiner", train.combiner, COMBINERS)
+    several = sampler.draws_every_task and len(config.tasks) > 1
+    if combiner.needs_several_tasks and not several:
+        raise ConfigError(f"train.combiner: {train.combiner!r} acts only when a step holds "
+                          "several tasks; use train.sampler: round_robin with two or more tasks")
+    if weighting.needs_every_task and not sampler.draws_every_task:
+        raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
+                          f"every step; train.sampler {train.sampler!r} draws one task per "
+                          "step (use round_robin)")
+    for key, name, technique in (("train.weighting", train.weighting, weighting),
+                                 ("train.sampler", train.sampler, sampler)):
+        if train.epochs <= technique.acts_from_epoch - 1:
+            raise ConfigError(f"{key}: {name!r} acts from epoch {technique.acts_from_epoch}; "
+                              f"train.epochs is {train.epochs:g}, make it more than "
+                              f"{technique.acts_from_epoch - 1}")
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}] ({task.name})"
+        if task.weight != 1.0 and not weighting.uses_task_weights:
+            raise ConfigError(f"{where}.weight: train.weighting {train.weighting!r} does not "
+                              "read task weights (use static)")
+        if task.loss is not None:
+            loss = _registered(f"{where}.loss", task.loss, LOSSES)
+            if loss.task_kind != task.kind or (getattr(loss, "binary", False)
+                                               and task.num_classes != 2):
+                raise ConfigError(f"{where}.loss: {task.loss!r} trains "
+                                  f"{'binary ' if getattr(loss, 'binary', False) else ''}"
+                                  f"{loss.task_kind} tasks, not this {task.kind} task")
+        if task.mnrl is not None:
+            _registered(f"{where}.mnrl.rule", task.mnrl.rule, POSITIVE_RULES)
 
 
 def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtbert.balancing import build_combiner, build_weighting
+from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
     CorruptCheckpointError,
     RunFolderError,
@@ -51,8 +51,7 @@ from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import default_loss, read_split
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses import (
-    CosineThresholdPositives,
-    LabelThresholdPositives,
+    POSITIVE_RULES,
     MultipleNegativesRankingLoss,
     build_loss,
     select_positive_pairs,
@@ -67,8 +66,6 @@ from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-MNRL_RULES = {"label": LabelThresholdPositives, "cosine": CosineThresholdPositives}
 
 
 # What `mtbert train --resume RUN KEY=VALUE` may change: a run that stopped on NaN losses
@@ -155,7 +152,7 @@ class TaskLoss(nn.Module):
         self.mnrl = self.rule = None
         if task.mnrl is not None:
             self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
-            self.rule = MNRL_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
+            self.rule = POSITIVE_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
             self.mnrl_weight = task.mnrl.weight
 
     def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
@@ -216,16 +213,29 @@ class Trainer:
         self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
-        self.weighting = build_weighting(train.weighting, names,
-                                         {n: d.config.kind for n, d in self.data.items()},
-                                         **train.weighting_options)
-        self.combiner = build_combiner(train.combiner, train.seed)
+        context = TaskContext(tuple(names), {n: d.config.kind for n, d in self.data.items()},
+                              {n: d.config.weight for n, d in self.data.items()}, train.seed)
+        self.weighting = build_weighting(train.weighting, context, **train.weighting_options)
+        self.combiner = build_combiner(train.combiner, context)
+        self._check_run_reaches(self.weighting, self.sampler)
         self.optimizer = self._build_optimizer()
         self.configured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler = warmup_linear_decay(
             self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
         self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    def _check_run_reaches(self, *techniques) -> None:
+        """A technique that acts only from epoch N is an error in a run whose steps stop
+        before it (`max_steps`, budgets): it would train exactly like the baseline."""
+        micro_steps = self.total_steps * self.config.train.grad_accumulation
+        epochs_run = micro_steps / max(1, self.sampler.steps_per_epoch())
+        for technique in techniques:
+            if epochs_run <= technique.acts_from_epoch - 1:
+                raise ConfigError(
+                    f"{type(technique).__name__} acts from epoch {technique.acts_from_epoch}, "
+                    f"but this run stops after {self.total_steps} steps ({epochs_run:.2f} "
+                    f"epochs); raise train.max_steps or the budget")
 
     def _build_optimizer(self) -> AdamW:
         """Decay on weight matrices only; heads may have their own learning rate; the
@@ -275,10 +285,13 @@ class Trainer:
                 with self.autocast():
                     output = model(task, batch)
                 loss, parts = self.losses[task](output, batch.labels, self.epoch)
-                losses[task] = loss / train.grad_accumulation
+                losses[task] = loss
                 logged.update({f"{task}/{k}": v for k, v in parts.items()})
+            # The weighting sees the tasks' own losses; the micro-step's share of the
+            # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
             terms = self.weighting(losses, model.last_shared_parameters())
-            self.combiner.backward(terms, shared, other)
+            self.combiner.backward({t: term / train.grad_accumulation
+                                    for t, term in terms.items()}, shared, other)
         # One pass over the gradients gives both the clipping norm and the NaN/inf check.
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), train.grad_clip or math.inf, foreach=True)
@@ -301,6 +314,7 @@ class Trainer:
                               enabled=self.config.train.precision == "bf16")
 
     def _skip_bad_step(self) -> None:
+        self.weighting.after_skipped_step()
         self.state.bad_steps += 1
         self.state.skipped_steps += 1
         log.warning("step %d: loss or gradient is NaN/inf; step skipped (%d in a row)",
