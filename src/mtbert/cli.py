@@ -46,16 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",
         description="Train each config for each seed into OUT/<config name>/seed-<k> "
                     "(finished runs are skipped: re-run to resume), then write "
-                    "OUT/results.csv, OUT/results.md and OUT/results.png.")
+                    "OUT/results.csv, OUT/results.md and OUT/results.png. The first config "
+                    "is the baseline the others are compared with, seed by seed.")
     ablate.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
                         help="experiment YAMLs and overrides applied to every config, "
                              "together (before or after the options, not between them)")
     ablate.add_argument("--budget", default="small",
-                        help="small (~1 min/run on CPU), medium (~2 min), large (~10 min) "
-                             "or full (no caps); see mtbert.experiments.budgets "
-                             "(default: small)")
-    ablate.add_argument("--seeds", type=int, default=1,
-                        help="seeds per config: train.seed + 0 .. N-1 (default: 1)")
+                        help="small (60 steps, 10%% of the data), medium (200 steps, 25%%), "
+                             "large (600 steps) or full (no caps); see "
+                             "mtbert.experiments.budgets (default: small)")
+    ablate.add_argument("--seeds", type=int, default=3,
+                        help="seeds per config: train.seed + 0 .. N-1 (default: 3)")
+    ablate.add_argument("--single-task", action="store_true",
+                        help="also train each task of the first config alone (same recipe, "
+                             "budget, seeds): the rows Δm%% is measured against")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
@@ -134,7 +138,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
     overrides = [i for i in args.items if i not in configs]
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
-                           overrides, report=args.report, tensorboard=args.tensorboard)
+                           overrides, report=args.report, tensorboard=args.tensorboard,
+                           single_task=args.single_task)
     print(outcome.files["md"].read_text(encoding="utf-8"))
     print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
           f"results: {', '.join(str(p) for p in outcome.files.values())}")

@@ -133,8 +133,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     evals_per_epoch: int = 1
     max_steps: int | None = None  # stop early (budgets, smoke tests)
-    max_train_examples: int | None = None  # per task; subsample for budgets and tests
-    max_eval_examples: int | None = None
+    train_fraction: float | None = None  # keep this share of every task (budgets)
+    max_train_examples: int | None = None  # per task; subsample for smoke tests
+    max_eval_examples: int | None = None  # per task; one seeded sample shared by every run
     max_bad_steps: int = 5  # NaN/inf steps in a row before training stops
     checkpoint_every: int = 200  # optimizer steps between resume checkpoints (also at evals)
     keep_checkpoints: int = 2  # the newest N resume checkpoints are kept
@@ -476,6 +477,7 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("train.grad_clip", train.grad_clip, at_least(0), ">= 0 (0: no clipping)"),
         ("train.evals_per_epoch", train.evals_per_epoch, at_least(1), ">= 1"),
         ("train.max_steps", train.max_steps, at_least(1), ">= 1"),
+        ("train.train_fraction", train.train_fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
         ("train.max_train_examples", train.max_train_examples, at_least(1), ">= 1"),
         ("train.max_eval_examples", train.max_eval_examples, at_least(1), ">= 1"),
         ("train.max_bad_steps", train.max_bad_steps, at_least(1), ">= 1"),

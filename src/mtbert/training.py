@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -48,7 +47,7 @@ from mtbert.config import (
 from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
-from mtbert.data.tasks import default_loss, read_split
+from mtbert.data.tasks import EVAL_SAMPLE_SEED, default_loss, read_split, subsample
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses import (
     POSITIVE_RULES,
@@ -123,20 +122,14 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
                            config.max_skipped_share)
         dev = read_split(task, "dev", config.data_dir, config.strict_data,
                          config.max_skipped_share)
-        train = _subsample(train, config.train.max_train_examples, config.train.seed)
-        dev = _subsample(dev, config.train.max_eval_examples, config.train.seed)
+        train = subsample(train, config.train.max_train_examples, config.train.train_fraction,
+                          config.train.seed)
+        dev = subsample(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
         data[task.name] = TaskData(
             task, encode_split(train, tokenizer, siamese),
             None if dev is None else encode_split(dev, tokenizer, siamese))
         log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
     return data
-
-
-def _subsample(examples, limit, seed):
-    if examples is None or limit is None or len(examples) <= limit:
-        return examples
-    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-    return [examples[i] for i in keep]
 
 
 # ---------------------------------------------------------------- losses
@@ -180,6 +173,11 @@ class TrainState:
     best_step: int = -1
     best_record: int = -1  # index into history
     history: list[dict] = field(default_factory=list)
+    examples_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
+    first_losses: list[dict] = field(default_factory=list)  # per-step losses, first steps
+
+
+FIRST_LOSSES_STEPS = 20  # how many steps `TrainState.first_losses` keeps (no-op detection)
 
 
 class Trainer:
@@ -282,6 +280,7 @@ class Trainer:
             for task in self.sampler.tasks_for_step(micro_step):
                 batch: Batch = self.streams[task].next().to(self.device)
                 tokens += batch.real_tokens()
+                self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + len(batch)
                 with self.autocast():
                     output = model(task, batch)
                 loss, parts = self.losses[task](output, batch.labels, self.epoch)
@@ -304,6 +303,9 @@ class Trainer:
             self.weighting.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if len(self.state.first_losses) < FIRST_LOSSES_STEPS:
+            self.state.first_losses.append({k: v for k, v in logged.items()
+                                            if k.endswith("loss")})
         self.state.step += 1
         logged["tokens"] = tokens
         return logged

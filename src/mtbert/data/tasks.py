@@ -6,7 +6,10 @@ outside this table names SST, Quora or STS.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 from mtbert.config import ConfigError, TaskConfig
 from mtbert.data.readers import Example, read_examples
@@ -34,6 +37,7 @@ PRESETS: dict[str, dict] = {
 }
 
 SPLITS = ("train", "dev", "test")
+EVAL_SAMPLE_SEED = 0  # dev subsamples: the same examples for every config and seed
 
 
 def default_loss(task: TaskConfig) -> str:
@@ -77,3 +81,19 @@ def read_split(task: TaskConfig, split: str, data_dir: str | Path, strict: bool 
         label_range=tuple(task.label_range) if task.kind == "regression" else None,
         strict=strict, max_skipped_share=max_skipped_share)
     return report.examples
+
+
+def subsample(examples: list[Example] | None, limit: int | None = None,
+              fraction: float | None = None, seed: int = 0) -> list[Example] | None:
+    """A seeded sample (in file order) of `fraction` of the examples, at most `limit`."""
+    if examples is None:
+        return None
+    keep = len(examples)
+    if fraction is not None:
+        keep = max(1, math.ceil(fraction * keep))
+    if limit is not None:
+        keep = min(keep, limit)
+    if keep >= len(examples):
+        return examples
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(examples))[:keep])
+    return [examples[i] for i in chosen]
