@@ -53,7 +53,7 @@ class HeadConfig:
     `pair_features` (siamese: MLP on [u, v, |u-v|, u*v], Reimers & Gurevych 2019).
     """
 
-    type: Literal["classifier", "cosine", "pair_features"] = "classifier"
+    type: str = "classifier"  # a name in model.heads.HEADS
     pooling: Literal["pooler", "cls", "mean"] = "pooler"
     hidden_layers: int = 0
     hidden_size: int | None = None  # None: the encoder's hidden size
@@ -396,12 +396,6 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{where}.num_classes: a classification task needs >= 2 classes")
         if task.kind == "regression" and (not task.label_range or len(task.label_range) != 2):
             raise ConfigError(f"{where}.label_range: a regression task needs [low, high]")
-        if task.head.type != "classifier" and not task.is_pair:
-            raise ConfigError(f"{where}.head.type: {task.head.type!r} needs a sentence pair")
-        if task.head.type == "cosine" and task.kind == "classification" and task.num_classes != 2:
-            raise ConfigError(f"{where}.head.type: cosine classifies only two classes")
-        if task.mnrl is not None and task.head.type == "classifier":
-            raise ConfigError(f"{where}.mnrl: needs a siamese head (cosine or pair_features)")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
     for key, value, ok, requirement in _bounds(config):
@@ -422,6 +416,8 @@ def _check_techniques(config: ExperimentConfig) -> None:
     from mtbert.balancing import COMBINERS, WEIGHTINGS
     from mtbert.data.sampling import SAMPLERS
     from mtbert.losses import LOSSES, POSITIVE_RULES
+    from mtbert.model.conditioning import CONDITIONINGS
+    from mtbert.model.heads import HEADS
 
     train = config.train
     sampler = _registered("train.sampler", train.sampler, SAMPLERS)
@@ -441,8 +437,20 @@ def _check_techniques(config: ExperimentConfig) -> None:
             raise ConfigError(f"{key}: {name!r} acts from epoch {technique.acts_from_epoch}; "
                               f"train.epochs is {train.epochs:g}, make it more than "
                               f"{technique.acts_from_epoch - 1}")
+    if config.model.conditioning is not None:
+        _registered("model.conditioning", config.model.conditioning, CONDITIONINGS)
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"
+        head = _registered(f"{where}.head.type", task.head.type, HEADS)
+        if head.siamese and not task.is_pair:
+            raise ConfigError(f"{where}.head.type: {task.head.type!r} encodes the two sentences "
+                              "of a pair apart; this task has one text column")
+        if task.kind == "classification" and task.num_classes > head.max_classes:
+            raise ConfigError(f"{where}.head.type: {task.head.type!r} classifies at most "
+                              f"{head.max_classes} classes")
+        if task.mnrl is not None and not head.siamese:
+            raise ConfigError(f"{where}.mnrl: needs a siamese head (one that encodes the two "
+                              "sentences apart)")
         if task.weight != 1.0 and not weighting.uses_task_weights:
             raise ConfigError(f"{where}.weight: train.weighting {train.weighting!r} does not "
                               "read task weights (use static)")

@@ -13,19 +13,20 @@ from mtbert.balancing.pcgrad import PCGrad, project_conflicting
 from mtbert.balancing.static import StaticWeighting, SumWeighting
 from mtbert.balancing.summed import SumGradients
 from mtbert.balancing.uncertainty import UncertaintyWeighting
+from mtbert.registry import Registry
 
-WEIGHTINGS: dict[str, type[LossWeighting]] = {
+WEIGHTINGS = Registry("weighting", {
     "sum": SumWeighting,
     "static": StaticWeighting,
     "uncertainty": UncertaintyWeighting,
     "gradnorm": GradNormWeighting,
     "dwa": DynamicWeightAverage,
-}
+})
 
-COMBINERS: dict[str, type[GradientCombiner]] = {
+COMBINERS = Registry("combiner", {
     "sum": SumGradients,
     "pcgrad": PCGrad,
-}
+})
 
 
 def build_weighting(name: str, context: TaskContext, **options) -> LossWeighting:

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from mtbert.registry import Registry
+
 
 class TaskSampler:
     """Base sampler: validates the task sizes and defines the interface.
@@ -199,12 +201,12 @@ def _check_step(step: int) -> None:
         raise ValueError(f"The step must be >= 0, got {step}.")
 
 
-SAMPLERS: dict[str, type[TaskSampler]] = {
+SAMPLERS = Registry("sampler", {
     "round_robin": RoundRobinSampler,
     "proportional": ProportionalSampler,
     "temperature": TemperatureSampler,
     "annealed": AnnealedSampler,
-}
+})
 
 
 def build_sampler(

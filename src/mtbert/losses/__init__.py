@@ -17,13 +17,14 @@ from mtbert.losses.mnrl import (
     selected_pairs_mnrl,
 )
 from mtbert.losses.mse import MSELoss
+from mtbert.registry import Registry
 
-LOSSES: dict[str, type[nn.Module]] = {
+LOSSES = Registry("loss", {
     "cross_entropy": CrossEntropyLoss,
     "bce": BinaryCrossEntropyLoss,
     "mse": MSELoss,
     "huber": HuberLoss,
-}  # MNRL is an auxiliary loss on a pair task's embeddings: configured by a task's `mnrl:`
+})  # MNRL is an auxiliary loss on a pair task's embeddings: configured by a task's `mnrl:`
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtbert.registry import Registry
+
 
 class MultipleNegativesRankingLoss(nn.Module):
     """In-batch softmax ranking loss: each anchor must pick out its own positive.
@@ -117,10 +119,10 @@ class CosineThresholdPositives(ThresholdPositives):
         return F.cosine_similarity(u.detach(), v.detach(), dim=-1)  # (N,)
 
 
-POSITIVE_RULES: dict[str, type[ThresholdPositives]] = {
+POSITIVE_RULES = Registry("positive_rule", {
     "label": LabelThresholdPositives,
     "cosine": CosineThresholdPositives,
-}
+})
 
 
 def select_positive_pairs(

@@ -2,10 +2,17 @@
 
 Losses live in `mtbert.losses`; a head returns predictions and, for siamese heads, the two
 sentence embeddings (for auxiliary losses such as MNRL).
+
+A head class is built as `Head(task, hidden_size)` and declares, for the config checks and the
+batching: `siamese` (True: the two sentences of a pair are encoded apart and the batch holds
+`pair_index`) and `max_classes` (how many classes it can tell apart). How many numbers it
+outputs per example and how they decode into labels is the task's loss's business
+(`losses.output_size`, `losses.decode`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +22,7 @@ from torch import Tensor, nn
 from mtbert.config import TaskConfig
 from mtbert.data.tasks import output_size
 from mtbert.model.bert import Dropout, mean_pool
+from mtbert.registry import Registry
 
 
 @dataclass
@@ -48,6 +56,7 @@ class ClassifierHead(nn.Module):
     (a cross-encoder, as in BERT's sentence-pair fine-tuning, Devlin et al. 2019)."""
 
     siamese = False
+    max_classes = math.inf
 
     def __init__(self, task: TaskConfig, hidden_size: int):
         super().__init__()
@@ -75,6 +84,7 @@ class CosineHead(nn.Module):
     """
 
     siamese = True
+    max_classes = 2  # one score: a cosine above or below a learned boundary
 
     def __init__(self, task: TaskConfig, hidden_size: int):
         super().__init__()
@@ -110,6 +120,7 @@ class PairFeaturesHead(nn.Module):
     }
 
     siamese = True
+    max_classes = math.inf
 
     def __init__(self, task: TaskConfig, hidden_size: int):
         super().__init__()
@@ -129,11 +140,11 @@ class PairFeaturesHead(nn.Module):
         return HeadOutput(logits.squeeze(-1) if logits.shape[-1] == 1 else logits, (u, v))
 
 
-HEADS: dict[str, type[nn.Module]] = {
+HEADS = Registry("head", {
     "classifier": ClassifierHead,
     "cosine": CosineHead,
     "pair_features": PairFeaturesHead,
-}
+})
 
 
 def build_head(task: TaskConfig, hidden_size: int) -> nn.Module:

@@ -18,14 +18,15 @@ from mtbert.model.conditioning.input import InputTaskEmbedding
 from mtbert.model.conditioning.pals import ProjectedAttentionLayers
 from mtbert.model.conditioning.projected import ProjectedTaskAttention
 from mtbert.model.conditioning.projected_activation import ProjectedActivationTaskAttention
+from mtbert.registry import Registry
 
-CONDITIONINGS: dict[str, type[nn.Module]] = {
+CONDITIONINGS = Registry("conditioning", {
     "input": InputTaskEmbedding,
     "attention": TaskEmbeddedAttention,
     "projected": ProjectedTaskAttention,
     "projected_activation": ProjectedActivationTaskAttention,
     "pals": ProjectedAttentionLayers,
-}
+})
 
 
 def build_conditioning(config: ModelConfig, bert_config: BertConfig,
