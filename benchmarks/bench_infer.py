@@ -208,7 +208,7 @@ def speed(args) -> None:
 
 def accuracy(args) -> None:
     """Dev metric of each task of a trained run: fp32 vs int8 vs ONNX (fp32 and int8)."""
-    from mtbert.training import load_model
+    from mtbert.model_folder import load_model
 
     model, tokenizer, config = load_model(args.accuracy)
     data_dir = args.data_dir or config.data_dir

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mtbert.training import load_model
+    from mtbert.model_folder import load_model
 
     model, tokenizer, config = load_model(args.run_dir)
     if args.data_dir:
