@@ -27,7 +27,7 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint folder is incomplete or a file does not match its manifest checksum."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -50,7 +50,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
     try:
         writer(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+        manifest = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         for p in [*files, tmp / MANIFEST]:
             _fsync(p)
@@ -81,7 +81,7 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CorruptCheckpointError(f"{path} is missing")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise CorruptCheckpointError(f"{path} does not match its checksum (truncated or "
                                          "altered)")
 

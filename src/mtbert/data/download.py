@@ -12,7 +12,6 @@ could not be verified. Offline, copy the files named in `FILES` into the folder 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import urllib.error
@@ -21,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbert.checkpoint import file_sha256
 from mtbert.config import TaskConfig
 from mtbert.data.readers import DataError, read_examples
 from mtbert.data.tasks import PRESETS, SPLITS, split_file
@@ -65,14 +65,6 @@ FILES: dict[str, DataFile] = {
 OFFLINE_HINT = "offline, copy the task files into the folder by hand (names: `mtbert data check`)"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(dest: str | Path, mirror: str | None = None,
              files: dict[str, DataFile] = FILES) -> list[str]:
     """Fetch each file of `files` from `mirror` (a base URL; default `BASE_URL`) into `dest`,
@@ -84,13 +76,13 @@ def download(dest: str | Path, mirror: str | None = None,
     lines = []
     for name, expected in files.items():
         target = dest / name
-        if target.is_file() and sha256(target) == expected.sha256:
+        if target.is_file() and file_sha256(target) == expected.sha256:
             lines.append(f"{name}: already there, sha256 ok")
             continue
         tmp = dest / f".{name}.part"
         try:
             _fetch(base + name, tmp)
-            digest = sha256(tmp)
+            digest = file_sha256(tmp)
             if digest != expected.sha256 and not expected.subset:
                 raise DataError(f"{base + name}: sha256 {digest} does not match the expected "
                                 f"{expected.sha256}; the file was not kept")
