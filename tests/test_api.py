@@ -27,7 +27,7 @@ def model(tiny_run):
 
 
 def dev_inputs(model, name):
-    examples = read_split(model.model.tasks[name], "dev", model.config)
+    examples = read_split(model.model.tasks[name], "dev", model.config.data_dir)
     return examples, [e.texts if len(e.texts) == 2 else e.texts[0] for e in examples]
 
 

@@ -15,6 +15,7 @@ from mtbert.balancing import (
     StaticWeighting,
     SumGradients,
     SumWeighting,
+    TaskContext,
     UncertaintyWeighting,
     accumulate_flat_grad,
     build_combiner,
@@ -328,10 +329,17 @@ def test_gradnorm_needs_every_task():
         GradNormWeighting(["big", "small"])({"big": losses()["big"]}, list(shared.parameters()))
 
 
+def _step(weighting, losses):
+    """One good optimizer step, as the trainer drives a weighting."""
+    terms = weighting({name: torch.tensor(value) for name, value in losses.items()}, [])
+    weighting.after_optimizer_step()
+    return terms
+
+
 def _feed_epoch(weighting, losses_per_task):
     for name, values in losses_per_task.items():
         for value in values:
-            weighting({name: torch.tensor(value)}, [])
+            _step(weighting, {name: value})
     weighting.on_epoch_end()
 
 
@@ -348,10 +356,10 @@ def test_dwa_weights_from_known_loss_sequences():
     _feed_epoch(dwa, {"a": [1.5], "b": [1.0]})  # means 1.5, 1 -> r = (0.5, 1)
     expected = _dwa_expected([0.5, 1.0])
     assert list(dwa.weights().values()) == pytest.approx(expected)
-    terms = dwa({"a": torch.tensor(3.0), "b": torch.tensor(2.0)}, [])
+    terms = _step(dwa, {"a": 3.0, "b": 2.0})
     assert terms["a"].item() == pytest.approx(expected[0] * 3.0)
     assert terms["b"].item() == pytest.approx(expected[1] * 2.0)
-    dwa({"a": torch.tensor(0.0)}, [])  # epoch 3 means: a = 1.5, b = 2 -> r = (1, 2)
+    _step(dwa, {"a": 0.0})  # epoch 3 means: a = 1.5, b = 2 -> r = (1, 2)
     dwa.on_epoch_end()
     assert list(dwa.weights().values()) == pytest.approx(_dwa_expected([1.0, 2.0]))
 
@@ -360,12 +368,12 @@ def test_dwa_state_dict_round_trip_mid_epoch():
     dwa = DynamicWeightAverage(["a", "b"])
     _feed_epoch(dwa, {"a": [2.0], "b": [1.0]})
     _feed_epoch(dwa, {"a": [1.0], "b": [1.0]})
-    dwa({"a": torch.tensor(0.4), "b": torch.tensor(0.9)}, [])  # half-way through epoch 3
+    _step(dwa, {"a": 0.4, "b": 0.9})  # half-way through epoch 3
     restored = DynamicWeightAverage(["a", "b"])
     restored.load_state_dict(dwa.state_dict())
     assert restored.weights() == dwa.weights()
     for module in (dwa, restored):
-        module({"a": torch.tensor(0.6), "b": torch.tensor(1.1)}, [])
+        _step(module, {"a": 0.6, "b": 1.1})
         module.on_epoch_end()
     assert restored.weights() == dwa.weights()
     assert list(restored.weights().values()) == pytest.approx(_dwa_expected([0.5, 1.0]))
@@ -373,35 +381,53 @@ def test_dwa_state_dict_round_trip_mid_epoch():
 
 def test_dwa_refuses_an_epoch_without_some_task():
     dwa = DynamicWeightAverage(["a", "b"])
-    dwa({"a": torch.tensor(1.0)}, [])
+    _step(dwa, {"a": 1.0})
     with pytest.raises(ValueError, match="no loss"):
         dwa.on_epoch_end()
 
 
+def test_dwa_forgets_a_skipped_steps_losses():
+    """A NaN step's loss used to enter the epoch sums before the step was skipped, so every
+    later weight was NaN."""
+    dwa = DynamicWeightAverage(["a", "b"])
+    dwa({"a": torch.tensor(float("nan")), "b": torch.tensor(5.0)}, [])
+    dwa.after_skipped_step()
+    for epoch in ({"a": [2.0], "b": [1.0]}, {"a": [1.0], "b": [1.0]}):
+        _feed_epoch(dwa, epoch)
+    assert list(dwa.weights().values()) == pytest.approx(_dwa_expected([0.5, 1.0]))
+
+
 # ---------------------------------------------------------------- registries
 
-TASK_KINDS = {"a": "classification", "b": "regression"}
-WEIGHTING_OPTIONS = {"static": {"weights": {"a": 1.0, "b": 0.5}}}
+CONTEXT = TaskContext(("a", "b"), {"a": "classification", "b": "regression"},
+                      {"a": 1.0, "b": 0.5}, seed=3)
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))
 def test_every_weighting_name_builds(name):
-    weighting = build_weighting(name, ["a", "b"], TASK_KINDS, **WEIGHTING_OPTIONS.get(name, {}))
+    weighting = build_weighting(name, CONTEXT)
     assert isinstance(weighting, WEIGHTINGS[name])
     assert set(weighting.weights()) == {"a", "b"}
 
 
+def test_static_weights_come_from_the_tasks_unless_given():
+    """`TaskConfig.weight` used to be read by nothing."""
+    assert build_weighting("static", CONTEXT).weights() == {"a": 1.0, "b": 0.5}
+    given = build_weighting("static", CONTEXT, weights={"a": 2.0, "b": 3.0})
+    assert given.weights() == {"a": 2.0, "b": 3.0}
+
+
 @pytest.mark.parametrize("name", sorted(COMBINERS))
 def test_every_combiner_name_builds(name):
-    assert isinstance(build_combiner(name, seed=3), COMBINERS[name])
+    assert isinstance(build_combiner(name, CONTEXT), COMBINERS[name])
 
 
 def test_registry_errors_name_the_known_entries():
     with pytest.raises(ValueError, match="uncertainty"):
-        build_weighting("mgda", ["a"], {"a": "regression"})
+        build_weighting("mgda", CONTEXT)
     with pytest.raises(ValueError, match="pcgrad"):
-        build_combiner("cagrad", seed=0)
+        build_combiner("cagrad", CONTEXT)
     with pytest.raises(ValueError, match="dwa"):
-        build_weighting("dwa", ["a"], {}, temprature=2.0)
-    with pytest.raises(ValueError, match="static"):
-        build_weighting("static", ["a"], {})  # missing weights
+        build_weighting("dwa", CONTEXT, temprature=2.0)
+    with pytest.raises(ValueError, match="Static weights must name exactly the tasks"):
+        build_weighting("static", TaskContext(("a",)))  # no weight for task a

@@ -54,7 +54,8 @@ def test_unknown_preset_and_bad_override(tmp_path):
 
 def test_overrides_reach_nested_keys_and_tasks_by_name(tmp_path):
     config = load_config(write(tmp_path, "tasks: [sst, sts]\n"),
-                         ["train.lr=3e-5", "tasks.sts.head.type=cosine", "tasks.sst.weight=2"])
+                         ["train.lr=3e-5", "tasks.sts.head.type=cosine", "tasks.sst.weight=2",
+                          "train.weighting=static"])
     assert config.train.lr == 3e-5
     assert config.task("sts").head.type == "cosine"
     assert config.task("sst").weight == 2.0

@@ -13,7 +13,7 @@ from mtbert.config import ConfigError, load_config
 from mtbert.evaluation import predict, predict_outputs
 from mtbert.experiments import ablation
 from mtbert.experiments.ablation import format_score, plan_runs, run_ablation, write_results
-from mtbert.experiments.budgets import BUDGETS, examples_per_step, get_budget
+from mtbert.experiments.budgets import BUDGETS, get_budget
 from mtbert.experiments.report import labels_from_outputs, write_report
 from mtbert.training import Trainer
 
@@ -100,7 +100,7 @@ def test_ablate_two_configs_two_seeds_tabulates_mean_and_std(tmp_path, tiny_back
 def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, tiny_data,
                                                       monkeypatch, capsys):
     a = tiny_yaml(tmp_path, "a", tiny_backbone)
-    b = tiny_yaml(tmp_path, "b", tiny_backbone, train="weighting: no_such_weighting")
+    b = tiny_yaml(tmp_path, "b", tiny_backbone, train="weighting_options: {no_such_option: 1}")
     out = tmp_path / "ablation"
     args = ["ablate", str(a), str(b), "--seeds", "2", "--budget", "full", "--out", str(out),
             "--data-dir", str(tiny_data)]
@@ -108,7 +108,7 @@ def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, t
     # First attempt: b crashes on its bad option; a finishes; the table has what finished.
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "2 of 4 runs failed" in err and "no_such_weighting" in err
+    assert "2 of 4 runs failed" in err and "no_such_option" in err
     assert (out / "b/seed-0/error.txt").is_file() and not (out / "b/seed-0/result.json").exists()
     assert "| a |" in (out / "results.md").read_text()
     assert "b/seed-0" in (out / "results.md").read_text()  # listed as failed
@@ -116,7 +116,7 @@ def test_ablate_resumes_without_redoing_finished_runs(tmp_path, tiny_backbone, t
     # Interrupt a/seed-1: no result.json, a partial file left behind. Fix b.
     (out / "a/seed-1/result.json").unlink()
     (out / "a/seed-1/partial.tmp").write_text("half-written")
-    b.write_text(b.read_text().replace(", weighting: no_such_weighting", ""))
+    b.write_text(b.read_text().replace(", weighting_options: {no_such_option: 1}", ""))
     finished = [out / "a/seed-0/result.json", out / "a/seed-0/metrics.jsonl"]
     mtimes = [p.stat().st_mtime_ns for p in finished]
     fitted = []
@@ -161,7 +161,7 @@ def test_results_table_single_seed_custom_tasks_and_quora_note(tmp_path):
         "x": [result("x", {"cfimdb": 0.81234, "quora": 0.7, "overall": 0.75617})]})
     table = files["md"].read_text()
     assert "| Model configuration | cfimdb Dev Acc | Paraphrase Dev Acc | Overall Dev |" in table
-    assert "| x | 0.812 | 0.700 | 0.756 | 1 | 90 s | 22.7M / 1,540 |" in table
+    assert "| x | 0.812 | 0.700 | 0.756 | – | – | 60 | 1 | 90 s | 22.7M / 1,540 |" in table
     assert ablation.QUORA_NOTE in table
     assert format_score(0.5, None) == "0.500" and format_score(0.5, 0.01) == "0.500 ± 0.010"
     no_quora = write_results(tmp_path / "2", {"y": [result("y", {"cfimdb": 0.8, "overall": 0.8})]})
@@ -173,26 +173,38 @@ def test_results_table_single_seed_custom_tasks_and_quora_note(tmp_path):
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
-def test_every_budget_is_accepted(tmp_path, tiny_backbone, tiny_data, budget):
+def test_every_budget_caps_steps_and_keeps_natural_task_shares(tmp_path, tiny_backbone,
+                                                               tiny_data, budget):
     path = tiny_yaml(tmp_path, "a", tiny_backbone, max_steps=None)
-    (run,) = plan_runs([path], budget=budget, out=tmp_path / "out", data_dir=str(tiny_data))
+    (run,) = plan_runs([path], budget=budget, seeds=1, out=tmp_path / "out",
+                       data_dir=str(tiny_data))
     train = run.config.train
-    if budget == "full":
-        assert train.max_steps is None and train.max_train_examples is None
-        return
     spec = get_budget(budget)
-    # The cap is on training examples: round robin draws 3 x 16 examples per step.
-    assert train.max_steps == round(spec.train_examples / 48)
-    assert train.max_eval_examples is not None and train.max_train_examples is not None
-    # ... and one batch per step for a one-task sampler: 3 times the steps for the same examples.
-    (one_task,) = plan_runs([path], budget=budget, out=tmp_path / "out",
+    assert train.max_steps == spec.steps  # optimizer steps, whatever the sampler
+    assert train.max_train_examples is None  # never equal sizes
+    if budget == "full":
+        assert train.train_fraction is None and train.max_eval_examples is None
+        return
+    assert train.max_eval_examples is not None
+    (one_task,) = plan_runs([path], budget=budget, seeds=1, out=tmp_path / "out",
                             data_dir=str(tiny_data), overrides=["train.sampler=proportional"])
-    assert examples_per_step(one_task.config) == pytest.approx(16)
-    assert one_task.config.train.max_steps == round(spec.train_examples / 16)
+    assert one_task.config.train.max_steps == spec.steps
     # The user's overrides win over the budget's.
-    (mine,) = plan_runs([path], budget=budget, out=tmp_path / "out", data_dir=str(tiny_data),
+    (mine,) = plan_runs([path], budget=budget, seeds=1, out=tmp_path / "out",
+                        data_dir=str(tiny_data),
                         overrides=["train.max_steps=7", "train.max_eval_examples=5"])
     assert (mine.config.train.max_steps, mine.config.train.max_eval_examples) == (7, 5)
+
+
+def test_subsampling_keeps_each_tasks_share_and_dev_samples_are_shared():
+    from mtbert.data.readers import Example
+    from mtbert.data.tasks import subsample
+
+    big = [Example(str(i), ("x",), 0.0) for i in range(1000)]
+    small = big[:100]
+    assert (len(subsample(big, fraction=0.1)), len(subsample(small, fraction=0.1))) == (100, 10)
+    assert subsample(big, limit=50, seed=0) == subsample(big, limit=50, seed=0)
+    assert subsample(big, limit=50, seed=0) != subsample(big, limit=50, seed=1)
 
 
 def test_unknown_budget_is_a_clear_error(tmp_path, tiny_backbone, tiny_data, capsys):
@@ -288,7 +300,7 @@ def test_there_is_a_paper_config_per_table_row():
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
 def test_paper_config_loads_and_builds(path, tiny_backbone):
-    from mtbert.balancing import build_combiner, build_weighting
+    from mtbert.balancing import TaskContext, build_combiner, build_weighting
     from mtbert.model_folder import build_model
     from mtbert.training import load_backbone
 
@@ -307,7 +319,63 @@ def test_paper_config_loads_and_builds(path, tiny_backbone):
             pytest.skip(f"conditioning {config.model.conditioning!r} is not registered yet")
         raise
     assert set(model.heads) == {t.name for t in config.tasks}
-    build_weighting(config.train.weighting, [t.name for t in config.tasks],
-                    {t.name: t.kind for t in config.tasks}, **config.train.weighting_options)
-    build_combiner(config.train.combiner, config.train.seed)
-    assert examples_per_step(load_config(path, list(BUDGETS["small"].overrides))) > 0
+    context = TaskContext(tuple(t.name for t in config.tasks),
+                          {t.name: t.kind for t in config.tasks},
+                          {t.name: t.weight for t in config.tasks}, config.train.seed)
+    build_weighting(config.train.weighting, context, **config.train.weighting_options)
+    build_combiner(config.train.combiner, context)
+    load_config(path, list(BUDGETS["small"].overrides))
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def test_paired_interval_and_delta_m_equal_hand_computation():
+    from scipy import stats
+
+    from mtbert.experiments.ablation import delta_m, paired_interval
+
+    diffs = [0.019, 0.021, 0.020]
+    half = stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    interval = paired_interval(diffs)
+    assert (interval.mean, interval.low, interval.high) == pytest.approx(
+        (0.02, 0.02 - half, 0.02 + half))
+    assert not interval.tie and paired_interval([0.01, -0.02, 0.0]).tie
+    assert paired_interval([0.5]).format() == "+0.500 (1 seed)"
+    # Δm: mean relative gain, (0.55 - 0.5) / 0.5 = +10% and (0.72 - 0.8) / 0.8 = -10%.
+    assert delta_m({"a": 0.55, "b": 0.72}, {"a": 0.5, "b": 0.8}) == pytest.approx(0.0)
+    assert delta_m({"a": 0.6}, {"a": 0.5}) == pytest.approx(0.2)
+
+
+def test_ablate_single_task_rows_delta_m_intervals_and_no_op_flag(tmp_path, tiny_backbone,
+                                                                  tiny_data, capsys):
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, max_steps=3)
+    twin = tiny_yaml(tmp_path, "twin", tiny_backbone, max_steps=3)  # trains exactly like base
+    other = tiny_yaml(tmp_path, "other", tiny_backbone, train="lr: 5.0e-3", max_steps=3)
+    out = tmp_path / "ablation"
+    assert main(["ablate", str(base), str(twin), str(other), "--single-task", "--seeds", "2",
+                 "--budget", "full", "--out", str(out), "--data-dir", str(tiny_data),
+                 "--no-report"]) == 0
+    capsys.readouterr()
+    alone = {t: results_of(out, f"base-only-{t}") for t in ("sst", "quora", "sts")}
+    assert all(len(runs) == 2 and set(runs[0]["tasks"]) == {t} for t, runs in alone.items())
+    assert all(r["single_task_of"] == "base" for runs in alone.values() for r in runs)
+    other_runs = results_of(out, "other")
+    assert other_runs[0]["examples_seen"] == {"sst": 48, "quora": 48, "sts": 48}  # 3 x 16
+
+    with open(out / "results.csv") as f:
+        rows = {row["config"]: row for row in csv.DictReader(f)}
+    # Δm% of `other`, seed by seed, against the single-task rows of the same seed.
+    expected = [100 * np.mean([(other_runs[k]["dev"][t] - alone[t][k]["dev"][t])
+                               / abs(alone[t][k]["dev"][t]) for t in alone]) for k in (0, 1)]
+    assert float(rows["other"]["delta_m_percent"]) == pytest.approx(np.mean(expected), abs=1e-5)
+    base_runs = results_of(out, "base")
+    vs_base = [other_runs[k]["dev"]["overall"] - base_runs[k]["dev"]["overall"] for k in (0, 1)]
+    assert float(rows["other"]["overall_vs_baseline"]) == pytest.approx(np.mean(vs_base),
+                                                                        abs=1e-6)
+    assert rows["twin"]["same_first_losses_as_baseline"] == "True"
+    assert rows["other"]["same_first_losses_as_baseline"] == "False"
+    table = (out / "results.md").read_text()
+    assert "Δ overall vs base [95% CI]" in table and "Δm% vs single-task [95% CI]" in table
+    assert "| twin ⚠ same first-step losses as the baseline |" in table
+    assert "sst vs alone (points)" in table

@@ -21,7 +21,7 @@ def model(tiny_run):
 @pytest.fixture(scope="module")
 def sst(model):
     """The tiny sst dev examples and what the API predicts for them."""
-    examples = read_split(model.model.tasks["sst"], "dev", model.config)
+    examples = read_split(model.model.tasks["sst"], "dev", model.config.data_dir)
     return examples, model.predict("sst", [e.texts[0] for e in examples])
 
 
@@ -66,7 +66,7 @@ def test_predict_files_by_column_name(tiny_run, sst, tmp_path, fmt):
 
 
 def test_regression_scores_and_default_columns(tiny_run, model, tmp_path):
-    examples = read_split(model.model.tasks["sts"], "dev", model.config)
+    examples = read_split(model.model.tasks["sts"], "dev", model.config.data_dir)
     source = tmp_path / "sts.tsv"
     write_rows(source, [{"sentence1": e.texts[0], "sentence2": e.texts[1]} for e in examples],
                "tsv")
@@ -81,7 +81,7 @@ def test_regression_scores_and_default_columns(tiny_run, model, tmp_path):
 
 
 def test_predict_from_stdin_to_stdout(tiny_run, model):
-    examples = read_split(model.model.tasks["quora"], "dev", model.config)
+    examples = read_split(model.model.tasks["quora"], "dev", model.config.data_dir)
     lines = "".join(json.dumps({"qid": e.id, "q1": e.texts[0], "q2": e.texts[1]}) + "\n"
                     for e in examples)
     done = subprocess.run(

@@ -103,7 +103,7 @@ def test_packed_tokens_give_the_padded_computation(tiny_backbone, tiny_data):
     config = tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], max_steps=1)
     trainer = _Trainer(config, "/nonexistent-not-written")
     model = trainer.model.eval()
-    examples = read_split(config.task("sts"), "dev", config)
+    examples = read_split(config.task("sts"), "dev", tiny_data)
     long = " ".join(["good movie plot"] * 8)  # a few long sentences among short ones
     examples = [Example(e.id, (long if i < 3 else e.texts[0], e.texts[1]), e.label)
                 for i, e in enumerate(examples)]

@@ -1,19 +1,25 @@
-"""Checkpoints on disk: safetensors and JSON only, written atomically, verified on load.
+"""Checkpoints and run folders on disk: safetensors and JSON only, written atomically,
+verified on load, one process per run folder.
 
 A checkpoint is a folder. It is first written as a hidden temporary folder beside its final
 place, every file fsynced, a `manifest.json` with each file's sha256 written last, then the
 folder is renamed into place: a crash leaves either the old checkpoint or the new one, never
-half of one. Loading checks the manifest and reports a truncated or altered file by name.
+half of one (a crash between the two renames leaves the old one as `.NAME.old`, which
+`recover_interrupted_writes` puts back). Loading checks the manifest and reports a truncated
+or altered file by name. `RunLock` keeps a second process out of a run folder in use.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -21,10 +27,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+# What a run writes into its folder; a folder holding any of these holds a run.
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "best", "checkpoints", "predictions",
+             "report.html", "plots", "result.json", "error.txt", "tensorboard")
+
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint folder is incomplete or a file does not match its manifest checksum."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder is in use by another process, or holds another run."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one stands."""
 
 
 def file_sha256(path: Path) -> str:
@@ -48,7 +68,13 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        writer(tmp)
+        try:
+            writer(tmp)
+        except OSError as error:
+            reason = "the disk is full" if error.errno == errno.ENOSPC else (
+                error.strerror or str(error))
+            raise CheckpointWriteError(f"cannot write {folder}: {reason}; the previous "
+                                       f"version (if any) is kept") from None
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -69,21 +95,94 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
     return folder
 
 
-def verify_checkpoint(folder: Path) -> None:
-    """Raise CorruptCheckpointError unless every file matches `manifest.json`."""
+def verify_checkpoint(folder: Path, required: Iterable[str] = ()) -> None:
+    """Raise CorruptCheckpointError unless every file matches `manifest.json` and the
+    manifest lists each of the `required` files."""
     manifest_file = folder / MANIFEST
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise CorruptCheckpointError(f"{folder}: missing or unreadable {MANIFEST} "
                                      f"({type(error).__name__})") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("bytes"), int) for e in manifest.values()):
+        raise CorruptCheckpointError(f"{manifest_file}: not a manifest (a mapping of file "
+                                     "names to their sha256 and bytes)")
+    unlisted = [name for name in required if name not in manifest]
+    if unlisted:
+        raise CorruptCheckpointError(f"{manifest_file} does not list {', '.join(unlisted)}")
     for name, entry in manifest.items():
         path = folder / name
-        if not path.is_file():
+        if not path.is_file() or path.parent != folder:
             raise CorruptCheckpointError(f"{path} is missing")
         if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise CorruptCheckpointError(f"{path} does not match its checksum (truncated or "
                                          "altered)")
+
+
+def recover_interrupted_writes(parent: Path) -> None:
+    """Undo what a process killed inside `write_checkpoint` left under `parent`: a `.NAME.old`
+    whose NAME is gone is the last complete version and is put back; the other hidden
+    temporary folders are half-written and removed."""
+    if not parent.is_dir():
+        return
+    for old in parent.glob(".*.old"):
+        final = parent / old.name[1:-len(".old")]
+        if not final.exists():
+            log.warning("restoring %s from %s (a write was interrupted)", final, old.name)
+            old.rename(final)
+    for leftover in parent.glob(".*.*"):
+        if leftover.is_dir():
+            log.info("removing %s, left by an interrupted write", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive OS lock (`flock`) on `RUN_DIR/.lock`, held while a process trains into
+    the folder. The OS releases it when the process ends, crashed or not, so a stale lock
+    never blocks a later run; a second process gets `RunFolderError` at once."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.run_dir / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip()[:20] or "unknown"
+            handle.close()
+            raise RunFolderError(f"{self.run_dir} is in use by another mtbert process (pid "
+                                 f"{owner}); wait for it to end or choose another --run-dir"
+                                 ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The run files and folders in `run_dir` (empty when it holds no run)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def clear_run(run_dir: Path, everything: bool = False) -> None:
+    """Remove a run's files from `run_dir`; other files stay unless `everything` (for folders
+    mtbert owns, such as an ablation's). The lock file always stays."""
+    recover_interrupted_writes(run_dir)
+    names = [p.name for p in run_dir.iterdir()] if everything else holds_run(run_dir)
+    for path in (run_dir / name for name in names if name != LOCK_FILE):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:

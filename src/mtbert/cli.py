@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder with the task files (default: config)")
     train.add_argument("--run-dir", type=Path, help="output folder (default: runs/NAME)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue an interrupted run from its last good checkpoint")
+                       help="continue an interrupted run from its last good checkpoint; "
+                            "overrides may lower train.lr (e.g. after NaN losses)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run that --run-dir already holds")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.lr=3e-5 tasks.sts.head.type=cosine")
 
@@ -86,16 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",
         description="Train each config for each seed into OUT/<config name>/seed-<k> "
                     "(finished runs are skipped: re-run to resume), then write "
-                    "OUT/results.csv, OUT/results.md and OUT/results.png.")
+                    "OUT/results.csv, OUT/results.md and OUT/results.png. The first config "
+                    "is the baseline the others are compared with, seed by seed.")
     ablate.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
                         help="experiment YAMLs and overrides applied to every config, "
                              "together (before or after the options, not between them)")
     ablate.add_argument("--budget", default="small",
-                        help="small (~1 min/run on CPU), medium (~2 min), large (~10 min) "
-                             "or full (no caps); see mtbert.experiments.budgets "
-                             "(default: small)")
-    ablate.add_argument("--seeds", type=int, default=1,
-                        help="seeds per config: train.seed + 0 .. N-1 (default: 1)")
+                        help="small (60 steps, 10%% of the data), medium (200 steps, 25%%), "
+                             "large (600 steps) or full (no caps); see "
+                             "mtbert.experiments.budgets (default: small)")
+    ablate.add_argument("--seeds", type=int, default=3,
+                        help="seeds per config: train.seed + 0 .. N-1 (default: 3)")
+    ablate.add_argument("--single-task", action="store_true",
+                        help="also train each task of the first config alone (same recipe, "
+                             "budget, seeds): the rows Δm%% is measured against")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
@@ -118,18 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from mtbert.evaluation import format_table
-    from mtbert.training import train_and_evaluate
+    from mtbert.training import RESUME_OVERRIDES, train_and_evaluate
 
     if args.resume is not None:
-        if args.config or args.overrides or args.run_dir:
-            raise ConfigError("--resume takes the run's own config; drop --config, --run-dir "
-                              "and overrides")
+        others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+        if args.config or args.run_dir or args.overwrite or others:
+            raise ConfigError("--resume takes the run's own config; drop --config, --run-dir, "
+                              f"--overwrite and overrides other than {', '.join(RESUME_OVERRIDES)}")
         run_dir = args.resume
-        config = load_config(run_dir / "config.yaml", data_dir=args.data_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml)")
+        config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
         run_dir = args.run_dir or Path("runs") / config.name
-    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None)
+    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None,
+                                                     overwrite=args.overwrite)
     print(format_table(table, model.tasks))
     print(f"training wall time: {train_seconds / 60:.1f} min; best model: {run_dir / 'best'}; "
           f"predictions: {run_dir / 'predictions'}")
@@ -219,7 +230,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
     overrides = [i for i in args.items if i not in configs]
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
-                           overrides, report=args.report, tensorboard=args.tensorboard)
+                           overrides, report=args.report, tensorboard=args.tensorboard,
+                           single_task=args.single_task)
     print(outcome.files["md"].read_text(encoding="utf-8"))
     print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
           f"results: {', '.join(str(p) for p in outcome.files.values())}")
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from mtbert.checkpoint import CorruptCheckpointError
+    from mtbert.checkpoint import CorruptCheckpointError, RunFolderError
     from mtbert.data.readers import DataError
     from mtbert.export import ExportError
     from mtbert.model.loading import CheckpointError
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, CorruptCheckpointError, TrainingError,
-            ExportError, FileNotFoundError) as error:
+            RunFolderError, ExportError, OSError) as error:  # OSError: unusable file/folder
         print(f"mtbert {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

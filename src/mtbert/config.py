@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,23 @@ from typing import Any, Literal
 import yaml
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything absurd
+MIN_MAX_LENGTH = 8  # tokens per input, special tokens included
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (alias bombs)
+
+_repr = reprlib.Repr()  # error messages show a bounded view of any value
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxdict = 4
+_repr.maxlevel = 2
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value: Any) -> str:
+    return _one_line(_repr.repr(value), 120)
 
 
 class ConfigError(ValueError):
@@ -48,7 +67,7 @@ class AuxiliaryMnrlConfig:
     """Multiple negatives ranking loss on a pair task's sentence embeddings (Henderson et al.
     2017), positives chosen by gold label or by embedding cosine above an annealed threshold."""
 
-    rule: Literal["label", "cosine", "all"] = "label"
+    rule: str = "label"  # a name in losses.POSITIVE_RULES
     start: float = 4.4
     step_per_epoch: float = 0.05
     scale: float = 20.0
@@ -77,7 +96,7 @@ class TaskConfig:
     loss: str | None = None  # None: cross_entropy / bce / mse by kind
     loss_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None  # None: train.batch_size
-    weight: float = 1.0  # used by the `static` weighting
+    weight: float = 1.0  # read by weightings that use task weights (`static`)
     mnrl: AuxiliaryMnrlConfig | None = None
 
     @property
@@ -111,12 +130,13 @@ class TrainConfig:
     weighting: str = "sum"
     weighting_options: dict[str, Any] = field(default_factory=dict)
     weighting_lr: float = 1e-2
-    combiner: Literal["sum", "pcgrad"] = "sum"
+    combiner: str = "sum"
     eval_batch_size: int = 128
     evals_per_epoch: int = 1
     max_steps: int | None = None  # stop early (budgets, smoke tests)
-    max_train_examples: int | None = None  # per task; subsample for budgets and tests
-    max_eval_examples: int | None = None
+    train_fraction: float | None = None  # keep this share of every task (budgets)
+    max_train_examples: int | None = None  # per task; subsample for smoke tests
+    max_eval_examples: int | None = None  # per task; one seeded sample shared by every run
     max_bad_steps: int = 5  # NaN/inf steps in a row before training stops
     checkpoint_every: int = 200  # optimizer steps between resume checkpoints (also at evals)
     keep_checkpoints: int = 2  # the newest N resume checkpoints are kept
@@ -148,7 +168,7 @@ class ExperimentConfig:
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from plain data, checking names and types; errors name the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -178,28 +198,29 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {_short(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return {k: _convert(args[1], v, _join(where, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 5e-5 as a string
-        try:
-            return float(value)
-        except ValueError:
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads 5e-5 as a string
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
-        raise ConfigError(f"{where}: expected {kind.get(hint, hint.__name__)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {kind.get(hint, hint.__name__)}, got "
+                          f"{_short(value)}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
     return value
 
 
@@ -231,10 +252,13 @@ def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    raw = load_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = resolve_presets(raw)
@@ -250,6 +274,54 @@ def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     merged = _deep_merge(base, raw)
     merged["tasks"] = list(tasks.values())
     return merged
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses documents whose aliases expand beyond
+    `MAX_CONFIG_NODES` values or refer to themselves: a 30-line alias bomb expands to
+    billions of values when a config is validated, printed or written out."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError("an alias refers to a value that contains it")
+        open_nodes.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+            else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_CONFIG_NODES:
+                raise ConfigError(f"aliases expand to more than {MAX_CONFIG_NODES} values")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML text as plain data, with aliases bounded; errors name `where`."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(str(error))}") from None
 
 
 def resolve_presets(raw: dict) -> dict:
@@ -292,7 +364,7 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key=value")
     dotted, text = override.split("=", 1)
-    value = yaml.safe_load(text)
+    value = load_yaml(text, f"override {dotted.strip()}")
     keys = dotted.strip().split(".")
     node: Any = raw
     for depth, key in enumerate(keys[:-1]):
@@ -337,11 +409,130 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{where}.mnrl: needs a siamese head (cosine or pair_features)")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
+    for key, value, ok, requirement in _bounds(config):
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
+    _check_techniques(config)
+
+
+def _registered(key: str, name: str, registry: dict) -> Any:
+    if name not in registry:
+        raise ConfigError(f"{key}: unknown {name!r}; registered: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _check_techniques(config: ExperimentConfig) -> None:
+    """Names must be registered, and a technique must be able to act in this run: the
+    requirements are what each one declares in its own file (no method is named here)."""
+    from mtbert.balancing import COMBINERS, WEIGHTINGS
+    from mtbert.data.sampling import SAMPLERS
+    from mtbert.losses import LOSSES, POSITIVE_RULES
+
     train = config.train
-    if train.epochs <= 0 or train.batch_size < 1 or train.grad_accumulation < 1:
-        raise ConfigError("train: epochs, batch_size and grad_accumulation must be positive")
-    if not 0 <= train.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
+    sampler = _registered("train.sampler", train.sampler, SAMPLERS)
+    weighting = _registered("train.weighting", train.weighting, WEIGHTINGS)
+    combiner = _registered("train.combiner", train.combiner, COMBINERS)
+    several = sampler.draws_every_task and len(config.tasks) > 1
+    if combiner.needs_several_tasks and not several:
+        raise ConfigError(f"train.combiner: {train.combiner!r} acts only when a step holds "
+                          "several tasks; use train.sampler: round_robin with two or more tasks")
+    if weighting.needs_every_task and not sampler.draws_every_task:
+        raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
+                          f"every step; train.sampler {train.sampler!r} draws one task per "
+                          "step (use round_robin)")
+    for key, name, technique in (("train.weighting", train.weighting, weighting),
+                                 ("train.sampler", train.sampler, sampler)):
+        if train.epochs <= technique.acts_from_epoch - 1:
+            raise ConfigError(f"{key}: {name!r} acts from epoch {technique.acts_from_epoch}; "
+                              f"train.epochs is {train.epochs:g}, make it more than "
+                              f"{technique.acts_from_epoch - 1}")
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}] ({task.name})"
+        if task.weight != 1.0 and not weighting.uses_task_weights:
+            raise ConfigError(f"{where}.weight: train.weighting {train.weighting!r} does not "
+                              "read task weights (use static)")
+        if task.loss is not None:
+            loss = _registered(f"{where}.loss", task.loss, LOSSES)
+            if loss.task_kind != task.kind or (getattr(loss, "binary", False)
+                                               and task.num_classes != 2):
+                raise ConfigError(f"{where}.loss: {task.loss!r} trains "
+                                  f"{'binary ' if getattr(loss, 'binary', False) else ''}"
+                                  f"{loss.task_kind} tasks, not this {task.kind} task")
+        if task.mnrl is not None:
+            _registered(f"{where}.mnrl.rule", task.mnrl.rule, POSITIVE_RULES)
+
+
+def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
+    """(key, value, test, requirement) for every number whose range matters; None values
+    mean "use the default" and pass."""
+    def positive(value): return value > 0
+    def at_least(low): return lambda value: value >= low
+    def fraction(value): return 0 <= value < 1
+    train, model = config.train, config.model
+    bounds = [
+        ("train.epochs", train.epochs, positive, "> 0"),
+        ("train.batch_size", train.batch_size, at_least(1), ">= 1"),
+        ("train.eval_batch_size", train.eval_batch_size, at_least(1), ">= 1"),
+        ("train.grad_accumulation", train.grad_accumulation, at_least(1), ">= 1"),
+        ("train.lr", train.lr, positive, "> 0"),
+        ("train.head_lr", train.head_lr, positive, "> 0"),
+        ("train.weighting_lr", train.weighting_lr, positive, "> 0"),
+        ("train.weight_decay", train.weight_decay, at_least(0), ">= 0"),
+        ("train.warmup_ratio", train.warmup_ratio, fraction, "in [0, 1)"),
+        ("train.grad_clip", train.grad_clip, at_least(0), ">= 0 (0: no clipping)"),
+        ("train.evals_per_epoch", train.evals_per_epoch, at_least(1), ">= 1"),
+        ("train.max_steps", train.max_steps, at_least(1), ">= 1"),
+        ("train.train_fraction", train.train_fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("train.max_train_examples", train.max_train_examples, at_least(1), ">= 1"),
+        ("train.max_eval_examples", train.max_eval_examples, at_least(1), ">= 1"),
+        ("train.max_bad_steps", train.max_bad_steps, at_least(1), ">= 1"),
+        ("train.checkpoint_every", train.checkpoint_every, at_least(1), ">= 1"),
+        ("train.keep_checkpoints", train.keep_checkpoints, at_least(1), ">= 1"),
+        ("train.threads", train.threads, at_least(1), ">= 1"),
+        ("model.max_length", model.max_length, at_least(MIN_MAX_LENGTH),
+         f">= {MIN_MAX_LENGTH} ([CLS] a [SEP] b [SEP] needs room for text)"),
+        ("model.hidden_dropout", model.hidden_dropout, fraction, "in [0, 1)"),
+        ("model.attention_dropout", model.attention_dropout, fraction, "in [0, 1)"),
+        ("max_skipped_share", config.max_skipped_share, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ]
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}] ({task.name})"
+        bounds += [
+            (f"{where}.batch_size", task.batch_size, at_least(1), ">= 1"),
+            (f"{where}.head.hidden_layers", task.head.hidden_layers, at_least(0), ">= 0"),
+            (f"{where}.head.hidden_size", task.head.hidden_size, at_least(1), ">= 1"),
+            (f"{where}.head.dropout", task.head.dropout, fraction, "in [0, 1)"),
+            (f"{where}.label_range", task.label_range,
+             lambda r: len(r) != 2 or r[0] < r[1], "[low, high] with low < high"),
+        ]
+        if task.mnrl is not None:
+            bounds += [(f"{where}.mnrl.scale", task.mnrl.scale, positive, "> 0"),
+                       (f"{where}.mnrl.weight", task.mnrl.weight, at_least(0), ">= 0")]
+    return bounds
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config data as {"train.lr": 5e-05, "tasks.sst.head.type": ...} (tasks by name)."""
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        items = ((v.get("name", i), v) for i, v in enumerate(data))
+    else:
+        return {prefix: data}
+    flat = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(before: dict, after: dict, ignore: tuple[str, ...] = (),
+                       common_only: bool = False) -> list[str]:
+    """`key: old -> new` for each setting that differs between two config dicts, except keys
+    starting with one of `ignore`; `common_only` skips keys that only one of them has."""
+    old, new = flatten(before), flatten(after)
+    keys = old.keys() & new.keys() if common_only else old.keys() | new.keys()
+    return [f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}" for key in sorted(keys)
+            if old.get(key) != new.get(key) and not key.startswith(ignore)]
 
 
 def dump_config(config: ExperimentConfig, path: Path) -> None:

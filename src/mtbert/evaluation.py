@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch, EncodedSplit, collate, sorted_batches
 from mtbert.data.tasks import default_loss
 from mtbert.model.multitask import MultitaskModel
+
+log = logging.getLogger(__name__)
 
 
 def to_predictions(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,9 @@ def metric(task: TaskConfig, predictions: np.ndarray, labels: np.ndarray) -> flo
     if task.metric == "accuracy":
         return float((predictions == labels).mean())
     if np.std(predictions) == 0:  # constant predictions: correlation undefined
+        log.warning("%s: every prediction is %g, so %s correlation is undefined; scored 0.0 "
+                    "(the model has collapsed or not learned)", task.name, predictions[0],
+                    task.metric)
         return 0.0
     if task.metric == "pearson":
         return float(stats.pearsonr(predictions, labels).statistic)
@@ -144,7 +150,8 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
     for split in splits:
         scores = {}
         for name, task in model.tasks.items():
-            examples = read_split(task, split, config)
+            examples = read_split(task, split, config.data_dir, config.strict_data,
+                                  config.max_skipped_share)
             if examples is None:
                 continue
             encoded = encode_split(examples[:limit], tokenizer, is_siamese(task))

@@ -41,6 +41,9 @@ from mtbert.tokenizer import Tokenizer
 FORMAT_FILE = "mtbert_config.json"
 HEADS_FILE = "mtbert_heads.safetensors"
 FORMAT_VERSION = 1
+# Files a folder of each layout cannot do without (checked against its manifest).
+REQUIRED = {"multitask": ["model.safetensors", "experiment.yaml"],
+            "export": ["model.safetensors", "config.json", HEADS_FILE, "experiment.yaml"]}
 
 
 def build_model(config: ExperimentConfig, encoder: BertModel) -> MultitaskModel:
@@ -83,10 +86,12 @@ def save_model(folder: Path, model: MultitaskModel, tokenizer: Tokenizer,
 
 
 def model_folder(path: str | Path) -> Path:
-    """The model folder of `path`: a run's `best/`, or `path` itself."""
+    """The model folder of `path`: a run's `best/` (or `.best.old`, left when a write of
+    `best/` was interrupted), or `path` itself."""
     path = Path(path)
-    if (path / "best").is_dir():
-        return path / "best"
+    for candidate in ("best", ".best.old"):
+        if (path / candidate).is_dir():
+            return path / candidate
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder (expected a run folder, its best/, or "
                               "a folder written by `mtbert export`)")
@@ -126,21 +131,21 @@ def load_model(path: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentC
     (model in eval mode on the CPU, tokenizer, resolved experiment config)."""
     folder = model_folder(path)
     layout = read_layout(folder)
-    verify_checkpoint(folder)
+    if layout["layout"] not in REQUIRED:
+        raise CheckpointError(f"{folder} is an {layout['layout']} export: run its graphs with "
+                              "mtbert.inference.OnnxPredictor")
+    legacy = layout.get("legacy", False)
+    verify_checkpoint(folder, REQUIRED[layout["layout"]] + (["config.json"] if legacy else []))
     config = load_config(folder / "experiment.yaml")
     if layout["layout"] == "multitask":
-        encoder_config = (folder / "config.json") if layout.get("legacy") else None
-        bert_config = (BertConfig.from_json(encoder_config) if encoder_config
+        bert_config = (BertConfig.from_json(folder / "config.json") if legacy
                        else BertConfig.from_dict(layout["encoder"]))
         model = build_model(config, BertModel(bert_config))
         _load_weights(model, load_tensors(folder / "model.safetensors"), folder, set())
-    elif layout["layout"] == "export":
+    else:
         model = build_model(config, load_bert(folder)[0])
         encoder_keys = {f"encoder.{k}" for k in model.encoder.state_dict()}
         _load_weights(model, load_tensors(folder / HEADS_FILE), folder, encoder_keys)
-    else:
-        raise CheckpointError(f"{folder} is an {layout['layout']} export: run its graphs with "
-                              "mtbert.inference.OnnxPredictor")
     try:
         tokenizer = Tokenizer.from_folder(folder, config.model.max_length)
     except ValueError as error:
@@ -149,10 +154,18 @@ def load_model(path: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentC
 
 
 def _load_weights(model: MultitaskModel, state: dict, folder: Path, loaded: set[str]) -> None:
-    """Copy `state` into `model`; every parameter not in `loaded` must come from it."""
-    missing = sorted(model.state_dict().keys() - state.keys() - loaded)
-    unexpected = sorted(state.keys() - model.state_dict().keys())
+    """Copy `state` into `model`; every parameter not in `loaded` must come from it, in its
+    shape."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys() - loaded)
+    unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise CorruptCheckpointError(f"{folder}: weights do not fit the model: missing "
-                                     f"{missing}, unexpected {unexpected}")
+        raise CorruptCheckpointError(
+            f"{folder}: weights do not fit the model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CorruptCheckpointError(
+                f"{folder}: {key} has shape {list(tensor.shape)}, the model expects "
+                f"{list(expected[key].shape)}")
     model.load_state_dict(state, strict=False)

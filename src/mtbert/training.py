@@ -16,30 +16,40 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtbert.balancing import build_combiner, build_weighting
+from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
     CorruptCheckpointError,
+    RunFolderError,
+    RunLock,
+    clear_run,
+    holds_run,
     load_json,
     load_tensors,
+    recover_interrupted_writes,
     save_json,
     save_tensors,
     verify_checkpoint,
     write_checkpoint,
 )
-from mtbert.config import ExperimentConfig, TaskConfig, dump_config
+from mtbert.config import (
+    ConfigError,
+    ExperimentConfig,
+    TaskConfig,
+    config_differences,
+    dump_config,
+    to_dict,
+)
 from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
-from mtbert.data.tasks import default_loss, read_split
+from mtbert.data.tasks import EVAL_SAMPLE_SEED, default_loss, read_split, subsample
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses import (
-    CosineThresholdPositives,
-    LabelThresholdPositives,
+    POSITIVE_RULES,
     MultipleNegativesRankingLoss,
     build_loss,
     select_positive_pairs,
@@ -55,7 +65,10 @@ from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MNRL_RULES = {"label": LabelThresholdPositives, "cosine": CosineThresholdPositives}
+
+# What `mtbert train --resume RUN KEY=VALUE` may change: a run that stopped on NaN losses
+# goes on from its last good checkpoint with a smaller learning rate.
+RESUME_OVERRIDES = ("train.lr", "train.head_lr", "train.weighting_lr", "train.max_bad_steps")
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +80,9 @@ class TrainingError(RuntimeError):
 
 def load_backbone(config: ExperimentConfig) -> tuple[BertModel, Tokenizer]:
     encoder, folder = load_bert(config.model.backbone)
+    if config.model.max_length > encoder.config.max_position_embeddings:
+        raise ConfigError(f"model.max_length: {config.model.max_length} is more than the "
+                          f"backbone's {encoder.config.max_position_embeddings} positions")
     if config.model.hidden_dropout is not None or config.model.attention_dropout is not None:
         encoder = _with_dropout(encoder, config)
     return encoder, Tokenizer.from_folder(folder, config.model.max_length)
@@ -95,22 +111,18 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
     data = {}
     for task in config.tasks:
         siamese = is_siamese(task)
-        train = read_split(task, "train", config)
-        dev = read_split(task, "dev", config)
-        train = _subsample(train, config.train.max_train_examples, config.train.seed)
-        dev = _subsample(dev, config.train.max_eval_examples, config.train.seed)
+        train = read_split(task, "train", config.data_dir, config.strict_data,
+                           config.max_skipped_share)
+        dev = read_split(task, "dev", config.data_dir, config.strict_data,
+                         config.max_skipped_share)
+        train = subsample(train, config.train.max_train_examples, config.train.train_fraction,
+                          config.train.seed)
+        dev = subsample(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
         data[task.name] = TaskData(
             task, encode_split(train, tokenizer, siamese),
             None if dev is None else encode_split(dev, tokenizer, siamese))
         log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
     return data
-
-
-def _subsample(examples, limit, seed):
-    if examples is None or limit is None or len(examples) <= limit:
-        return examples
-    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-    return [examples[i] for i in keep]
 
 
 # ---------------------------------------------------------------- losses
@@ -126,7 +138,7 @@ class TaskLoss(nn.Module):
         self.mnrl = self.rule = None
         if task.mnrl is not None:
             self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
-            self.rule = MNRL_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
+            self.rule = POSITIVE_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
             self.mnrl_weight = task.mnrl.weight
 
     def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
@@ -154,6 +166,11 @@ class TrainState:
     best_step: int = -1
     best_record: int = -1  # index into history
     history: list[dict] = field(default_factory=list)
+    examples_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
+    first_losses: list[dict] = field(default_factory=list)  # per-step losses, first steps
+
+
+FIRST_LOSSES_STEPS = 20  # how many steps `TrainState.first_losses` keeps (no-op detection)
 
 
 class Trainer:
@@ -187,15 +204,29 @@ class Trainer:
         self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
-        self.weighting = build_weighting(train.weighting, names,
-                                         {n: d.config.kind for n, d in self.data.items()},
-                                         **train.weighting_options)
-        self.combiner = build_combiner(train.combiner, train.seed)
+        context = TaskContext(tuple(names), {n: d.config.kind for n, d in self.data.items()},
+                              {n: d.config.weight for n, d in self.data.items()}, train.seed)
+        self.weighting = build_weighting(train.weighting, context, **train.weighting_options)
+        self.combiner = build_combiner(train.combiner, context)
+        self._check_run_reaches(self.weighting, self.sampler)
         self.optimizer = self._build_optimizer()
+        self.configured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler = warmup_linear_decay(
             self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
         self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    def _check_run_reaches(self, *techniques) -> None:
+        """A technique that acts only from epoch N is an error in a run whose steps stop
+        before it (`max_steps`, budgets): it would train exactly like the baseline."""
+        micro_steps = self.total_steps * self.config.train.grad_accumulation
+        epochs_run = micro_steps / max(1, self.sampler.steps_per_epoch())
+        for technique in techniques:
+            if epochs_run <= technique.acts_from_epoch - 1:
+                raise ConfigError(
+                    f"{type(technique).__name__} acts from epoch {technique.acts_from_epoch}, "
+                    f"but this run stops after {self.total_steps} steps ({epochs_run:.2f} "
+                    f"epochs); raise train.max_steps or the budget")
 
     def _build_optimizer(self) -> AdamW:
         """Decay on weight matrices only; heads may have their own learning rate; the
@@ -242,13 +273,17 @@ class Trainer:
             for task in self.sampler.tasks_for_step(micro_step):
                 batch: Batch = self.streams[task].next().to(self.device)
                 tokens += batch.real_tokens()
+                self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + len(batch)
                 with self.autocast():
                     output = model(task, batch)
                 loss, parts = self.losses[task](output, batch.labels, self.epoch)
-                losses[task] = loss / train.grad_accumulation
+                losses[task] = loss
                 logged.update({f"{task}/{k}": v for k, v in parts.items()})
+            # The weighting sees the tasks' own losses; the micro-step's share of the
+            # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
             terms = self.weighting(losses, model.last_shared_parameters())
-            self.combiner.backward(terms, shared, other)
+            self.combiner.backward({t: term / train.grad_accumulation
+                                    for t, term in terms.items()}, shared, other)
         # One pass over the gradients gives both the clipping norm and the NaN/inf check.
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), train.grad_clip or math.inf, foreach=True)
@@ -261,6 +296,9 @@ class Trainer:
             self.weighting.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if len(self.state.first_losses) < FIRST_LOSSES_STEPS:
+            self.state.first_losses.append({k: v for k, v in logged.items()
+                                            if k.endswith("loss")})
         self.state.step += 1
         logged["tokens"] = tokens
         return logged
@@ -271,6 +309,7 @@ class Trainer:
                               enabled=self.config.train.precision == "bf16")
 
     def _skip_bad_step(self) -> None:
+        self.weighting.after_skipped_step()
         self.state.bad_steps += 1
         self.state.skipped_steps += 1
         log.warning("step %d: loss or gradient is NaN/inf; step skipped (%d in a row)",
@@ -278,7 +317,9 @@ class Trainer:
         if self.state.bad_steps >= self.config.train.max_bad_steps:
             raise TrainingError(
                 f"{self.state.bad_steps} steps in a row had NaN/inf losses or gradients; "
-                f"training stopped. The last good checkpoint is in {self.run_dir}")
+                f"training stopped. The checkpoints in {self.checkpoints_dir} are from good "
+                f"steps; go on from the newest with a smaller learning rate: mtbert train "
+                f"--resume {self.run_dir} train.lr={self.config.train.lr / 2:g}")
 
     # ------------------------------------------------------------ evaluation
 
@@ -300,6 +341,8 @@ class Trainer:
         """Train to the end, evaluating `evals_per_epoch` times per epoch; returns the best
         dev scores. The best model is kept in `RUN_DIR/best`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, self.checkpoints_dir):
+            recover_interrupted_writes(folder)
         dump_config(self.config, self.run_dir / "config.yaml")
         log.info("parameters: %s", self.parameter_counts())
         save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
@@ -310,23 +353,33 @@ class Trainer:
         running: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
                    dynamic_ncols=True)
-        while self.state.step < self.total_steps:
-            epoch_before = self.epoch
-            logged = self.train_step()
-            for key, value in logged.items():
-                running[key] = 0.9 * running.get(key, value) + 0.1 * value
-            bar.update(1)
-            bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in running.items()
-                             if k.endswith("/loss")})
-            if self.epoch != epoch_before:
-                self.weighting.on_epoch_end()
-            finished = self.state.step == self.total_steps
-            evaluate = self.state.step % eval_every == 0 or finished
-            if evaluate:
-                self._evaluate_and_keep_best(running, time.perf_counter() - start)
-            if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
-                self.save_training_state()
-        bar.close()
+        try:  # the bar ends its line even when training stops with an error
+            while self.state.step < self.total_steps:
+                epoch_before = self.epoch
+                logged = self.train_step()
+                for key, value in logged.items():
+                    running[key] = 0.9 * running.get(key, value) + 0.1 * value
+                bar.update(1)
+                bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in running.items()
+                                 if k.endswith("/loss")})
+                if self.epoch != epoch_before:
+                    self.weighting.on_epoch_end()
+                finished = self.state.step == self.total_steps
+                evaluate = self.state.step % eval_every == 0 or finished
+                # While steps are being skipped nothing is written: the checkpoints and best/ on
+                # disk stay those of the last good step, which is where --resume starts.
+                if self.state.bad_steps:
+                    continue
+                if evaluate:
+                    self._evaluate_and_keep_best(running, time.perf_counter() - start)
+                if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
+                    self.save_training_state()
+        finally:
+            bar.close()
+        if self.state.best_record < 0 and not any(d.dev for d in self.data.values()):
+            log.info("no task has dev data: best/ is the model of the last step")
+            save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
+                       {"dev": {}, "step": self.state.step})
         return self.state.history[self.state.best_record]["dev"] if self.state.history else {}
 
     def _evaluate_and_keep_best(self, running: dict[str, float], elapsed: float) -> None:
@@ -334,14 +387,14 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.step / max(
             1, self.sampler.steps_per_epoch() / self.config.train.grad_accumulation),
             "elapsed_s": round(elapsed, 1), "train": dict(running), "dev": scores,
-            "weights": self.weighting.weights(), "lr": self.scheduler.get_last_lr()[0],
+            "weights": self.weighting.weights(), "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.state.skipped_steps}
         self.state.history.append(record)
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info("step %d dev %s", self.state.step,
                  {k: round(v, 4) for k, v in scores.items()})
-        if scores["overall"] > self.state.best_score:
+        if math.isfinite(scores["overall"]) and scores["overall"] > self.state.best_score:
             self.state.best_score = scores["overall"]
             self.state.best_step = self.state.step
             self.state.best_record = len(self.state.history) - 1
@@ -375,10 +428,10 @@ class Trainer:
             save_json(tmp / "state.json", {
                 "train_state": asdict(self.state),
                 "optimizer_steps": steps,
-                "group_lrs": [group["lr"] for group in self.optimizer.param_groups],
                 "scheduler": self.scheduler.state_dict(),
                 "streams": {name: s.state_dict() for name, s in self.streams.items()},
                 "combiner": self.combiner.state_dict(),
+                "config": to_dict(self.config),
             })
 
         folder = write_checkpoint(self.checkpoints_dir / f"step-{self.state.step:08d}", write)
@@ -390,9 +443,11 @@ class Trainer:
     def resume(self) -> Path:
         """Restore the newest checkpoint that passes its checksums (older ones are the
         fallback when the newest is truncated or corrupt); returns its folder."""
+        recover_interrupted_writes(self.checkpoints_dir)
         for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
             try:
-                verify_checkpoint(folder)
+                verify_checkpoint(folder, ["state.json", "model.safetensors"])
+                self._check_same_run(load_json(folder / "state.json"), folder)
                 self._load_training_state(folder)
             except CorruptCheckpointError as error:
                 log.warning("cannot resume from %s: %s; trying an older checkpoint", folder,
@@ -401,6 +456,19 @@ class Trainer:
             log.info("resumed from %s (step %d)", folder, self.state.step)
             return folder
         raise TrainingError(f"no usable checkpoint under {self.checkpoints_dir}")
+
+    def _check_same_run(self, meta: dict, folder: Path) -> None:
+        """A checkpoint resumes only the run it was saved by: the config may differ only in
+        `RESUME_OVERRIDES` (and where the data lives)."""
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            raise CorruptCheckpointError(f"{folder}/state.json does not record its config")
+        changed = config_differences(saved, to_dict(self.config),
+                                     (*RESUME_OVERRIDES, "data_dir"))
+        if changed:
+            raise TrainingError(f"{folder} was trained with another config than "
+                                f"{self.run_dir / 'config.yaml'} ({'; '.join(changed[:3])}); "
+                                "start a new run with --overwrite or another --run-dir")
 
     def _load_training_state(self, folder: Path) -> None:
         meta = load_json(folder / "state.json")
@@ -413,9 +481,14 @@ class Trainer:
             self.optimizer.state[p] = {
                 "step": step, "exp_avg": optimizer_tensors[f"{index}.exp_avg"].to(p.device),
                 "exp_avg_sq": optimizer_tensors[f"{index}.exp_avg_sq"].to(p.device)}
-        for group, lr in zip(self.optimizer.param_groups, meta["group_lrs"]):
-            group["lr"] = lr
         self.scheduler.load_state_dict(meta["scheduler"])
+        # The schedule continues from the configured learning rates, which --resume may
+        # have lowered; unchanged, this recomputes the saved rates exactly.
+        self.scheduler.base_lrs = list(self.configured_lrs)
+        for group, base, factor in zip(self.optimizer.param_groups, self.configured_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
@@ -452,21 +525,35 @@ def set_rng_states(states: dict[str, Tensor]) -> None:
 
 
 def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bool = False,
-                       splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None
+                       splits: tuple[str, ...] = ("dev", "test"), limit: int | None = None,
+                       overwrite: bool = False
                        ) -> tuple[dict[str, dict[str, float]], float, MultitaskModel]:
     """What `mtbert train` does: train (or resume) a run, then score its best model on whole
     splits (or their first `limit` examples) and write `{task}-{split}-output.csv` under
     `run_dir/predictions`.
 
+    The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
+    holds another run, unless `overwrite` clears it first.
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
-    start = time.perf_counter()
-    trainer = Trainer(config, run_dir)
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    seconds = time.perf_counter() - start
-    model, tokenizer, config = load_model(run_dir)
-    table = evaluate_splits(model, tokenizer, config, splits, Path(run_dir) / "predictions",
-                            limit=limit)
+    run_dir = Path(run_dir)
+    with RunLock(run_dir):
+        found = holds_run(run_dir)
+        if found and not resume:
+            if not overwrite:
+                raise RunFolderError(
+                    f"{run_dir} holds another run ({', '.join(found)}); continue it with "
+                    f"--resume {run_dir}, replace it with --overwrite, or choose another "
+                    "--run-dir")
+            log.info("--overwrite: removing the run in %s", run_dir)
+            clear_run(run_dir)
+        start = time.perf_counter()
+        trainer = Trainer(config, run_dir)
+        if resume:
+            trainer.resume()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+        model, tokenizer, config = load_model(run_dir)
+        table = evaluate_splits(model, tokenizer, config, splits, run_dir / "predictions",
+                                limit=limit)
     return table, seconds, model

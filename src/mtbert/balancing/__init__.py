@@ -1,11 +1,9 @@
 """Loss weightings (losses -> weighted terms) and gradient combiners (terms -> ``.grad``)."""
 
-import inspect
-from collections.abc import Sequence
-
 from mtbert.balancing.base import (
     GradientCombiner,
     LossWeighting,
+    TaskContext,
     accumulate_flat_grad,
     per_task_gradients,
 )
@@ -30,40 +28,23 @@ COMBINERS: dict[str, type[GradientCombiner]] = {
 }
 
 
-def _checked_options(kind: str, name: str, cls: type, *args, **options) -> None:
-    """Raise ValueError when ``cls(*args, **options)`` would not bind (missing/unknown option)."""
+def build_weighting(name: str, context: TaskContext, **options) -> LossWeighting:
+    """Instantiate the weighting registered as ``name`` for the run's tasks."""
+    return _build(WEIGHTINGS, "loss weighting", name, context, options)
+
+
+def build_combiner(name: str, context: TaskContext, **options) -> GradientCombiner:
+    """Instantiate the gradient combiner registered as ``name``."""
+    return _build(COMBINERS, "gradient combiner", name, context, options)
+
+
+def _build(registry: dict, kind: str, name: str, context: TaskContext, options: dict):
+    if name not in registry:
+        raise ValueError(f"Unknown {kind} {name!r}; known: {', '.join(sorted(registry))}.")
     try:
-        inspect.signature(cls).bind(*args, **options)
-    except TypeError as error:
+        return registry[name].from_context(context, **options)
+    except TypeError as error:  # an unknown, missing or repeated option
         raise ValueError(f"Bad options {options} for {kind} {name!r}: {error}.") from None
-
-
-def build_weighting(
-    name: str, task_names: Sequence[str], task_kinds: dict[str, str], **options
-) -> LossWeighting:
-    """Instantiate the weighting ``name``; ``task_kinds`` is passed only to those that use it."""
-    if name not in WEIGHTINGS:
-        raise ValueError(
-            f"Unknown loss weighting {name!r}; known weightings: {', '.join(sorted(WEIGHTINGS))}."
-        )
-    cls = WEIGHTINGS[name]
-    if cls is UncertaintyWeighting:
-        options["task_kinds"] = task_kinds
-    _checked_options("loss weighting", name, cls, task_names, **options)
-    return cls(task_names, **options)
-
-
-def build_combiner(name: str, seed: int, **options) -> GradientCombiner:
-    """Instantiate the gradient combiner ``name``; ``seed`` is passed only to those that use it."""
-    if name not in COMBINERS:
-        raise ValueError(
-            f"Unknown gradient combiner {name!r}; known combiners: {', '.join(sorted(COMBINERS))}."
-        )
-    cls = COMBINERS[name]
-    if cls is PCGrad:
-        options["seed"] = seed
-    _checked_options("gradient combiner", name, cls, **options)
-    return cls(**options)
 
 
 __all__ = [
@@ -77,6 +58,7 @@ __all__ = [
     "StaticWeighting",
     "SumGradients",
     "SumWeighting",
+    "TaskContext",
     "UncertaintyWeighting",
     "accumulate_flat_grad",
     "build_combiner",

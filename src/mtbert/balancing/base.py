@@ -9,9 +9,25 @@ References:
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a weighting or combiner may know of the run: every builder gets this one object.
+
+    names: the task names, in order; kinds: "classification" or "regression" per task;
+    weights: each task's `weight` key (read by weightings that declare `uses_task_weights`);
+    seed: the run's seed.
+    """
+
+    names: tuple[str, ...]
+    kinds: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
 
 
 def trainable(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -67,9 +83,24 @@ class LossWeighting(nn.Module):
     give one loss); methods that need every task say so. Learned weights are parameters of this
     module: give them to the optimizer and list them as ``other_params`` of the combiner.
 
+    Requirements, declared for the config checks (nothing outside this file names a method):
+    ``needs_every_task``: the method needs every task's loss at every step (a sampler that
+    draws all tasks); ``acts_from_epoch``: the first epoch (1-based) in which the weights can
+    differ from the plain sum, so a shorter run is an error; ``uses_task_weights``: reads the
+    tasks' ``weight`` keys (every other weighting rejects weights other than 1).
+
     Args:
         task_names: Names of all tasks, unique; the order of ``weights()``.
     """
+
+    needs_every_task = False
+    acts_from_epoch = 1
+    uses_task_weights = False
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "LossWeighting":
+        """Build from the run's tasks; methods that need more of the context override this."""
+        return cls(context.names, **options)
 
     def __init__(self, task_names: Sequence[str]):
         super().__init__()
@@ -108,13 +139,25 @@ class LossWeighting(nn.Module):
     def after_optimizer_step(self) -> None:
         """Hook called after each optimizer step (no-op by default)."""
 
+    def after_skipped_step(self) -> None:
+        """Hook called instead of ``after_optimizer_step`` when the step was skipped for
+        NaN/inf losses or gradients: forget what ``forward`` saw in it (no-op by default)."""
+
 
 class GradientCombiner:
     """Turns per-task terms into gradients on the parameters.
 
     Only ``shared_params`` and ``other_params`` receive gradients (the weighting's own
     parameters, e.g. uncertainty log-variances, belong in ``other_params``).
+    ``needs_several_tasks``: the combiner only differs from the plain sum when a step holds
+    several tasks (declared for the config checks).
     """
+
+    needs_several_tasks = False
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "GradientCombiner":
+        return cls(**options)
 
     def backward(
         self,

@@ -12,9 +12,11 @@ class DynamicWeightAverage(LossWeighting):
     """Weights ``w_i = T * softmax_i(r_i / temperature)``, ``r_i = Lbar_i(e-1) / Lbar_i(e-2)``.
 
     ``Lbar_i(e)`` is the mean of the losses that ``forward`` saw for task i in epoch e (each
-    call adds ``L_i.detach()`` to a running sum); ``on_epoch_end`` turns the sums into that
-    epoch's means and computes the weights used in the next epoch. A task whose loss falls
-    slowly (``r_i`` near or above 1) gets more weight. The first two epochs use weight 1.
+    call adds ``L_i.detach()`` to the step's sums, which ``after_optimizer_step`` adds to the
+    epoch's and ``after_skipped_step`` drops, so a NaN step never enters a mean);
+    ``on_epoch_end`` turns the sums into that epoch's means and computes the weights used in
+    the next epoch. A task whose loss falls slowly (``r_i`` near or above 1) gets more
+    weight. The first two epochs use weight 1, so DWA acts from epoch 3.
     Every task must have been seen in each epoch. All state is in buffers, so ``state_dict``
     saves and restores it. Under DDP, all-reduce (sum) ``epoch_loss_sum`` and
     ``epoch_loss_count`` before ``on_epoch_end`` so that every rank gets the same weights.
@@ -28,6 +30,8 @@ class DynamicWeightAverage(LossWeighting):
           https://arxiv.org/abs/1803.10704
     """
 
+    acts_from_epoch = 3
+
     def __init__(self, task_names: Sequence[str], temperature: float = 2.0):
         super().__init__(task_names)
         if temperature <= 0:
@@ -36,6 +40,8 @@ class DynamicWeightAverage(LossWeighting):
         num_tasks = len(self.task_names)
         self.register_buffer("epoch_loss_sum", torch.zeros(num_tasks, dtype=torch.float64))
         self.register_buffer("epoch_loss_count", torch.zeros(num_tasks, dtype=torch.long))
+        self.register_buffer("step_loss_sum", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("step_loss_count", torch.zeros(num_tasks, dtype=torch.long))
         # rows: mean losses of epochs e-2 and e-1; NaN until those epochs have ended
         self.register_buffer(
             "epoch_means", torch.full((2, num_tasks), float("nan"), dtype=torch.float64)
@@ -49,13 +55,24 @@ class DynamicWeightAverage(LossWeighting):
         terms = {}
         for name, loss in losses.items():
             i = self.task_names.index(name)
-            self.epoch_loss_sum[i] += loss.detach().to(self.epoch_loss_sum.dtype)
-            self.epoch_loss_count[i] += 1
+            self.step_loss_sum[i] += loss.detach().to(self.step_loss_sum.dtype)
+            self.step_loss_count[i] += 1
             terms[name] = self.task_weights[i].to(loss.dtype) * loss
         return terms
 
     def weights(self) -> dict[str, float]:
         return dict(zip(self.task_names, self.task_weights.tolist(), strict=True))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.epoch_loss_sum += self.step_loss_sum
+        self.epoch_loss_count += self.step_loss_count
+        self.after_skipped_step()
+
+    @torch.no_grad()
+    def after_skipped_step(self) -> None:
+        self.step_loss_sum.zero_()
+        self.step_loss_count.zero_()
 
     @torch.no_grad()
     def on_epoch_end(self) -> None:

@@ -37,6 +37,8 @@ class GradNormWeighting(LossWeighting):
           Multitask Networks, https://arxiv.org/abs/1711.02257
     """
 
+    needs_every_task = True
+
     def __init__(self, task_names: Sequence[str], alpha: float = 1.5, min_weight: float = 1e-3):
         super().__init__(task_names)
         if alpha < 0:

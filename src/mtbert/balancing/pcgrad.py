@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from mtbert.balancing.base import (
     GradientCombiner,
+    TaskContext,
     accumulate_flat_grad,
     per_task_gradients,
     trainable,
@@ -62,6 +63,12 @@ class PCGrad(GradientCombiner):
           https://arxiv.org/abs/2001.06782
         - OptimusBERT report (shared/papers/optimusbert.txt): PCGrad on the shared encoder.
     """
+
+    needs_several_tasks = True
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "PCGrad":
+        return cls(**{"seed": context.seed, **options})
 
     def __init__(self, seed: int):
         if seed < 0:

@@ -4,11 +4,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mtbert.balancing.base import LossWeighting
+from mtbert.balancing.base import LossWeighting, TaskContext
 
 
 class StaticWeighting(LossWeighting):
     """Each task's loss times a fixed, hand-set weight.
+
+    In a config the weights are the tasks' ``weight`` keys (``tasks: [{name: sst, weight:
+    2.0}]``); ``weights`` in ``train.weighting_options`` overrides them.
 
     Args:
         task_names: Names of all tasks.
@@ -17,6 +20,12 @@ class StaticWeighting(LossWeighting):
     References:
         - Caruana 1997, Multitask Learning, Machine Learning 28: weighted sum of task losses.
     """
+
+    uses_task_weights = True
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "StaticWeighting":
+        return cls(context.names, **{"weights": context.weights, **options})
 
     def __init__(self, task_names: Sequence[str], weights: dict[str, float]):
         super().__init__(task_names)
@@ -46,6 +55,12 @@ class SumWeighting(StaticWeighting):
         - Caruana 1997, Multitask Learning, Machine Learning 28.
         - OptimusBERT report (shared/papers/optimusbert.txt): the three losses are added.
     """
+
+    uses_task_weights = False
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "SumWeighting":
+        return cls(context.names, **options)
 
     def __init__(self, task_names: Sequence[str]):
         super().__init__(task_names, dict.fromkeys(task_names, 1.0))

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtbert.balancing.base import LossWeighting
+from mtbert.balancing.base import LossWeighting, TaskContext
 
 TASK_KINDS = ("classification", "regression")
 
@@ -33,6 +33,10 @@ class UncertaintyWeighting(LossWeighting):
           Scene Geometry and Semantics, https://arxiv.org/abs/1705.07115
         - OptimusBERT report (shared/papers/optimusbert.txt): homoscedastic loss weighting.
     """
+
+    @classmethod
+    def from_context(cls, context: TaskContext, **options) -> "UncertaintyWeighting":
+        return cls(context.names, context.kinds, **options)
 
     def __init__(self, task_names: Sequence[str], task_kinds: dict[str, str]):
         super().__init__(task_names)

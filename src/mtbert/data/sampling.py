@@ -19,7 +19,14 @@ class TaskSampler:
         batch_sizes: Batch size per task (> 0), same keys.
         seed: Seed of the draws (>= 0).
         epochs: Length of the run in epochs (needed only by schedules over epochs).
+
+    Declared for the config checks: ``draws_every_task`` (every step holds every task, which
+    PCGrad and GradNorm need) and ``acts_from_epoch`` (the first epoch, 1-based, in which the
+    sampler differs from its first epoch's behaviour; a shorter run is an error).
     """
+
+    draws_every_task = False
+    acts_from_epoch = 1
 
     def __init__(
         self,
@@ -69,6 +76,8 @@ class RoundRobinSampler(TaskSampler):
           Adaptation in Multi-Task Learning, https://arxiv.org/abs/1902.02671
         - OptimusBERT report (shared/papers/optimusbert.txt): round-robin multi-task fine-tuning.
     """
+
+    draws_every_task = True
 
     def tasks_for_step(self, step: int) -> list[str]:
         _check_step(step)
@@ -158,6 +167,8 @@ class AnnealedSampler(_OneTaskPerStepSampler):
         - Stickland & Murray 2019, BERT and PALs, https://arxiv.org/abs/1902.02671 (annealed
           sampling)
     """
+
+    acts_from_epoch = 2
 
     def __init__(
         self,

@@ -6,9 +6,12 @@ outside this table names SST, Quora or STS.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from mtbert.config import ConfigError, ExperimentConfig, TaskConfig
+import numpy as np
+
+from mtbert.config import ConfigError, TaskConfig
 from mtbert.data.readers import Example, read_examples
 
 PRESETS: dict[str, dict] = {
@@ -35,6 +38,7 @@ PRESETS: dict[str, dict] = {
 }
 
 SPLITS = ("train", "dev", "test")
+EVAL_SAMPLE_SEED = 0  # dev subsamples: the same examples for every config and seed
 
 
 def default_loss(task: TaskConfig) -> str:
@@ -58,15 +62,16 @@ def split_file(task: TaskConfig, split: str, data_dir: str | Path) -> Path | Non
     return path if path.is_absolute() else Path(data_dir) / path
 
 
-def read_split(task: TaskConfig, split: str, config: ExperimentConfig,
-               data_dir: str | Path | None = None) -> list[Example] | None:
-    """Examples of one split (files under `data_dir`, default the config's), or None when
-    the task has no file for it. Test files are read without labels. Malformed rows are
-    skipped as `config.strict_data` and `config.max_skipped_share` allow.
+def read_split(task: TaskConfig, split: str, data_dir: str | Path, strict: bool = False,
+               max_skipped_share: float | None = None) -> list[Example] | None:
+    """Examples of one split, or None when the task has no file for it.
+
+    Test files are read without labels. Malformed rows are skipped (errors if `strict`);
+    more than `max_skipped_share` of a file's rows malformed is an error.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; known: {SPLITS}")
-    path = split_file(task, split, data_dir or config.data_dir)
+    path = split_file(task, split, data_dir)
     if path is None:
         return None
     labelled = split != "test"
@@ -75,5 +80,21 @@ def read_split(task: TaskConfig, split: str, config: ExperimentConfig,
         id_column=task.id_column,
         num_classes=task.num_classes if task.kind == "classification" else None,
         label_range=tuple(task.label_range) if task.kind == "regression" else None,
-        strict=config.strict_data, max_skipped_share=config.max_skipped_share)
+        strict=strict, max_skipped_share=max_skipped_share)
     return report.examples
+
+
+def subsample(examples: list[Example] | None, limit: int | None = None,
+              fraction: float | None = None, seed: int = 0) -> list[Example] | None:
+    """A seeded sample (in file order) of `fraction` of the examples, at most `limit`."""
+    if examples is None:
+        return None
+    keep = len(examples)
+    if fraction is not None:
+        keep = max(1, math.ceil(fraction * keep))
+    if limit is not None:
+        keep = min(keep, limit)
+    if keep >= len(examples):
+        return examples
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(examples))[:keep])
+    return [examples[i] for i in chosen]

@@ -22,6 +22,7 @@ the table is written from the runs that finished and the command reports the fai
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -35,12 +36,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import yaml
+from scipy import stats
 
-from mtbert.checkpoint import write_json_atomically
-from mtbert.config import ConfigError, ExperimentConfig, load_config, to_dict
+from mtbert.checkpoint import (
+    RunFolderError,
+    RunLock,
+    clear_run,
+    holds_run,
+    write_json_atomically,
+)
+from mtbert.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_differences,
+    load_config,
+    load_yaml,
+    to_dict,
+    validate,
+)
 from mtbert.experiments.budgets import budget_max_steps, get_budget
-from mtbert.training import TrainingError
+from mtbert.training import FIRST_LOSSES_STEPS, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,13 @@ STD_NOTE = ("Scores are the best dev scores of each run (model selection on the 
             "value is shown alone. Correlations are Pearson's r (not normalised); Overall Dev "
             "is the mean of the task metrics with correlations mapped to (r + 1) / 2, over the "
             "tasks the config trains.")
+COMPARISON_NOTE = (
+    "Δ overall: the row's overall dev score minus the baseline's (the first configuration) on "
+    "the same seeds, mean over seeds with a 95% Student-t interval; `tie` marks an interval "
+    "that holds 0 (a difference inside the seed noise). Δm%: the mean over tasks of the "
+    "relative gain over the same task trained alone with the same recipe, budget and seed "
+    "(Maninis et al. 2019), in percent, with its interval over seeds. Steps / examples seen: "
+    "optimizer steps and the training examples drawn from each task, mean over seeds.")
 # Keys of the resolved config that may differ between a finished run and a re-run.
 IGNORED_KEYS = ("data_dir", "train.threads", "train.eval_batch_size")
 
@@ -73,6 +95,7 @@ class PlannedRun:
     seed_index: int
     config: ExperimentConfig
     run_dir: Path
+    single_task_of: str | None = None  # the multitask config whose task this run trains alone
 
     @property
     def result_file(self) -> Path:
@@ -98,15 +121,19 @@ class AblationOutcome:
 
 def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) -> str:
     """The config's `name:` (from the file or an override), else the file's stem."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
     named = "name" in raw or any(o.split("=", 1)[0].strip() == "name" for o in overrides)
     return config.name if named else Path(path).stem
 
 
-def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 1,
+def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
               out: str | Path = "runs/ablation", data_dir: str | None = None,
-              overrides: Sequence[str] = ()) -> list[PlannedRun]:
-    """Resolve every config x seed under the budget; checks names and finished runs."""
+              overrides: Sequence[str] = (), single_task: bool = False) -> list[PlannedRun]:
+    """Resolve every config x seed under the budget; checks names and finished runs.
+
+    `single_task`: also train each task of the first config (the baseline) alone, with the
+    same recipe, budget and seeds, as `<name>-only-<task>`: the rows Δm% is measured against.
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1, got {seeds}")
     if not config_files:
@@ -129,6 +156,10 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
                                         f"train.seed={base.train.seed + k}"], data_dir)
             config.name = name
             runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}"))
+            if single_task and len(names) == 1:
+                runs += [PlannedRun(f"{name}-only-{task.name}", path, k, alone, out /
+                                    f"{name}-only-{task.name}" / f"seed-{k}", name)
+                         for task, alone in zip(config.tasks, single_task_configs(config))]
     stale = [message for run in runs if (message := _stale(run))]
     if stale:
         raise ConfigError("finished runs were trained with another config; delete them or use "
@@ -136,29 +167,29 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
     return runs
 
 
+def single_task_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """Each task of `config` alone: the same recipe, losses summed (a weighting or combiner
+    of several tasks has nothing to act on)."""
+    alone = []
+    for task in config.tasks:
+        single = copy.deepcopy(config)
+        single.name = f"{config.name}-only-{task.name}"
+        single.tasks = [copy.deepcopy(task)]
+        single.train.weighting, single.train.weighting_options = "sum", {}
+        single.train.combiner = "sum"
+        validate(single)
+        alone.append(single)
+    return alone
+
+
 def _stale(run: PlannedRun) -> str | None:
     """Why a finished run does not match its planned config, or None."""
     saved = run.run_dir / "config.yaml"
     if not run.finished or not saved.is_file():
         return None
-    before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    now = _flatten(to_dict(run.config))
-    changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now)
-               if before[key] != now[key] and not key.startswith(IGNORED_KEYS)]
+    before = load_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {}
+    changed = config_differences(before, to_dict(run.config), IGNORED_KEYS, common_only=True)
     return f"{run.run_dir} ({'; '.join(changed[:3])})" if changed else None
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        items = data.items()
-    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        items = ((v.get("name", i), v) for i, v in enumerate(data))
-    else:
-        return {prefix: data}
-    flat = {}
-    for key, value in items:
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 # ---------------------------------------------------------------- running
@@ -168,19 +199,19 @@ def run_one(run: PlannedRun, budget: str) -> dict:
     """Train one run from scratch and write its `result.json`; returns the result."""
     from mtbert.training import Trainer
 
-    if run.run_dir.exists():  # an interrupted or failed run: start again from scratch
-        log.info("%s: removing the unfinished run", run.run_dir)
-        shutil.rmtree(run.run_dir)
-    run.run_dir.mkdir(parents=True)
-    start = time.perf_counter()
-    trainer = Trainer(run.config, run.run_dir)
-    fit_start = time.perf_counter()
-    dev = trainer.fit()
-    end = time.perf_counter()
-    # Resume checkpoints (model + optimizer state) are of no use once the run has finished;
-    # at ~4x the model's size each they would fill the disk over an ablation. best/ stays.
-    shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
-                  ignore_errors=True)
+    with RunLock(run.run_dir):  # a second ablation into the same --out skips this run
+        if holds_run(run.run_dir):  # an interrupted or failed run: start again from scratch
+            log.info("%s: removing the unfinished run", run.run_dir)
+        clear_run(run.run_dir, everything=True)
+        start = time.perf_counter()
+        trainer = Trainer(run.config, run.run_dir)
+        fit_start = time.perf_counter()
+        dev = trainer.fit()
+        end = time.perf_counter()
+        # Resume checkpoints (model + optimizer state) are of no use once the run has
+        # finished; at ~4x the model's size each they would fill the disk. best/ stays.
+        shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
+                      ignore_errors=True)
     config = run.config
     result = {
         "config": run.name,
@@ -192,8 +223,11 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
                   for t in config.tasks},
         "dev": dev,
+        "single_task_of": run.single_task_of,
         "best_step": trainer.state.best_step,
         "steps": trainer.state.step,
+        "examples_seen": trainer.state.examples_seen,
+        "first_losses": trainer.state.first_losses,
         "total_steps": trainer.total_steps,
         "wall_time_s": round(end - start, 2),
         "train_time_s": round(end - fit_start, 2),
@@ -208,19 +242,20 @@ def read_result(run: PlannedRun) -> dict:
     return json.loads(run.result_file.read_text(encoding="utf-8"))
 
 
-def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 1,
+def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
                  out: str | Path = "runs/ablation", data_dir: str | None = None,
                  overrides: Sequence[str] = (), report: bool = True,
-                 tensorboard: bool = False) -> AblationOutcome:
+                 tensorboard: bool = False, single_task: bool = False) -> AblationOutcome:
     """Train every config x seed not finished yet, then write the result tables.
 
-    `report`: write each run's `report.html` (also for a finished run that lacks one);
-    `tensorboard`: each newly trained run's TensorBoard scalars.
+    The first config is the baseline every other row is compared with; `single_task` adds
+    its tasks trained alone (see `plan_runs`). `report`: write each run's `report.html` (also
+    for a finished run that lacks one); `tensorboard`: each newly trained run's scalars.
     """
-    runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides)
+    runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides, single_task)
     outcome = AblationOutcome(runs, {})
     todo = [r for r in runs if not r.finished]
-    log.info("ablation: %d configs x %d seeds = %d runs (%d finished), budget %s, in %s",
+    log.info("ablation: %d rows x %d seeds = %d runs (%d finished), budget %s, in %s",
              len(runs) // seeds, seeds, len(runs), len(runs) - len(todo), budget, out)
     for run in runs:
         if run.finished:
@@ -235,8 +270,10 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the rest
             message = f"{type(error).__name__}: {error}"
             log.error("%s failed: %s", run.run_dir, message)
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            (run.run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            if not isinstance(error, RunFolderError):  # not into another process's run
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                (run.run_dir / "error.txt").write_text(traceback.format_exc(),
+                                                       encoding="utf-8")
             outcome.failed.append((run, message))
             continue
         outcome.trained.append(run)
@@ -305,6 +342,55 @@ class Row:
     parameters: dict[str, int]
     backbone: str
     tasks: dict[str, dict]
+    by_seed: dict[int, dict[str, float]] = field(default_factory=dict)  # seed index -> dev
+    examples_seen: dict[str, float] = field(default_factory=dict)  # task -> mean over seeds
+    single_task_of: str | None = None
+    first_losses: list[dict] = field(default_factory=list)  # seed 0's first steps
+    # Filled by `compare`: differences from the baseline and from the single-task rows.
+    vs_baseline: Interval | None = None
+    delta_m: Interval | None = None
+    task_gains: dict[str, Interval] = field(default_factory=dict)  # points vs single-task
+    same_as_baseline: bool = False
+
+
+@dataclass
+class Interval:
+    """A mean over seeds of a paired difference, with its 95% t-interval (NaN with 1 seed)."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+    @property
+    def tie(self) -> bool:
+        """Within the seed noise: the interval holds 0 (or cannot be computed)."""
+        return not self.low > 0 and not self.high < 0
+
+    def format(self, scale: float = 1.0, digits: int = 3) -> str:
+        text = f"{self.mean * scale:+.{digits}f}"
+        if self.seeds < 2:
+            return f"{text} (1 seed)"
+        text += f" [{self.low * scale:+.{digits}f}, {self.high * scale:+.{digits}f}]"
+        return f"{text} tie" if self.tie else text
+
+
+def paired_interval(differences: Sequence[float]) -> Interval:
+    """Mean of per-seed paired differences and its 95% Student-t interval over seeds."""
+    values = np.asarray(differences, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan, len(values))
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half, len(values))
+
+
+def delta_m(scores: dict[str, float], single: dict[str, float]) -> float:
+    """Δm (Maninis et al. 2019; Vandenhende et al. 2021): the mean over tasks of the relative
+    gain over each task's single-task score, as a fraction. mtbert's metrics (accuracy,
+    Pearson, Spearman) are all higher-is-better, so no sign is flipped."""
+    gains = [(scores[t] - single[t]) / abs(single[t]) for t in single]
+    return float(np.mean(gains))
 
 
 def aggregate(results: dict[str, list[dict]]) -> list[Row]:
@@ -316,14 +402,49 @@ def aggregate(results: dict[str, list[dict]]) -> list[Row]:
         for task in {k for run in runs for k in run["dev"]}:
             values = [run["dev"][task] for run in runs if task in run["dev"]]
             scores[task] = mean_std(values)
+        seen = [run.get("examples_seen", {}) for run in runs]
+        first = min(runs, key=lambda run: run.get("seed_index", 0))
         rows.append(Row(
             config=name, seeds=len(runs), scores=scores,
             wall_time_s=float(np.mean([r["wall_time_s"] for r in runs])),
             train_time_s=float(np.mean([r.get("train_time_s", r["wall_time_s"]) for r in runs])),
             steps=float(np.mean([r["steps"] for r in runs])),
             parameters=runs[0]["parameters"], backbone=runs[0]["backbone"],
-            tasks=runs[0]["tasks"]))
+            tasks=runs[0]["tasks"],
+            by_seed={run.get("seed_index", 0): run["dev"] for run in runs},
+            examples_seen={t: float(np.mean([s.get(t, 0) for s in seen]))
+                           for t in dict.fromkeys(t for s in seen for t in s)},
+            single_task_of=runs[0].get("single_task_of"),
+            first_losses=first.get("first_losses", [])))
+    compare(rows)
     return rows
+
+
+def compare(rows: list[Row]) -> None:
+    """Fill each row's differences: overall vs the baseline (the first multitask row) on the
+    same seeds; Δm% and each task's gain vs the single-task rows, seed by seed."""
+    multitask = [row for row in rows if row.single_task_of is None]
+    if not multitask:
+        return
+    baseline = multitask[0]
+    single = {task: row for row in rows if row.single_task_of for task in row.tasks}
+    for row in multitask:
+        seeds = sorted(row.by_seed.keys() & baseline.by_seed.keys())
+        if row is not baseline and seeds:
+            row.vs_baseline = paired_interval(
+                [row.by_seed[k]["overall"] - baseline.by_seed[k]["overall"] for k in seeds])
+            row.same_as_baseline = bool(row.first_losses) and (
+                row.first_losses == baseline.first_losses)
+        tasks = [t for t in row.tasks if t in single]
+        seeds = [k for k in sorted(row.by_seed)
+                 if all(k in single[t].by_seed and t in row.by_seed[k] for t in tasks)]
+        if not tasks or not seeds:
+            continue
+        reference = {k: {t: single[t].by_seed[k][t] for t in tasks} for k in seeds}
+        row.delta_m = paired_interval(
+            [delta_m({t: row.by_seed[k][t] for t in tasks}, reference[k]) for k in seeds])
+        row.task_gains = {t: paired_interval([row.by_seed[k][t] - reference[k][t]
+                                              for k in seeds]) for t in tasks}
 
 
 def format_score(mean: float, std: float | None) -> str:
@@ -351,8 +472,17 @@ def needs_quora_note(rows: Sequence[Row]) -> bool:
                for row in rows)
 
 
+def format_compute(row: Row) -> str:
+    """`steps / examples seen per task`, the compute both sides of a comparison got."""
+    seen = " · ".join(f"{task} {format_count(round(n))}" for task, n in row.examples_seen.items())
+    return f"{row.steps:.0f}" + (f" / {seen}" if seen else "")
+
+
 def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
-    header = ["Model configuration", *(c.header for c in cols), "Seeds", "Wall time / run",
+    baseline = next((row.config for row in rows if row.single_task_of is None), "baseline")
+    header = ["Model configuration", *(c.header for c in cols),
+              f"Δ overall vs {baseline} [95% CI]", "Δm% vs single-task [95% CI]",
+              "Steps / examples seen", "Seeds", "Wall time / run",
               "Parameters (total / task-specific)"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -361,8 +491,28 @@ def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
                  for c in cols]
         params = (f"{format_count(row.parameters['total'])} / "
                   f"{format_count(row.parameters['task_specific'])}")
-        lines.append("| " + " | ".join([row.config, *cells, str(row.seeds),
-                                        format_seconds(row.wall_time_s), params]) + " |")
+        name = row.config + (" ⚠ same first-step losses as the baseline"
+                             if row.same_as_baseline else "")
+        versus = row.vs_baseline.format() if row.vs_baseline else "–"
+        gain = row.delta_m.format(scale=100, digits=2) if row.delta_m else "–"
+        lines.append("| " + " | ".join([name, *cells, versus, gain, format_compute(row),
+                                        str(row.seeds), format_seconds(row.wall_time_s),
+                                        params]) + " |")
+    return "\n".join(lines)
+
+
+def gains_table(rows: Sequence[Row]) -> str:
+    """Each multitask row's gain over the single-task rows, task by task, in points."""
+    compared = [row for row in rows if row.task_gains]
+    if not compared:
+        return ""
+    tasks = list(dict.fromkeys(t for row in compared for t in row.task_gains))
+    lines = ["| Model configuration | " + " | ".join(f"{t} vs alone (points)" for t in tasks)
+             + " |", "|---|" + "---:|" * len(tasks)]
+    for row in compared:
+        cells = [row.task_gains[t].format(scale=100, digits=2) if t in row.task_gains else "–"
+                 for t in tasks]
+        lines.append(f"| {row.config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -380,10 +530,14 @@ def write_results(out: Path, results: dict[str, list[dict]], budget: str = "",
 
 
 def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
-    fields = ["config", "seeds"]
+    fields = ["config", "seeds", "single_task_of"]
     for col in cols:
         fields += [f"{col.task}_mean", f"{col.task}_std"]
-    fields += ["wall_time_s", "train_time_s", "steps"]
+    fields += ["overall_vs_baseline", "overall_vs_baseline_low", "overall_vs_baseline_high",
+               "delta_m_percent", "delta_m_percent_low", "delta_m_percent_high",
+               "same_first_losses_as_baseline", "wall_time_s", "train_time_s", "steps"]
+    fields += [f"examples_{task}" for task in dict.fromkeys(
+        t for row in rows for t in row.examples_seen)]
     fields += [f"params_{key}" for key in dict.fromkeys(k for row in rows for k in row.parameters)]
     fields += ["backbone"]
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -391,14 +545,23 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
         writer.writeheader()
         for row in rows:
             record = {"config": row.config, "seeds": row.seeds,
+                      "single_task_of": row.single_task_of or "",
+                      "same_first_losses_as_baseline": row.same_as_baseline,
                       "wall_time_s": round(row.wall_time_s, 2),
                       "train_time_s": round(row.train_time_s, 2), "steps": row.steps,
                       "backbone": row.backbone,
+                      **{f"examples_{task}": round(n) for task, n in row.examples_seen.items()},
                       **{f"params_{key}": n for key, n in row.parameters.items()}}
             for col in cols:
                 mean, std = row.scores.get(col.task, (None, None))
                 record[f"{col.task}_mean"] = "" if mean is None else round(mean, 6)
                 record[f"{col.task}_std"] = "" if std is None else round(std, 6)
+            for key, interval, scale in (("overall_vs_baseline", row.vs_baseline, 1),
+                                         ("delta_m_percent", row.delta_m, 100)):
+                if interval is not None:
+                    record[key] = round(interval.mean * scale, 6)
+                    record[f"{key}_low"] = round(interval.low * scale, 6)
+                    record[f"{key}_high"] = round(interval.high * scale, 6)
             writer.writerow(record)
 
 
@@ -411,7 +574,16 @@ def _markdown(rows: Sequence[Row], cols: Sequence[Column], budget: str,
         lines += [f"Budget: {describe(budget)}.", ""]
     lines += [f"Seeds per config: {', '.join(map(str, seeds)) or '–'}. "
               f"Total wall time: {format_seconds(sum(r.wall_time_s * r.seeds for r in rows))}.",
-              "", markdown_table(rows, cols), "", STD_NOTE]
+              "", markdown_table(rows, cols), "", STD_NOTE, "", COMPARISON_NOTE]
+    gains = gains_table(rows)
+    if gains:
+        lines += ["", "Each task's score minus the same task trained alone (same recipe, "
+                      "budget and seeds), in points, with its 95% interval over seeds:", "",
+                  gains]
+    if any(row.same_as_baseline for row in rows):
+        lines += ["", "⚠ marks a row whose per-step losses over the first "
+                      f"{FIRST_LOSSES_STEPS} steps equal the baseline's: the technique did "
+                      "not act there."]
     if needs_quora_note(rows):
         lines += ["", QUORA_NOTE]
     if failed:

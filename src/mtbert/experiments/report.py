@@ -57,15 +57,15 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
     """For each task with a labelled dev split: {"outputs", "labels", "score"} or {"error"}."""
     from mtbert.data.batching import encode_split
     from mtbert.data.readers import DataError
-    from mtbert.data.tasks import read_split
+    from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
     from mtbert.evaluation import metric, predict_outputs
     from mtbert.model.heads import is_siamese
-    from mtbert.training import _subsample
 
     found = {}
     for name, task in model.tasks.items():
         try:
-            examples = read_split(task, "dev", config, data_dir)
+            examples = read_split(task, "dev", data_dir or config.data_dir,
+                                  config.strict_data, config.max_skipped_share)
         except DataError as error:
             found[name] = {"error": str(error)}
             continue
@@ -73,7 +73,8 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
             found[name] = {"error": "the task has no dev split"}
             continue
         total = len(examples)
-        examples = _subsample(examples, example_limit(config, max_examples), config.train.seed)
+        examples = subsample(examples, example_limit(config, max_examples),
+                             seed=EVAL_SAMPLE_SEED)
         encoded = encode_split(examples, tokenizer, is_siamese(task))
         outputs = predict_outputs(model, name, encoded, config.train.eval_batch_size,
                                   tokenizer.pad_id)

@@ -8,6 +8,7 @@ from mtbert.losses.bce import BinaryCrossEntropyLoss
 from mtbert.losses.cross_entropy import CrossEntropyLoss
 from mtbert.losses.huber import HuberLoss
 from mtbert.losses.mnrl import (
+    POSITIVE_RULES,
     CosineThresholdPositives,
     LabelThresholdPositives,
     MultipleNegativesRankingLoss,
@@ -22,8 +23,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "bce": BinaryCrossEntropyLoss,
     "mse": MSELoss,
     "huber": HuberLoss,
-    "mnrl": MultipleNegativesRankingLoss,
-}
+}  # MNRL is an auxiliary loss on a pair task's embeddings: configured by a task's `mnrl:`
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
@@ -40,6 +40,7 @@ def build_loss(name: str, **kwargs) -> nn.Module:
 
 __all__ = [
     "LOSSES",
+    "POSITIVE_RULES",
     "BinaryCrossEntropyLoss",
     "CosineThresholdPositives",
     "CrossEntropyLoss",

@@ -24,6 +24,9 @@ class BinaryCrossEntropyLoss(nn.Module):
         Scalar mean loss.
     """
 
+    task_kind = "classification"  # the task kind it trains (checked when the config is read)
+    binary = True  # two classes only
+
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         logits = scores_like_labels(outputs, labels)  # (B,)
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

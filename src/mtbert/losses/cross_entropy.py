@@ -20,6 +20,8 @@ class CrossEntropyLoss(nn.Module):
         Scalar mean loss.
     """
 
+    task_kind = "classification"  # the task kind it trains (checked when the config is read)
+
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         if outputs.dim() != 2 or labels.dim() != 1 or outputs.shape[0] != labels.shape[0]:
             raise ValueError(

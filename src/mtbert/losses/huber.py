@@ -27,6 +27,8 @@ class HuberLoss(nn.Module):
         Scalar mean loss.
     """
 
+    task_kind = "regression"  # the task kind it trains (checked when the config is read)
+
     def __init__(self, delta: float = 1.0):
         super().__init__()
         if delta <= 0:

@@ -117,6 +117,12 @@ class CosineThresholdPositives(ThresholdPositives):
         return F.cosine_similarity(u.detach(), v.detach(), dim=-1)  # (N,)
 
 
+POSITIVE_RULES: dict[str, type[ThresholdPositives]] = {
+    "label": LabelThresholdPositives,
+    "cosine": CosineThresholdPositives,
+}
+
+
 def select_positive_pairs(
     rule: ThresholdPositives, u: Tensor, v: Tensor, labels: Tensor, epoch: int
 ) -> Tensor:

@@ -24,6 +24,8 @@ class MSELoss(nn.Module):
         Scalar mean loss.
     """
 
+    task_kind = "regression"  # the task kind it trains (checked when the config is read)
+
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         predictions = scores_like_labels(outputs, labels)  # (B,)
         return F.mse_loss(predictions, labels.to(predictions.dtype))
