@@ -157,3 +157,11 @@ def test_foreign_or_corrupt_folders_are_refused_with_what_is_missing(tiny_run, t
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match"):
         mtbert.load(corrupt)
+
+
+def test_label_names_need_one_name_per_class():
+    from mtbert.config import load_config
+
+    assert load_config(None, ["tasks=[cfimdb]"]).tasks[0].label_names == ["negative", "positive"]
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(sst\).label_names: one name per class"):
+        load_config(None, ["tasks=[sst]", "tasks.sst.label_names=[bad, good]"])
