@@ -5,6 +5,7 @@
         [--keep-fp32 MODULE ...] [--smoke]
     python benchmarks/bench_infer.py --accuracy RUN_DIR [--max-examples 2000] [--data-dir DIR]
         [--keep-fp32 MODULE ...]
+    python benchmarks/bench_infer.py --predict-cli RUN_DIR [--repeats 2] [--data-dir DIR]
 
 Speed: every contender maps the same shuffled Quora dev sentences (both columns) to the
 probabilities of one linear head on mean-pooled token states, with autograd off;
@@ -23,6 +24,11 @@ process per contender tokenizes and encodes one chunk; see bench_train.py for ho
 
 `--accuracy RUN_DIR` instead loads a trained run and prints each task's dev metric for fp32,
 int8, ONNX and ONNX int8 with the differences (goal: |difference| < 0.5 point).
+
+`--predict-cli RUN_DIR` times `mtbert predict RUN --task quora --input quora-dev.csv` (the
+function the CLI calls) against the fp32 path on the same 2 x pairs sentences with the run's
+encoder, in one process (goal: within 10%). The CLI path also reads and writes files and runs
+the siamese head; it encodes each distinct sentence of a chunk once.
 """
 
 from __future__ import annotations
@@ -47,10 +53,11 @@ from bench_train import (
 
 from mtbert.config import HeadConfig, TaskConfig
 from mtbert.data.batching import EncodedSplit, collate, encode_split, sorted_batches
+from mtbert.data.readers import read_examples
 from mtbert.data.tasks import read_split
 from mtbert.evaluation import metric, predict, predict_outputs
 from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic
-from mtbert.model.bert import mean_pool
+from mtbert.model.bert import BertModel, mean_pool
 from mtbert.model.heads import build_head, is_siamese
 from mtbert.model.loading import load_bert, resolve_checkpoint
 from mtbert.model.multitask import MultitaskModel
@@ -82,7 +89,10 @@ def sentence_head(hidden_size: int) -> torch.nn.Module:
 
 def sentence_model(folder: Path) -> MultitaskModel:
     """The backbone with `sentence_head()` on mean-pooled token states."""
-    encoder = load_bert(folder)[0]
+    return with_sentence_head(load_bert(folder)[0])
+
+
+def with_sentence_head(encoder: BertModel) -> MultitaskModel:
     model = MultitaskModel(encoder, [SENTENCE])
     model.heads[TASK] = sentence_head(encoder.config.hidden_size)
     return model.eval()
@@ -208,7 +218,7 @@ def speed(args) -> None:
 
 def accuracy(args) -> None:
     """Dev metric of each task of a trained run: fp32 vs int8 vs ONNX (fp32 and int8)."""
-    from mtbert.training import load_model
+    from mtbert.model_folder import load_model
 
     model, tokenizer, config = load_model(args.accuracy)
     data_dir = args.data_dir or config.data_dir
@@ -248,6 +258,42 @@ def accuracy(args) -> None:
     print(f"\nlargest |difference|: {100 * worst:.2f} points ({verdict})")
 
 
+def predict_cli(args) -> None:
+    """`mtbert predict RUN --task quora --input quora-dev.csv` (`Model.predict_file`, the
+    function the CLI calls: reading, chunks, tokenizing, the run's siamese head, writing JSON
+    lines) against the fp32 path above on the same sentences, in this process."""
+    from mtbert.api import load
+
+    model = load(args.predict_cli, batch_size=args.batch_size)
+    path = (args.data_dir or DEFAULT_DATA) / "quora-dev.csv"
+    task = model.model.tasks["quora"]
+    examples = read_examples(path, task.text_columns, None, id_column=task.id_column).examples
+    sentences = [text for example in examples for text in example.texts]
+    fp32 = Mtbert(model.tokenizer, args.batch_size, with_sentence_head(model.model.encoder))
+    runs = {"cli": lambda out: model.predict_file("quora", path, out),
+            "fp32": lambda out: fp32(sentences)}
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "predictions.jsonl"
+        model.predict("quora", [example.texts for example in examples[:args.batch_size]])
+        fp32(sentences[:args.batch_size])  # warm-up
+        for repeat in range(args.repeats):
+            for name in list(runs) if repeat % 2 == 0 else list(runs)[::-1]:
+                start = time.perf_counter()
+                runs[name](out)
+                speeds[name].append(len(sentences) / (time.perf_counter() - start))
+    cli, lib = statistics.median(speeds["cli"]), statistics.median(speeds["fp32"])
+    print(f"{path}: {len(examples)} pairs = {len(sentences)} sentences, batch "
+          f"{args.batch_size}, {args.repeats} repeats (alternating order), threads "
+          f"{torch.get_num_threads()}, model {args.predict_cli}")
+    print(markdown_table(["path", "sentences/s (median)", "each repeat"], [
+        ["mtbert predict (Model.predict_file: read, quora siamese head, write JSONL)",
+         f"{cli:.1f}", " ".join(f"{v:.1f}" for v in speeds["cli"])],
+        [NAMES["fp32"] + ", same encoder, linear head", f"{lib:.1f}",
+         " ".join(f"{v:.1f}" for v in speeds["fp32"])]]))
+    print(f"\nmtbert predict / fp32 path: {cli / lib:.3f} (goal: >= 0.90)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(parser)
@@ -259,12 +305,18 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=2000, help="per task (--accuracy)")
     parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="MODULE",
                         help="encoder modules the torch int8 model keeps fp32, e.g. layers.0")
+    parser.add_argument("--predict-cli", type=Path, default=None, metavar="RUN_DIR",
+                        help="time `mtbert predict RUN --task quora` on quora-dev against the "
+                             "fp32 path (needs a run with a quora task)")
     parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
         args.batch_size, args.repeats, args.batches = 8, 2, 1
     set_threads(args.threads)
-    accuracy(args) if args.accuracy else speed(args)
+    if args.predict_cli:
+        predict_cli(args)
+    else:
+        accuracy(args) if args.accuracy else speed(args)
 
 
 if __name__ == "__main__":

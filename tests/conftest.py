@@ -119,3 +119,18 @@ def tiny_config(backbone: Path, data: Path, *overrides: str, tasks: str = "[sst,
                  *(f"train.{k}={v}" for k, v in train.items())]
     config = load_config(None, overrides, data_dir=str(data))
     return config
+
+
+SIAMESE_HEADS = ["tasks.quora.head={type: pair_features, pooling: mean}",
+                 "tasks.sts.head={type: cosine, pooling: mean}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_backbone, tiny_data, tmp_path_factory) -> Path:
+    """A finished tiny run (sst classifier, quora pair features, sts cosine), as `mtbert
+    train` leaves it: best/ and prediction files for dev and test."""
+    from mtbert.training import train_and_evaluate
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    train_and_evaluate(tiny_config(tiny_backbone, tiny_data, *SIAMESE_HEADS, max_steps=6), run)
+    return run

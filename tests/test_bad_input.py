@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from mtbert.checkpoint import _sha256
+from mtbert.checkpoint import file_sha256
 from mtbert.cli import main
 from mtbert.config import ConfigError, load_config, load_yaml
 from mtbert.data.readers import DataError, read_examples
@@ -77,7 +77,7 @@ def broken_copy(trained_run, tmp_path, damage):
 
 def rewrite_manifest_entry(best, name):
     manifest = json.loads((best / "manifest.json").read_text())
-    manifest[name] = {"sha256": _sha256(best / name), "bytes": (best / name).stat().st_size}
+    manifest[name] = {"sha256": file_sha256(best / name), "bytes": (best / name).stat().st_size}
     (best / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -127,6 +127,7 @@ def test_disk_full_while_saving_is_a_sentence(tmp_path, tiny_backbone, tiny_data
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr("mtbert.training.save_tensors", full)
+    monkeypatch.setattr("mtbert.model_folder.save_tensors", full)  # best/ is written there
     code, line = run_cli(capsys, "train", "--data-dir", tiny_data, "--run-dir",
                          tmp_path / "run", "tasks=[sst]", f"model.backbone={tiny_backbone}",
                          "model.max_length=32", "train.max_steps=2")

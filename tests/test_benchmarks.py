@@ -93,3 +93,11 @@ def test_bench_accuracy_smoke_and_resume(tiny, tmp_path):
     again = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
     assert again.split("\n\n")[1] == out.split("\n\n")[1]
     assert json.loads((out_dir / "results.json").read_text()) == results
+
+
+def test_bench_infer_predict_cli_mode(tiny_run, tiny_data):
+    out = run("bench_infer.py", "--predict-cli", tiny_run, "--data-dir", tiny_data,
+              "--repeats", 1, "--batch-size", 8)
+    assert "| mtbert predict (Model.predict_file" in out
+    assert "| mtbert fp32 (sorted, dynamic padding), same encoder" in out
+    assert "32 pairs = 64 sentences" in out and "mtbert predict / fp32 path:" in out

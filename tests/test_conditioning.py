@@ -12,7 +12,8 @@ from mtbert.evaluation import predict
 from mtbert.model.bert import BertConfig, BertModel
 from mtbert.model.conditioning import CONDITIONINGS, build_conditioning
 from mtbert.model.conditioning.pals import pal_shape
-from mtbert.training import Trainer, load_model
+from mtbert.model_folder import load_model
+from mtbert.training import Trainer
 
 from conftest import tiny_config
 

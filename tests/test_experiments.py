@@ -301,7 +301,8 @@ def test_there_is_a_paper_config_per_table_row():
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
 def test_paper_config_loads_and_builds(path, tiny_backbone):
     from mtbert.balancing import TaskContext, build_combiner, build_weighting
-    from mtbert.training import build_model, load_backbone
+    from mtbert.model_folder import build_model
+    from mtbert.training import load_backbone
 
     lines = path.read_text().splitlines()
     assert lines[0] == f"# mtbert train --config configs/papers/{path.name}"

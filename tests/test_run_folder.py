@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from mtbert.checkpoint import RunFolderError, RunLock, recover_interrupted_writes
 from mtbert.cli import main
-from mtbert.training import Trainer, TrainingError, load_model, train_and_evaluate
+from mtbert.model_folder import load_model
+from mtbert.training import Trainer, TrainingError, train_and_evaluate
 
 from conftest import tiny_config
 

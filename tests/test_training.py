@@ -9,7 +9,8 @@ import torch
 
 from mtbert.cli import main
 from mtbert.evaluation import predict
-from mtbert.training import Trainer, load_model
+from mtbert.model_folder import load_model
+from mtbert.training import Trainer
 
 from conftest import tiny_config
 

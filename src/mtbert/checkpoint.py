@@ -47,7 +47,7 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permissions); the previous one stands."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +76,7 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
             raise CheckpointWriteError(f"cannot write {folder}: {reason}; the previous "
                                        f"version (if any) is kept") from None
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+        manifest = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         for p in [*files, tmp / MANIFEST]:
             _fsync(p)
@@ -116,7 +116,7 @@ def verify_checkpoint(folder: Path, required: Iterable[str] = ()) -> None:
         path = folder / name
         if not path.is_file() or path.parent != folder:
             raise CorruptCheckpointError(f"{path} is missing")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise CorruptCheckpointError(f"{path} does not match its checksum (truncated or "
                                          "altered)")
 

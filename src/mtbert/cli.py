@@ -1,4 +1,5 @@
-"""`mtbert train | evaluate | predict`: the command line over the public functions."""
+"""`mtbert train | evaluate | predict | ablate | report | export | data`: the command line
+over the public functions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mtbert.config import ConfigError, load_config
+from mtbert.config import ConfigError, ExperimentConfig, load_config
 
 log = logging.getLogger("mtbert")
 
@@ -36,11 +37,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--splits", nargs="+", default=["dev"])
 
-    predict = commands.add_parser("predict", help="write prediction files for splits")
-    predict.add_argument("run_dir", type=Path)
+    predict = commands.add_parser(
+        "predict", help="predict a CSV/TSV/JSONL file (--task, --input) or the config's splits",
+        description="With --task and --input: predict every row of a file (or - for standard "
+                    "input) into --output, streaming in chunks. Otherwise: write "
+                    "{task}-{split}-output.csv files for the config's splits.")
+    predict.add_argument("run_dir", type=Path, help="a run, its best/, or an export folder")
     predict.add_argument("--data-dir")
     predict.add_argument("--splits", nargs="+", default=["dev", "test"])
     predict.add_argument("--out", type=Path, help="folder (default: RUN_DIR/predictions)")
+    predict.add_argument("--task", help="the task to predict (file mode)")
+    predict.add_argument("--input", help="CSV/TSV/JSONL file with a header, or - (stdin)")
+    predict.add_argument("--output", default="-", help="file (.jsonl/.csv/.tsv) or - (stdout, "
+                                                       "default)")
+    predict.add_argument("--format", dest="output_format", choices=["jsonl", "csv", "tsv"],
+                         help="output format (default: by --output's suffix; jsonl on stdout)")
+    predict.add_argument("--input-format", choices=["jsonl", "csv", "tsv"],
+                         help="input format (default: by suffix, else sniffed)")
+    predict.add_argument("--text-columns", nargs="+", metavar="COLUMN",
+                         help="input text column(s) (default: the task's text_columns)")
+    predict.add_argument("--id-column", help="input id column (default: the task's; rows "
+                                             "without one are numbered from 0)")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="also write each class's probability")
+    predict.add_argument("--batch-size", type=int, help="default: the run's eval_batch_size")
+    predict.add_argument("--quantize", choices=["int8"], help="int8 encoder (CPU)")
+
+    export = commands.add_parser(
+        "export", help="write a Hugging Face, sentence-transformers or ONNX folder + model card")
+    export.add_argument("run_dir", type=Path, help="a run, its best/, or an export folder")
+    export.add_argument("out", type=Path)
+    export.add_argument("--format", required=True, dest="export_format",
+                        choices=["hf", "sentence-transformers", "onnx"])
+    export.add_argument("--quantize", choices=["int8"], help="onnx: int8 matrix products")
+    export.add_argument("--task", help="onnx: this task only (default: every task)")
+
+    data = commands.add_parser("data", help="download the standard task files; check a folder")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    download = data_commands.add_parser(
+        "download", help="fetch the task files and verify their sha256 sums")
+    download.add_argument("--dest", type=Path, default=Path(ExperimentConfig.data_dir),
+                          help=f"folder (default: {ExperimentConfig.data_dir})")
+    download.add_argument("--mirror", metavar="URL",
+                          help="base URL to fetch from instead of the public one (file:// works)")
+    data_check = data_commands.add_parser(
+        "check", help="read every task file as training would; list malformed rows")
+    data_check.add_argument("folder", type=Path)
+    data_check.add_argument("--tasks", nargs="+", help="presets to check (default: all)")
 
     ablate = commands.add_parser(
         "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",
@@ -108,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mtbert.training import load_model
+    from mtbert.model_folder import load_model
 
     model, tokenizer, config = load_model(args.run_dir)
     if args.data_dir:
@@ -126,10 +169,59 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from mtbert.evaluation import evaluate_splits
 
+    if args.task or args.input:
+        return predict_file(args)
     model, tokenizer, config = _load(args)
     out = args.out or args.run_dir / "predictions"
     evaluate_splits(model, tokenizer, config, args.splits, out)
     print(f"predictions written to {out}")
+
+
+def predict_file(args: argparse.Namespace) -> None:
+    """`mtbert predict RUN --task T --input FILE|-`: rows in, predictions out, streamed."""
+    from mtbert.api import load
+
+    if not (args.task and args.input):
+        raise ConfigError("file mode needs both --task and --input (FILE or - for stdin)")
+    model = load(args.run_dir, quantize=args.quantize, batch_size=args.batch_size)
+    report = model.predict_file(
+        args.task, args.input, args.output, text_columns=args.text_columns,
+        id_column=args.id_column, input_format=args.input_format,
+        output_format=args.output_format, probabilities=args.probabilities, progress=True)
+    skipped = (f"; {len(report.skipped)} malformed rows skipped (first: {args.input}:"
+               f"{report.skipped[0][0]}: {report.skipped[0][1]})" if report.skipped else "")
+    print(f"{report.rows} rows predicted in {report.seconds:.1f} s "
+          f"({report.rows / max(report.seconds, 1e-9):.0f} rows/s) -> {args.output}{skipped}",
+          file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mtbert.export import export
+
+    exported = export(args.run_dir, args.out, args.export_format, args.quantize, args.task)
+    for task, difference in exported.differences.items():
+        print(f"{task}: max |ONNX - PyTorch| output difference {difference:.2e}")
+    print(f"exported ({args.export_format}) to {exported.folder}; model card: "
+          f"{exported.folder / 'README.md'}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from mtbert.data.download import check, download
+    from mtbert.data.readers import DataError
+
+    if args.data_command == "download":
+        for line in download(args.dest, args.mirror):
+            print(line)
+        print(f"task files in {args.dest}")
+        return
+    results = check(args.folder, args.tasks)
+    for result in results:
+        print("\n".join(result.lines(args.folder)))
+    problems = [r for r in results if r.problem]
+    if problems:
+        raise DataError(f"{len(problems)} of {len(results)} task files are missing or "
+                        f"unreadable in {args.folder}: " + ", ".join(r.name for r in problems))
+    print(f"{len(results)} task files ok in {args.folder}")
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -162,7 +254,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "ablate": cmd_ablate, "report": cmd_report}
+            "ablate": cmd_ablate, "report": cmd_report, "export": cmd_export, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,13 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from mtbert.checkpoint import CorruptCheckpointError, RunFolderError
     from mtbert.data.readers import DataError
+    from mtbert.export import ExportError
     from mtbert.model.loading import CheckpointError
     from mtbert.training import TrainingError
 
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, CorruptCheckpointError, TrainingError,
-            RunFolderError, OSError) as error:  # OSError: a file or folder that cannot be used
+            RunFolderError, ExportError, OSError) as error:  # OSError: unusable file/folder
         print(f"mtbert {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -85,6 +85,7 @@ class TaskConfig:
     id_column: str = "id"
     kind: Literal["classification", "regression"] = "classification"
     num_classes: int | None = None
+    label_names: list[str] | None = None  # class names, index order; None: "0", "1", ...
     label_range: list[float] | None = None
     train_file: str | None = None
     dev_file: str | None = None
@@ -396,6 +397,10 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{where}.num_classes: a classification task needs >= 2 classes")
         if task.kind == "regression" and (not task.label_range or len(task.label_range) != 2):
             raise ConfigError(f"{where}.label_range: a regression task needs [low, high]")
+        if task.label_names is not None and (task.kind != "classification"
+                                             or len(task.label_names) != task.num_classes):
+            raise ConfigError(f"{where}.label_names: one name per class of a classification "
+                              f"task ({task.num_classes} classes), got {_short(task.label_names)}")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
     for key, value, ok, requirement in _bounds(config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from mtbert.config import TaskConfig
-from mtbert.data.batching import EncodedSplit, collate, sorted_batches
+from mtbert.data.batching import Batch, EncodedSplit, collate, sorted_batches
 from mtbert.data.tasks import default_loss
 from mtbert.model.multitask import MultitaskModel
 
@@ -31,21 +31,59 @@ def to_predictions(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
     return outputs.clamp(low, high)
 
 
+def output_probabilities(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
+    """Head outputs -> class probabilities (N, C) for cross-entropy tasks, the sigmoid
+    probability (N,) of a single-logit classifier, or the unclipped score (N,) of a regression
+    head."""
+    if task.kind != "classification":
+        return outputs
+    if default_loss(task) == "cross_entropy":
+        return outputs.softmax(-1)
+    return outputs.sigmoid()
+
+
 @torch.inference_mode()
-def predict(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
-            pad_id: int = 0, progress=None) -> np.ndarray:
-    """Predictions for every example of `split`, in the split's order."""
+def map_batches(model: MultitaskModel, split: EncodedSplit,
+                function: Callable[[Batch], torch.Tensor], batch_size: int = 128,
+                pad_id: int = 0, progress=None) -> torch.Tensor:
+    """`function(batch)` over length-sorted batches of `split` (model in eval mode), gathered
+    as float32 rows in the split's order: the one loop every prediction path runs."""
     was_training = model.training
     model.eval()
-    config = model.tasks[task]
-    out = torch.empty(len(split))
     device = next(model.parameters()).device
     batches = sorted_batches(split.lengths(), batch_size)
-    for rows in (progress(batches) if progress else batches):
-        batch = collate(split, rows, pad_id).to(device)
-        out[batch.rows] = to_predictions(config, model(task, batch).predictions).float().cpu()
-    model.train(was_training)
-    return out.numpy()
+    out = torch.empty(0)
+    try:
+        for rows in (progress(batches) if progress else batches):
+            batch = collate(split, rows, pad_id).to(device)
+            values = function(batch).float().cpu()
+            if out.shape[0] != len(split):
+                out = values.new_empty((len(split), *values.shape[1:]))
+            out[batch.rows] = values
+    finally:
+        model.train(was_training)
+    return out
+
+
+def head_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
+                 pad_id: int = 0, progress=None) -> torch.Tensor:
+    """Raw head outputs (logits or scores) for every example of `split`, in its order."""
+    return map_batches(model, split, lambda batch: model(task, batch).predictions, batch_size,
+                       pad_id, progress)
+
+
+def predict(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
+            pad_id: int = 0, progress=None) -> np.ndarray:
+    """Predictions (class indices or scores) for every example of `split`, in its order."""
+    outputs = head_outputs(model, task, split, batch_size, pad_id, progress)
+    return to_predictions(model.tasks[task], outputs).numpy()
+
+
+def predict_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
+                    pad_id: int = 0) -> np.ndarray:
+    """`output_probabilities` for every example of `split`, in the split's order."""
+    outputs = head_outputs(model, task, split, batch_size, pad_id)
+    return output_probabilities(model.tasks[task], outputs).numpy()
 
 
 def metric(task: TaskConfig, predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -128,27 +166,3 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
             scores["overall"] = overall_score(model.tasks, scores)
             table[split] = scores
     return table
-
-
-@torch.inference_mode()
-def predict_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
-                    pad_id: int = 0) -> np.ndarray:
-    """Raw head outputs for every example of `split`, in the split's order: class
-    probabilities (N, C) for cross-entropy tasks, the sigmoid probability (N,) of a single-logit
-    classifier, the unclipped score (N,) of a regression head."""
-    was_training = model.training
-    model.eval()
-    config = model.tasks[task]
-    probabilities = config.kind == "classification" and default_loss(config) == "cross_entropy"
-    out = torch.empty((len(split), config.num_classes) if probabilities else (len(split),))
-    device = next(model.parameters()).device
-    for rows in sorted_batches(split.lengths(), batch_size):
-        batch = collate(split, rows, pad_id).to(device)
-        outputs = model(task, batch).predictions.float()
-        if probabilities:
-            outputs = outputs.softmax(-1)
-        elif config.kind == "classification":
-            outputs = outputs.sigmoid()
-        out[batch.rows] = outputs.cpu()
-    model.train(was_training)
-    return out.numpy()

@@ -24,6 +24,7 @@ class Tokenizer:
         self.backend = backend
         self.backend.no_padding()
         self.max_length = max_length
+        self.truncated = 0
         self.pad_id = self._special_id("[PAD]")
         self.cls_id = self._special_id("[CLS]")
         self.sep_id = self._special_id("[SEP]")
@@ -57,8 +58,10 @@ class Tokenizer:
         self.backend.enable_truncation(value, strategy="longest_first")
 
     def encode(self, texts: Sequence[Text]) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids and token type ids of sentences or (a, b) pairs, truncated, unpadded."""
+        """Token ids and token type ids of sentences or (a, b) pairs, truncated, unpadded
+        (`truncated` counts the texts cut to `max_length` so far)."""
         encodings = self.backend.encode_batch(list(texts))
+        self.truncated += sum(1 for e in encodings if e.overflowing)
         return [e.ids for e in encodings], [e.type_ids for e in encodings]
 
     def save(self, folder: str | Path) -> None:

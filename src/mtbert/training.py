@@ -41,7 +41,6 @@ from mtbert.config import (
     TaskConfig,
     config_differences,
     dump_config,
-    load_config,
     to_dict,
 )
 from mtbert.cpu import keep_freed_memory
@@ -56,11 +55,11 @@ from mtbert.losses import (
     select_positive_pairs,
     selected_pairs_mnrl,
 )
-from mtbert.model.bert import BertConfig, BertModel
-from mtbert.model.conditioning import build_conditioning
+from mtbert.model.bert import BertModel
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import load_bert
 from mtbert.model.multitask import MultitaskModel
+from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.tokenizer import Tokenizer
 
@@ -77,12 +76,6 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------- model and data
-
-
-def build_model(config: ExperimentConfig, encoder: BertModel) -> MultitaskModel:
-    conditioning = build_conditioning(config.model, encoder.config,
-                                      [t.name for t in config.tasks])
-    return MultitaskModel(encoder, config.tasks, conditioning)
 
 
 def load_backbone(config: ExperimentConfig) -> tuple[BertModel, Tokenizer]:
@@ -529,53 +522,6 @@ def set_rng_states(states: dict[str, Tensor]) -> None:
     cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-
-
-# ---------------------------------------------------------------- saving and loading models
-
-
-def save_model(folder: Path, model: MultitaskModel, tokenizer: Tokenizer,
-               config: ExperimentConfig, metrics: dict) -> None:
-    """Everything `evaluate`, `predict` and `export` need: weights, encoder config, tokenizer,
-    the resolved experiment config and the metrics at save time."""
-
-    def write(tmp: Path) -> None:
-        save_tensors(tmp / "model.safetensors", model.state_dict())
-        save_json(tmp / "config.json", model.encoder.config.to_hf_dict())
-        tokenizer.save(tmp)
-        dump_config(config, tmp / "experiment.yaml")
-        save_json(tmp / "metrics.json", metrics)
-
-    write_checkpoint(folder, write)
-
-
-def load_model(folder: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentConfig]:
-    """A model saved by `save_model` (a run's `best/` folder, or the run folder itself)."""
-    folder = Path(folder)
-    for candidate in ("best", ".best.old"):  # .best.old: a write of best/ was interrupted
-        if (folder / candidate).is_dir():
-            folder = folder / candidate
-            break
-    verify_checkpoint(folder, ["model.safetensors", "config.json", "experiment.yaml"])
-    config = load_config(folder / "experiment.yaml")
-    bert_config = BertConfig.from_json(folder / "config.json")
-    model = build_model(config, BertModel(bert_config))
-    state = load_tensors(folder / "model.safetensors")
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CorruptCheckpointError(
-            f"{folder}: weights do not fit the model: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CorruptCheckpointError(
-                f"{folder}/model.safetensors: {key} has shape {list(tensor.shape)}, the model "
-                f"expects {list(expected[key].shape)}")
-    model.load_state_dict(state)
-    tokenizer = Tokenizer.from_folder(folder, config.model.max_length)
-    return model.eval(), tokenizer, config
 
 
 def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bool = False,

@@ -6,12 +6,15 @@ strictly, and any file content, however broken, either reads or raises :class:`D
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import itertools
 import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,10 +30,11 @@ _NOT_UTF8 = re.compile("[\ud800-\udfff]")
 _FIELD_SIZE_LIMIT = 2**31 - 1
 _FORMATS = ("tsv", "csv", "jsonl")
 _FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
+STDIN = Path("<stdin>")  # the path `iter_examples` gives standard input (by identity)
 
 
 class DataError(ValueError):
-    """A data file cannot be used; the message names the file (and line where there is one)."""
+    """Data cannot be used; the message names the file and line (or the input) at fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,25 +121,17 @@ def read_examples(
     ``label_range`` declare the valid labels; a numeric label outside them raises
     DataError. Malformed rows are skipped and logged, or raise DataError if ``strict``.
     ``file_format`` is "tsv", "csv" or "jsonl"; by default it follows the suffix, and a
-    file that is neither .jsonl/.json nor .tsv is tab-separated if its header line has a
-    tab, else comma-separated. Text is decoded as UTF-8 (a BOM is allowed); NUL bytes
-    are dropped; a file that looks UTF-16 is an error. Delimited files hold one record per
-    line (quotes may wrap a field but not run past its line). ``max_skipped_share`` makes it
-    an error when more than that share of the data rows is malformed.
+    file that is neither .jsonl/.json nor .tsv is JSON lines if its first line is a JSON
+    object, else tab-separated if its header line has a tab, else comma-separated. Text is
+    decoded as UTF-8 (a BOM is allowed); NUL bytes are dropped; a file that looks UTF-16 is
+    an error. Delimited files hold one record per line (quotes may wrap a field but not run
+    past its line). ``max_skipped_share`` makes it an error when more than that share of the
+    data rows is malformed.
     """
-    if isinstance(text_columns, str):
-        raise ValueError("text_columns must be a sequence of column names, not a str")
-    schema = _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range)
+    schema = _schema(text_columns, label_column, id_column, num_classes, label_range)
     path = Path(path)
-    resolved_format = _resolve_format(path, file_format)
-    newline = "\n" if resolved_format == "jsonl" else ""
-    with _open_text(path, newline) as stream:
-        lines = _without_nul(stream)
-        if resolved_format == "jsonl":
-            records, extract = _jsonl_records(lines), _json_object
-        else:
-            records, extract = _delimited_source(lines, path, resolved_format, schema)
-        report = _collect(path, records, extract, schema, strict)
+    report = ReadReport(path=path, examples=[], skipped=[])
+    report.examples.extend(_stream(path, schema, file_format, strict, report))
     _log_outcome(report)
     rows = len(report.examples) + len(report.skipped)
     if max_skipped_share is not None and len(report.skipped) > max_skipped_share * rows:
@@ -144,6 +140,49 @@ def read_examples(
             f"{path}: {len(report.skipped)} of {rows} rows are malformed (more than "
             f"{max_skipped_share:.0%}); first at line {first_line}: {reason}")
     return report
+
+
+def iter_examples(
+    path: str | Path,
+    text_columns: Sequence[str],
+    label_column: str | None = None,
+    *,
+    id_column: str = "id",
+    strict: bool = False,
+    file_format: str | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[Example]:
+    """The examples of a file one at a time, as `read_examples` reads them, in constant
+    memory; `path` "-" reads standard input. Skipped rows are logged with file:line and
+    appended to `report.skipped` when a report is given."""
+    schema = _schema(text_columns, label_column, id_column, None, None)
+    path = STDIN if str(path) == "-" else Path(path)
+    yield from _stream(path, schema, file_format, strict,
+                       report or ReadReport(path=path, examples=[], skipped=[]))
+
+
+def _schema(text_columns: Sequence[str], label_column: str | None, id_column: str,
+            num_classes: int | None, label_range: tuple[float, float] | None) -> _Schema:
+    if isinstance(text_columns, str):
+        raise ValueError("text_columns must be a sequence of column names, not a str")
+    return _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range)
+
+
+def _stream(path: Path, schema: _Schema, file_format: str | None, strict: bool,
+            report: ReadReport) -> Iterator[Example]:
+    resolved_format = _resolve_format(path, file_format)
+    newline = "\n" if resolved_format == "jsonl" else ""
+    with _open_text(path, newline) as stream:
+        lines = _without_nul(stream)
+        if resolved_format is None:
+            first = next(lines, "")
+            lines = itertools.chain([first], lines)
+            resolved_format = "jsonl" if first.lstrip().startswith("{") else None
+        if resolved_format == "jsonl":
+            records, extract = _jsonl_records(lines), _json_object
+        else:
+            records, extract = _delimited_source(lines, path, resolved_format, schema)
+        yield from _examples(path, records, extract, schema, strict, report)
 
 
 def _resolve_format(path: Path, file_format: str | None) -> str | None:
@@ -155,20 +194,31 @@ def _resolve_format(path: Path, file_format: str | None) -> str | None:
     return file_format
 
 
-def _open_text(path: Path, newline: str) -> TextIO:
+@contextlib.contextmanager
+def _open_text(path: Path, newline: str) -> Iterator[TextIO]:
+    if path is STDIN:
+        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig",
+                                  errors="surrogateescape", newline=newline)
+        try:
+            yield stream
+        finally:
+            stream.detach()  # leave sys.stdin open
+        return
     try:
         with open(path, "rb") as raw:
             head = raw.read(4096)
         if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(0) > len(head) // 10:
             raise DataError(f"{path}: looks UTF-16 encoded (byte-order mark or NUL bytes); "
                             "save it as UTF-8")
-        return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+        stream = open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: cannot open: it is a folder, not a data file") from None
     except OSError as error:
         raise DataError(f"{path}: cannot open: {error.strerror or error}") from None
+    with stream:
+        yield stream
 
 
 def _without_nul(lines: Iterable[str]) -> Iterator[str]:
@@ -264,27 +314,30 @@ def _json_object(line: str) -> dict[str, object]:
     return value
 
 
-def _collect(
+def _examples(
     path: Path,
     records: Iterable[tuple[int, Any]],
     extract: Callable[[Any], Mapping[str, object]],
     schema: _Schema,
     strict: bool,
-) -> ReadReport:
+    report: ReadReport,
+) -> Iterator[Example]:
     """Turn records into examples, skipping (or, if strict, rejecting) malformed ones."""
-    report = ReadReport(path=path, examples=[], skipped=[])
+    count = 0
     for row_index, (line, record) in enumerate(records):
         try:
-            report.examples.append(_build_example(extract(record), schema, row_index))
+            example = _build_example(extract(record), schema, row_index)
         except _InvalidLabel as error:
             raise DataError(f"{path}:{line}: {error}") from None
         except _MalformedRow as error:
             if strict:
                 raise DataError(f"{path}:{line}: malformed row: {error}") from None
             _record_skip(report, line, str(error))
-    if not report.examples and not report.skipped:
+            continue
+        count += 1
+        yield example
+    if not count and not report.skipped:
         raise DataError(f"{path}: no data rows")
-    return report
 
 
 def _build_example(values: Mapping[str, object], schema: _Schema, row_index: int) -> Example:

@@ -222,7 +222,7 @@ def _read_json(path: Path) -> dict:
 def write_report(run_dir: str | Path, data_dir: str | None = None,
                  max_examples: int | None = None) -> Path:
     """Render `run_dir/report.html` (plots in `run_dir/plots/`); returns the page's path."""
-    from mtbert.training import load_model
+    from mtbert.model_folder import load_model
 
     run_dir = Path(run_dir)
     model, tokenizer, config = load_model(run_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch
@@ -26,11 +26,18 @@ class MultitaskModel(nn.Module):
             {task.name: build_head(task, encoder.config.hidden_size) for task in tasks})
 
     def forward(self, task: str, batch: Batch) -> HeadOutput:
-        hooks = self.conditioning.hooks(task) if self.conditioning is not None else None
+        return self.heads[task](self.sentence_vectors(task, batch), batch.pair_index)
+
+    def sentence_vectors(self, task: str | None, batch: Batch, pooling: str = "mean") -> Tensor:
+        """(R, H) pooled vectors of the batch's rows, as `task`'s head sees them (its
+        conditioning and pooling); `task=None`: the plain encoder with `pooling`."""
+        hooks = None
+        if task is not None:
+            hooks = self.conditioning.hooks(task) if self.conditioning is not None else None
+            pooling = self.tasks[task].head.pooling
         hidden, pooled = self.encoder(batch.input_ids, batch.attention_mask,
                                       batch.token_type_ids, hooks)
-        vectors = pool(hidden, pooled, batch.attention_mask, self.tasks[task].head.pooling)
-        return self.heads[task](vectors, batch.pair_index)
+        return pool(hidden, pooled, batch.attention_mask, pooling)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task's loss reaches: the encoder (gradient methods act on these)."""

@@ -1,0 +1,178 @@
+"""Get the standard task files and check a data folder: `mtbert data download | check`.
+
+The files are those of the Stanford CS224N default final project (multitask minBERT),
+fetched from `BASE_URL` or a mirror (`--mirror URL`, `file://` allowed) and kept only when
+their sha256 matches `FILES`. The sums are those of this project's copies (`../shared/data`),
+which were not compared with the public server from here (no network on these machines).
+Our `quora-train.csv` is an 11,000-pair subset of the public 141,506-pair file, so its sum
+identifies the subset only: a different `quora-train.csv` is kept with a warning that it
+could not be verified. Offline, copy the files named in `FILES` into the folder by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtbert.checkpoint import file_sha256
+from mtbert.config import TaskConfig
+from mtbert.data.readers import DataError, read_examples
+from mtbert.data.tasks import PRESETS, SPLITS, split_file
+
+log = logging.getLogger(__name__)
+
+# The starter code's data folder (CS224N default final project, multitask minBERT).
+BASE_URL = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data/"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    sha256: str
+    rows: int  # data rows, malformed ones included
+    subset: bool = False  # our copy is a subset of the public file: a mismatch is not an error
+
+
+FILES: dict[str, DataFile] = {
+    "ids-sst-train.csv": DataFile(
+        "03b2b625c090f94a6afd59f114cde5282e2053aab0b101e87ed695d8a0c5b1df", 8544),
+    "ids-sst-dev.csv": DataFile(
+        "a186ce94577635fbe10beaaddd50f16cccf6c30973221cefdf90deed2a584bfe", 1101),
+    "ids-sst-test-student.csv": DataFile(
+        "bdd5a767faa0c26782117e37767ece154c30d5d04fb8727d09c71e3850a55c7b", 2210),
+    "ids-cfimdb-train.csv": DataFile(
+        "140fc513045a966109faed46a5c7a898767b96714d71bcb9c15f659129fadcea", 1707),
+    "ids-cfimdb-dev.csv": DataFile(
+        "3087f571b66860fe5d035b5a018d08202ad3fd3720e4821c04b2acf6c7ded559", 245),
+    "ids-cfimdb-test-student.csv": DataFile(
+        "7ae611548c9eac879e9ebb406cc9f8ae68ff12f78090e4965af5cbdfa06240f4", 488),
+    "quora-train.csv": DataFile(  # the 11,000-pair subset; the public file has 141,506
+        "d251d734467ddb240acef8be5d014f8fb330edac46098ee069d88a753cb7a56a", 11000, subset=True),
+    "quora-dev.csv": DataFile(
+        "bfa3cc954a9ba300ae776a980141de65f622a3c1b97e3fd905d63245bc36d5ad", 20214),
+    "sts-train.csv": DataFile(
+        "15d12efc2d656fffb1d61ac1f08ec4227f43925fd16f420c037cbd063699c21b", 6040),
+    "sts-dev.csv": DataFile(
+        "ce3cad6f16062586ac7ba462c28b010a9be10c530fd5074165860d7b7ab4e93d", 863),
+    "sts-test-student.csv": DataFile(
+        "dee455745b72e9ca3ff74e7c056bd73e34bad5b8d5641045a2c1e7e131866f47", 1725),
+}
+OFFLINE_HINT = "offline, copy the task files into the folder by hand (names: `mtbert data check`)"
+
+
+def download(dest: str | Path, mirror: str | None = None,
+             files: dict[str, DataFile] = FILES) -> list[str]:
+    """Fetch each file of `files` from `mirror` (a base URL; default `BASE_URL`) into `dest`,
+    keeping a file only when its sha256 matches; returns one line of outcome per file.
+    A file already in `dest` with the right sum is not fetched again."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    base = (mirror or BASE_URL).rstrip("/") + "/"
+    lines = []
+    for name, expected in files.items():
+        target = dest / name
+        if target.is_file() and file_sha256(target) == expected.sha256:
+            lines.append(f"{name}: already there, sha256 ok")
+            continue
+        tmp = dest / f".{name}.part"
+        try:
+            _fetch(base + name, tmp)
+            digest = file_sha256(tmp)
+            if digest != expected.sha256 and not expected.subset:
+                raise DataError(f"{base + name}: sha256 {digest} does not match the expected "
+                                f"{expected.sha256}; the file was not kept")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if digest == expected.sha256:
+            lines.append(f"{name}: downloaded, sha256 ok")
+        else:
+            lines.append(f"{name}: downloaded, NOT verified (our sum is that of an "
+                         f"{expected.rows}-row subset of the public file)")
+    return lines
+
+
+def _fetch(url: str, path: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise DataError(f"{url}: download failed ({reason}); {OFFLINE_HINT}") from None
+
+
+@dataclass
+class FileCheck:
+    """One task file of a data folder: rows read, skipped rows, or the problem with it."""
+
+    name: str
+    rows: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    problem: str | None = None  # missing or unreadable: the folder is not usable
+
+    def lines(self, folder: Path) -> list[str]:
+        if self.problem:
+            return [f"ERROR {self.problem}"]
+        expected = FILES.get(self.name)
+        note = ""
+        if expected and expected.rows != self.rows:
+            note = (f" (this project's copy has {expected.rows}, a subset of the public file)"
+                    if expected.subset else f" (the standard file has {expected.rows})")
+        lines = [f"ok    {self.name}: {self.rows} rows, {len(self.skipped)} malformed{note}"]
+        return lines + [f"      {folder / self.name}:{line}: {reason}"
+                        for line, reason in self.skipped]
+
+
+def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCheck]:
+    """Read every file of the preset `tasks` (default: all) in `folder` as training would
+    (columns by name, labels checked); malformed rows are listed, not fatal."""
+    folder = Path(folder)
+    results = []
+    for preset in tasks or PRESETS:
+        if preset not in PRESETS:
+            raise DataError(f"unknown task {preset!r}; known: {', '.join(PRESETS)}")
+        task = TaskConfig(name=preset, **PRESETS[preset])
+        for split in SPLITS:
+            path = split_file(task, split, folder)
+            if path is not None:
+                results.append(_check_file(task, split, path))
+    return results
+
+
+def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:
+    result = FileCheck(path.name)
+    if not path.is_file():
+        result.problem = f"{path}: missing"
+        return result
+    labelled = split != "test"
+    try:
+        with _quiet_reader():
+            report = read_examples(
+                path, task.text_columns, task.label_column if labelled else None,
+                id_column=task.id_column,
+                num_classes=task.num_classes if task.kind == "classification" else None,
+                label_range=tuple(task.label_range) if task.kind == "regression" else None)
+    except DataError as error:
+        result.problem = str(error)
+        return result
+    result.rows = len(report.examples) + len(report.skipped)
+    result.skipped = report.skipped
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_reader() -> Iterator[None]:
+    """The check lists skipped rows itself; the reader's own warnings would repeat them."""
+    reader_log = logging.getLogger("mtbert.data.readers")
+    level = reader_log.level
+    reader_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        reader_log.setLevel(level)
