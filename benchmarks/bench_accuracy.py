@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from mtbert.checkpoint import write_json_atomically
 from mtbert.cli import QUORA_NOTE
 from mtbert.config import TaskConfig, load_config
-from mtbert.data.tasks import PRESETS, read_split
+from mtbert.data.tasks import read_split
 from mtbert.evaluation import metric, overall_score
 from mtbert.model.loading import resolve_checkpoint
+from mtbert.presets import PRESETS
 from mtbert.training import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,9 +45,10 @@ from torch import nn
 
 from mtbert.config import TaskConfig
 from mtbert.data.batching import EncodedSplit, bucketed_batches, collate
-from mtbert.data.tasks import PRESETS, read_split
+from mtbert.data.tasks import read_split
 from mtbert.model.loading import load_bert, resolve_checkpoint
 from mtbert.optim import AdamW
+from mtbert.presets import PRESETS
 from mtbert.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

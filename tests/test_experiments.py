@@ -14,7 +14,7 @@ from mtbert.evaluation import predict, predict_outputs
 from mtbert.experiments import ablation
 from mtbert.experiments.ablation import format_score, plan_runs, run_ablation, write_results
 from mtbert.experiments.budgets import BUDGETS, get_budget
-from mtbert.experiments.report import labels_from_outputs, write_report
+from mtbert.experiments.report import write_report
 from mtbert.training import Trainer
 
 from conftest import tiny_config
@@ -265,20 +265,24 @@ def test_train_writes_a_report_with_every_section(tmp_path, tiny_backbone, tiny_
     assert smaller.count("10 dev examples (a seeded subsample of 32)") == 3
 
 
-def test_predict_outputs_are_probabilities_and_scores(tmp_path, tiny_backbone, tiny_data):
-    config = tiny_config(tiny_backbone, tiny_data, "tasks.quora.loss=cross_entropy", max_steps=1)
+@pytest.mark.parametrize("quora_loss", ["cross_entropy", "bce"])
+def test_predict_outputs_are_probabilities_and_scores(tmp_path, tiny_backbone, tiny_data,
+                                                      quora_loss):
+    config = tiny_config(tiny_backbone, tiny_data, f"tasks.quora.loss={quora_loss}",
+                         max_steps=1)
     trainer = Trainer(config, tmp_path / "run")
     for name, data in trainer.data.items():
         task = config.task(name)
         outputs = predict_outputs(trainer.model, name, data.dev, 64, trainer.tokenizer.pad_id)
-        if task.kind == "classification":
+        predictions = predict(trainer.model, name, data.dev, 64, trainer.tokenizer.pad_id)
+        if task.kind == "classification":  # one logit (bce) or one per class: (N, C) either way
             assert outputs.shape == (len(data.dev), task.num_classes)
             np.testing.assert_allclose(outputs.sum(1), 1, rtol=1e-5)
+            np.testing.assert_array_equal(outputs.argmax(1), predictions)
         else:
             assert outputs.shape == (len(data.dev),)
-        np.testing.assert_array_equal(
-            labels_from_outputs(task, outputs),
-            predict(trainer.model, name, data.dev, 64, trainer.tokenizer.pad_id))
+            low, high = task.label_range
+            np.testing.assert_allclose(np.clip(outputs, low, high), predictions, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- paper configs

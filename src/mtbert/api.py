@@ -135,8 +135,6 @@ class Model:
         if task.kind == "regression":
             return [Prediction(float(v)) for v in values]
         probabilities = output_probabilities(task, outputs)
-        if probabilities.dim() == 1:  # one logit: P(class 1)
-            probabilities = torch.stack([1 - probabilities, probabilities], dim=-1)
         names = self.tasks[task.name].labels
         return [Prediction(names[int(k)], int(k), dict(zip(names, row)))
                 for k, row in zip(values.tolist(), probabilities.tolist())]

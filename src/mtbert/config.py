@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+from mtbert.errors import ConfigError
+from mtbert.presets import PRESETS
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything absurd
 MIN_MAX_LENGTH = 8  # tokens per input, special tokens included
@@ -40,8 +43,6 @@ def _short(value: Any) -> str:
     return _one_line(_repr.repr(value), 120)
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names it."""
 
 
 @dataclass
@@ -326,8 +327,6 @@ def load_yaml(text: str, where: str) -> Any:
 
 def resolve_presets(raw: dict) -> dict:
     """Expand `preset: NAME` task entries into full task dicts (user keys win)."""
-    from mtbert.data.tasks import PRESETS
-
     raw = copy.deepcopy(raw)
     tasks = raw.get("tasks", [])
     if not isinstance(tasks, list):

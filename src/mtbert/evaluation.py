@@ -14,32 +14,24 @@ from scipy import stats
 
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch, EncodedSplit, collate, sorted_batches
-from mtbert.data.tasks import default_loss
+from mtbert.losses import loss_class
 from mtbert.model.multitask import MultitaskModel
 
 log = logging.getLogger(__name__)
 
 
 def to_predictions(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
-    """Head outputs -> labels: argmax of class logits, logit > 0 for one logit, or a score
-    clipped to the label range."""
-    if task.kind == "classification":
-        if default_loss(task) == "cross_entropy":
-            return outputs.argmax(-1).float()
-        return (outputs > 0).float()
-    low, high = task.label_range
-    return outputs.clamp(low, high)
+    """Head outputs -> predictions (N,): class indices, or scores in the label range, as the
+    task's loss decodes them."""
+    return loss_class(task).decode(task, outputs)
 
 
 def output_probabilities(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
-    """Head outputs -> class probabilities (N, C) for cross-entropy tasks, the sigmoid
-    probability (N,) of a single-logit classifier, or the unclipped score (N,) of a regression
-    head."""
+    """Head outputs -> class probabilities (N, C) of a classification task, or the unclipped
+    scores (N,) of a regression task."""
     if task.kind != "classification":
         return outputs
-    if default_loss(task) == "cross_entropy":
-        return outputs.softmax(-1)
-    return outputs.sigmoid()
+    return loss_class(task).probabilities(task, outputs)
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ from mtbert.checkpoint import load_json, save_json, save_tensors, write_checkpoi
 from mtbert.config import ExperimentConfig, TaskConfig
 from mtbert.data.batching import collate, encode_split
 from mtbert.data.readers import Example
-from mtbert.data.tasks import default_loss
+from mtbert.losses import loss_name
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import DEFAULT_BACKBONE, mtbert_to_hf
 from mtbert.model.multitask import MultitaskModel
@@ -259,7 +259,7 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         f"- task sampler `{train.sampler}`, loss weighting `{train.weighting}`, gradient "
         f"combiner `{train.combiner}`, seed {train.seed}",
         *(f"- {t.name}: head `{t.head.type}` ({t.head.pooling} pooling), loss "
-          f"`{default_loss(t)}`" + (", plus MNRL" if t.mnrl else "")
+          f"`{loss_name(t)}`" + (", plus MNRL" if t.mnrl else "")
           for t in config.tasks)]
     selection = (f" Model selection scored at most {train.max_eval_examples} dev examples "
                  "per task." if train.max_eval_examples else "")

@@ -5,7 +5,7 @@ A registry is the source of truth for its kind: config validation checks names a
 from outside mtbert joins without an edit to mtbert, in one of two ways:
 
 - a call, before the config is read: `mtbert.register("weighting", "half", HalfWeighting)`;
-- an entry point in the group `mtbert.<kind>s` of the package that ships it, e.g. in its
+- an entry point in the group `mtbert.<kinds>` of the package that ships it, e.g. in its
   `pyproject.toml`: `[project.entry-points."mtbert.weightings"] half = "pkg.mod:HalfWeighting"`,
   loaded the first time the registry is read.
 
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 class Registry(Mapping[str, Any]):
     """Name -> implementation for one kind; reading it loads the kind's entry points once."""
 
-    def __init__(self, kind: str, entries: dict[str, Any]):
+    def __init__(self, kind: str, entries: dict[str, Any], plural: str | None = None):
         self.kind = kind
+        self.group = f"mtbert.{plural or kind + 's'}"  # the entry-point group
         self._entries = dict(entries)
         self._plugins_loaded = False
 
@@ -50,7 +51,7 @@ class Registry(Mapping[str, Any]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        for point in entry_points(group=f"mtbert.{self.kind}s"):
+        for point in entry_points(group=self.group):
             if point.name in self._entries:
                 continue  # built-ins and explicit registrations win
             try:

@@ -46,12 +46,13 @@ from mtbert.config import (
 from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
-from mtbert.data.tasks import EVAL_SAMPLE_SEED, default_loss, read_split, subsample
+from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses import (
     POSITIVE_RULES,
     MultipleNegativesRankingLoss,
     build_loss,
+    loss_name,
     select_positive_pairs,
     selected_pairs_mnrl,
 )
@@ -133,8 +134,7 @@ class TaskLoss(nn.Module):
 
     def __init__(self, task: TaskConfig):
         super().__init__()
-        self.loss = build_loss(default_loss(task), **task.loss_options)
-        self.integer_labels = default_loss(task) == "cross_entropy"
+        self.loss = build_loss(loss_name(task), **task.loss_options)
         self.mnrl = self.rule = None
         if task.mnrl is not None:
             self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
@@ -142,8 +142,7 @@ class TaskLoss(nn.Module):
             self.mnrl_weight = task.mnrl.weight
 
     def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
-        target = labels.long() if self.integer_labels else labels
-        loss = self.loss(output.predictions.float(), target)  # fp32 loss under bf16 autocast
+        loss = self.loss(output.predictions.float(), labels)  # fp32 loss under bf16 autocast
         parts = {"loss": loss.item()}
         if self.mnrl is not None:
             u, v = (e.float() for e in output.embeddings)

@@ -23,7 +23,8 @@ from pathlib import Path
 from mtbert.checkpoint import file_sha256
 from mtbert.config import TaskConfig
 from mtbert.data.readers import DataError, read_examples
-from mtbert.data.tasks import PRESETS, SPLITS, split_file
+from mtbert.data.tasks import SPLITS, split_file
+from mtbert.presets import PRESETS
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
-"""The built-in tasks are presets of the same `TaskConfig` a user writes in YAML.
+"""Reading a task's splits: where its files are, which columns, how much of them.
 
-A preset is plain data; `config.resolve_presets` merges the user's keys over it. Nothing
-outside this table names SST, Quora or STS.
+The built-in tasks are presets (`mtbert.presets`) of the same `TaskConfig` a user writes.
 """
 
 from __future__ import annotations
@@ -11,47 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mtbert.config import ConfigError, TaskConfig
+from mtbert.config import TaskConfig
 from mtbert.data.readers import Example, read_examples
-
-PRESETS: dict[str, dict] = {
-    "sst": dict(
-        text_columns=["sentence"], label_column="sentiment", kind="classification",
-        num_classes=5, metric="accuracy", prediction_column="Predicted_Sentiment",
-        label_names=["very negative", "negative", "neutral", "positive", "very positive"],
-        train_file="ids-sst-train.csv", dev_file="ids-sst-dev.csv",
-        test_file="ids-sst-test-student.csv"),
-    "cfimdb": dict(
-        text_columns=["sentence"], label_column="sentiment", kind="classification",
-        num_classes=2, metric="accuracy", prediction_column="Predicted_Sentiment",
-        label_names=["negative", "positive"], train_file="ids-cfimdb-train.csv",
-        dev_file="ids-cfimdb-dev.csv", test_file="ids-cfimdb-test-student.csv"),
-    "quora": dict(
-        text_columns=["sentence1", "sentence2"], label_column="is_duplicate",
-        kind="classification", num_classes=2, loss="bce", metric="accuracy",
-        label_names=["not duplicate", "duplicate"], prediction_column="Predicted_Is_Paraphrase",
-        train_file="quora-train.csv", dev_file="quora-dev.csv", test_file=None),
-    "sts": dict(
-        text_columns=["sentence1", "sentence2"], label_column="similarity", kind="regression",
-        label_range=[0.0, 5.0], metric="pearson", prediction_column="Predicted_Similarity",
-        train_file="sts-train.csv", dev_file="sts-dev.csv", test_file="sts-test-student.csv"),
-}
+from mtbert.errors import ConfigError
 
 SPLITS = ("train", "dev", "test")
 EVAL_SAMPLE_SEED = 0  # dev subsamples: the same examples for every config and seed
-
-
-def default_loss(task: TaskConfig) -> str:
-    if task.loss is not None:
-        return task.loss
-    return "cross_entropy" if task.kind == "classification" else "mse"
-
-
-def output_size(task: TaskConfig) -> int:
-    """Logits per example: one per class for cross entropy, else a single number."""
-    if task.kind == "classification" and default_loss(task) == "cross_entropy":
-        return task.num_classes
-    return 1
 
 
 def split_file(task: TaskConfig, split: str, data_dir: str | Path) -> Path | None:

@@ -58,7 +58,7 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
     from mtbert.data.batching import encode_split
     from mtbert.data.readers import DataError
     from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
-    from mtbert.evaluation import metric, predict_outputs
+    from mtbert.evaluation import head_outputs, metric, output_probabilities, to_predictions
     from mtbert.model.heads import is_siamese
 
     found = {}
@@ -76,11 +76,12 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
         examples = subsample(examples, example_limit(config, max_examples),
                              seed=EVAL_SAMPLE_SEED)
         encoded = encode_split(examples, tokenizer, is_siamese(task))
-        outputs = predict_outputs(model, name, encoded, config.train.eval_batch_size,
-                                  tokenizer.pad_id)
-        labels = encoded.labels.numpy()
-        found[name] = {"outputs": outputs, "labels": labels, "total": total,
-                       "score": metric(task, labels_from_outputs(task, outputs), labels)}
+        raw = head_outputs(model, name, encoded, config.train.eval_batch_size,
+                           tokenizer.pad_id)
+        labels, predicted = encoded.labels.numpy(), to_predictions(task, raw).numpy()
+        found[name] = {"outputs": output_probabilities(task, raw).numpy(), "labels": labels,
+                       "predicted": predicted, "total": total,
+                       "score": metric(task, predicted, labels)}
     return found
 
 
@@ -91,14 +92,6 @@ def example_limit(config, max_examples: int | None) -> int | None:
         return max_examples or None
     cap = config.train.max_eval_examples
     return DEFAULT_MAX_EXAMPLES if cap is None else min(cap, DEFAULT_MAX_EXAMPLES)
-
-
-def labels_from_outputs(task, outputs: np.ndarray) -> np.ndarray:
-    """Predicted labels from `predict_outputs`: argmax, probability > 0.5, or clipped score."""
-    if task.kind == "classification":
-        return (outputs.argmax(-1) if outputs.ndim == 2 else outputs > 0.5).astype(np.float32)
-    low, high = task.label_range
-    return np.clip(outputs, low, high)
 
 
 # ---------------------------------------------------------------- plots
@@ -311,14 +304,14 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         parts.append(f"<p>{len(labels)} dev examples{of}; {task.metric} "
                      f"{found['score']:.4f}.</p>")
         if task.kind == "classification":
-            predicted = labels_from_outputs(task, out)
+            predicted = found["predicted"]
             path = plots / f"confusion_{slug}.png"
             plot_confusion(labels, predicted, task.num_classes, path,
                            f"{name}: confusion matrix (dev)")
             parts.append(f'<h4 id="confusion-matrix-{slug}">Confusion matrix</h4>')
             parts.append(_image(path, run_dir, f"{name} confusion matrix"))
             if task.num_classes == 2:
-                probability = out[:, 1] if out.ndim == 2 else out
+                probability = out[:, 1]
                 path = plots / f"histogram_{slug}.png"
                 plot_histogram(labels, probability, path,
                                f"{name}: predicted probability by gold class")

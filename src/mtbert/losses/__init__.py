@@ -1,9 +1,15 @@
-"""Task losses: pure functions of head outputs and labels, looked up by name."""
+"""Task losses: pure functions of head outputs and labels, looked up by name.
+
+Each task loss subclasses `TaskLossFunction` (`losses/base.py`) and so declares what the head's
+outputs mean: how many per example, how they decode, their class probabilities. The rest of
+mtbert asks `loss_class(task)`; a new loss is a file plus `mtbert.register("loss", ...)`.
+"""
 
 import inspect
 
 from torch import nn
 
+from mtbert.losses.base import BinaryLogitOutputs, ClassLogitsOutputs, TaskLossFunction
 from mtbert.losses.bce import BinaryCrossEntropyLoss
 from mtbert.losses.cross_entropy import CrossEntropyLoss
 from mtbert.losses.huber import HuberLoss
@@ -19,12 +25,30 @@ from mtbert.losses.mnrl import (
 from mtbert.losses.mse import MSELoss
 from mtbert.registry import Registry
 
-LOSSES = Registry("loss", {
+LOSSES = Registry("loss", plural="losses", entries={
     "cross_entropy": CrossEntropyLoss,
     "bce": BinaryCrossEntropyLoss,
     "mse": MSELoss,
     "huber": HuberLoss,
 })  # MNRL is an auxiliary loss on a pair task's embeddings: configured by a task's `mnrl:`
+
+
+# The loss of a task that names none, by task kind.
+DEFAULT_LOSSES = {"classification": "cross_entropy", "regression": "mse"}
+
+
+def loss_name(task) -> str:
+    return task.loss or DEFAULT_LOSSES[task.kind]
+
+
+def loss_class(task) -> type[TaskLossFunction]:
+    """The registered class of the task's loss: what its head's outputs mean."""
+    return LOSSES[loss_name(task)]
+
+
+def output_size(task) -> int:
+    """Numbers a head outputs per example for `task`."""
+    return loss_class(task).outputs_per_example(task)
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
@@ -40,9 +64,13 @@ def build_loss(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
+    "DEFAULT_LOSSES",
     "LOSSES",
     "POSITIVE_RULES",
+    "TaskLossFunction",
     "BinaryCrossEntropyLoss",
+    "BinaryLogitOutputs",
+    "ClassLogitsOutputs",
     "CosineThresholdPositives",
     "CrossEntropyLoss",
     "HuberLoss",
@@ -51,6 +79,9 @@ __all__ = [
     "MultipleNegativesRankingLoss",
     "ThresholdPositives",
     "build_loss",
+    "loss_class",
+    "loss_name",
+    "output_size",
     "select_positive_pairs",
     "selected_pairs_mnrl",
 ]

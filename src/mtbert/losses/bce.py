@@ -1,12 +1,13 @@
 """Binary cross-entropy on logits for yes/no tasks."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtbert.losses._shapes import scores_like_labels
+from mtbert.losses.base import BinaryLogitOutputs
 
 
-class BinaryCrossEntropyLoss(nn.Module):
+class BinaryCrossEntropyLoss(BinaryLogitOutputs):
     """Mean binary cross-entropy of a sigmoid over one logit per example.
 
     Computed with ``binary_cross_entropy_with_logits`` (log-sum-exp form), which is numerically
@@ -23,9 +24,6 @@ class BinaryCrossEntropyLoss(nn.Module):
     Returns:
         Scalar mean loss.
     """
-
-    task_kind = "classification"  # the task kind it trains (checked when the config is read)
-    binary = True  # two classes only
 
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         logits = scores_like_labels(outputs, labels)  # (B,)

@@ -1,10 +1,12 @@
 """Softmax cross-entropy for single-label classification."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from mtbert.losses.base import ClassLogitsOutputs
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(ClassLogitsOutputs):
     """Mean softmax cross-entropy between class logits and integer labels.
 
     Used for the five-way sentiment task (SST), as in the OptimusBERT report.
@@ -14,13 +16,11 @@ class CrossEntropyLoss(nn.Module):
 
     Inputs:
         - outputs: logits (B, C), float
-        - labels: class indices (B,), int64 in [0, C)
+        - labels: class indices (B,) in [0, C), any numeric dtype (cast to int64)
 
     Returns:
         Scalar mean loss.
     """
-
-    task_kind = "classification"  # the task kind it trains (checked when the config is read)
 
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         if outputs.dim() != 2 or labels.dim() != 1 or outputs.shape[0] != labels.shape[0]:
@@ -28,4 +28,4 @@ class CrossEntropyLoss(nn.Module):
                 "Expected logits of shape (B, C) and labels of shape (B,), "
                 f"got {tuple(outputs.shape)} and {tuple(labels.shape)}."
             )
-        return F.cross_entropy(outputs, labels)
+        return F.cross_entropy(outputs, labels.long())

@@ -1,12 +1,13 @@
 """Huber (smooth L1) loss for regression tasks."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtbert.losses._shapes import scores_like_labels
+from mtbert.losses.base import TaskLossFunction
 
 
-class HuberLoss(nn.Module):
+class HuberLoss(TaskLossFunction):
     """Huber loss: quadratic for errors up to ``delta``, linear beyond, so outliers pull less.
 
     Per example: ``0.5 * e**2`` if ``|e| <= delta`` else ``delta * (|e| - 0.5 * delta)``, with
@@ -26,8 +27,6 @@ class HuberLoss(nn.Module):
     Returns:
         Scalar mean loss.
     """
-
-    task_kind = "regression"  # the task kind it trains (checked when the config is read)
 
     def __init__(self, delta: float = 1.0):
         super().__init__()

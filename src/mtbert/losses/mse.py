@@ -1,12 +1,13 @@
 """Mean squared error for regression tasks."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtbert.losses._shapes import scores_like_labels
+from mtbert.losses.base import TaskLossFunction
 
 
-class MSELoss(nn.Module):
+class MSELoss(TaskLossFunction):
     """Mean squared error between predicted scores and float labels.
 
     The Gaussian-likelihood loss that the regression form of uncertainty weighting assumes
@@ -23,8 +24,6 @@ class MSELoss(nn.Module):
     Returns:
         Scalar mean loss.
     """
-
-    task_kind = "regression"  # the task kind it trains (checked when the config is read)
 
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
         predictions = scores_like_labels(outputs, labels)  # (B,)

@@ -7,22 +7,25 @@ A head class is built as `Head(task, hidden_size)` and declares, for the config 
 batching: `siamese` (True: the two sentences of a pair are encoded apart and the batch holds
 `pair_index`) and `max_classes` (how many classes it can tell apart). How many numbers it
 outputs per example and how they decode into labels is the task's loss's business
-(`losses.output_size`, `losses.decode`).
+(`losses.loss_class(task)`: `outputs_per_example`, `decode`, `probabilities`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtbert.config import TaskConfig
-from mtbert.data.tasks import output_size
+from mtbert.losses import output_size
 from mtbert.model.bert import Dropout, mean_pool
 from mtbert.registry import Registry
+
+if TYPE_CHECKING:
+    from mtbert.config import TaskConfig
 
 
 @dataclass

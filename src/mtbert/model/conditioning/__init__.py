@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from mtbert.config import ConfigError, ModelConfig
+from mtbert.errors import ConfigError
 from mtbert.model.bert import BertConfig
 from mtbert.model.conditioning.attention import TaskEmbeddedAttention
 from mtbert.model.conditioning.input import InputTaskEmbedding
@@ -19,6 +20,9 @@ from mtbert.model.conditioning.pals import ProjectedAttentionLayers
 from mtbert.model.conditioning.projected import ProjectedTaskAttention
 from mtbert.model.conditioning.projected_activation import ProjectedActivationTaskAttention
 from mtbert.registry import Registry
+
+if TYPE_CHECKING:
+    from mtbert.config import ModelConfig
 
 CONDITIONINGS = Registry("conditioning", {
     "input": InputTaskEmbedding,
