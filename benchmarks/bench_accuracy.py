@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mtbert.checkpoint import write_json_atomically
 from mtbert.cli import QUORA_NOTE
 from mtbert.config import TaskConfig, load_config
+from mtbert.cpu import configure_process
 from mtbert.data.tasks import read_split
 from mtbert.evaluation import metric, overall_score
 from mtbert.model.loading import resolve_checkpoint
@@ -155,6 +156,7 @@ def mtbert_overrides(args) -> list[str]:
 def train_mtbert(args, run_dir: Path) -> dict:
     config = load_config(args.config, mtbert_overrides(args), data_dir=str(args.data_dir))
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    configure_process(config.train.threads, config.train.device)  # as `mtbert train` does
     table, seconds, model = train_and_evaluate(config, run_dir, resume=resume,
                                                limit=args.limit)
     dev = table["dev"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mtbert.config import load_config
+from mtbert.cpu import configure_process
 from mtbert.training import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,7 @@ def main() -> None:
         overrides.append(f"train.threads={args.threads}")
     config = load_config(args.config, overrides, data_dir=str(args.data_dir))
 
+    configure_process(config.train.threads, config.train.device)  # as `mtbert train` does
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         trainer = Trainer(config, run_dir)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mtbert.config import ConfigError, ExperimentConfig, load_config
+from mtbert.cpu import configure_process
 
 log = logging.getLogger("mtbert")
 
@@ -139,6 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
         run_dir = args.run_dir or Path("runs") / config.name
+    configure_process(config.train.threads, config.train.device)
     table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None,
                                                      overwrite=args.overwrite)
     print(format_table(table, model.tasks))
@@ -229,6 +231,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
     overrides = [i for i in args.items if i not in configs]
+    configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,
                            single_task=args.single_task)

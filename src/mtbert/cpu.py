@@ -1,4 +1,8 @@
-"""CPU runtime settings: how mtbert trains fast on a few cores."""
+"""CPU runtime settings: how mtbert trains fast on a few cores.
+
+These change the whole process (thread count, the allocator), so library code never calls
+them: the command line does, once, before training (`configure_process`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,17 @@ import sys
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def configure_process(threads: int | None = None, device: str = "auto") -> None:
+    """Process-wide settings for training: `threads` for torch's CPU kernels (None: all
+    cores), and on CPUs an allocator that keeps large freed blocks (`keep_freed_memory`)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory()
 
 
 def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mtbert.balancing import TaskContext, build_combiner, build_weighting
@@ -43,19 +43,11 @@ from mtbert.config import (
     dump_config,
     to_dict,
 )
-from mtbert.cpu import keep_freed_memory
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
-from mtbert.losses import (
-    POSITIVE_RULES,
-    MultipleNegativesRankingLoss,
-    build_loss,
-    loss_name,
-    select_positive_pairs,
-    selected_pairs_mnrl,
-)
+from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import load_bert
@@ -126,33 +118,6 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
     return data
 
 
-# ---------------------------------------------------------------- losses
-
-
-class TaskLoss(nn.Module):
-    """A task's loss on its head's output, plus its auxiliary MNRL term if configured."""
-
-    def __init__(self, task: TaskConfig):
-        super().__init__()
-        self.loss = build_loss(loss_name(task), **task.loss_options)
-        self.mnrl = self.rule = None
-        if task.mnrl is not None:
-            self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
-            self.rule = POSITIVE_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
-            self.mnrl_weight = task.mnrl.weight
-
-    def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
-        loss = self.loss(output.predictions.float(), labels)  # fp32 loss under bf16 autocast
-        parts = {"loss": loss.item()}
-        if self.mnrl is not None:
-            u, v = (e.float() for e in output.embeddings)
-            mask = select_positive_pairs(self.rule, u, v, labels, epoch)
-            auxiliary = selected_pairs_mnrl(self.mnrl, u, v, mask)
-            parts["mnrl"] = auxiliary.item()
-            loss = loss + self.mnrl_weight * auxiliary
-        return loss, parts
-
-
 # ---------------------------------------------------------------- the trainer
 
 
@@ -179,13 +144,9 @@ class Trainer:
         self.config, self.run_dir = config, Path(run_dir)
         train = config.train
         torch.manual_seed(train.seed)
-        if train.threads:
-            torch.set_num_threads(train.threads)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if train.device == "auto"
             else train.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
