@@ -79,6 +79,7 @@ def test_sentence_transformers_export_encodes_like_mtbert(st_folder, model):
         np.testing.assert_allclose(theirs, model.encode(TEXTS, normalize=normalize), atol=1e-5)
     pooling = json.loads((st_folder / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+    assert mtbert.load(st_folder).predict("sst", TEXTS) == model.predict("sst", TEXTS)
 
 
 def test_model_card_metrics_equal_the_runs_metrics(st_folder, tiny_run):

@@ -125,6 +125,7 @@ class Model:
 
     def predict_examples(self, task: TaskConfig, examples: list[Example],
                          batch_size: int | None = None) -> list[Prediction]:
+        """`predict` on checked `Example`s (texts stripped, one or two per the task)."""
         if not examples:
             return []
         split = encode_split(examples, self.tokenizer, is_siamese(task))

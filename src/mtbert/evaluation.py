@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from mtbert.losses import loss_class
 from mtbert.model.multitask import MultitaskModel
 
 log = logging.getLogger(__name__)
+PAIR_ROWS = 4096  # pairs a siamese head scores at once in `head_outputs`
 
 
 def to_predictions(task: TaskConfig, outputs: torch.Tensor) -> torch.Tensor:
@@ -40,28 +42,49 @@ def map_batches(model: MultitaskModel, split: EncodedSplit,
                 pad_id: int = 0, progress=None) -> torch.Tensor:
     """`function(batch)` over length-sorted batches of `split` (model in eval mode), gathered
     as float32 rows in the split's order: the one loop every prediction path runs."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     batches = sorted_batches(split.lengths(), batch_size)
     out = torch.empty(0)
-    try:
+    with evaluating(model):
         for rows in (progress(batches) if progress else batches):
             batch = collate(split, rows, pad_id).to(device)
             values = function(batch).float().cpu()
             if out.shape[0] != len(split):
                 out = values.new_empty((len(split), *values.shape[1:]))
             out[batch.rows] = values
+    return out
+
+
+@contextmanager
+def evaluating(model: MultitaskModel) -> Iterator[None]:
+    """The model in eval mode (no dropout) meanwhile, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return out
 
 
 def head_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,
                  pad_id: int = 0, progress=None) -> torch.Tensor:
-    """Raw head outputs (logits or scores) for every example of `split`, in its order."""
-    return map_batches(model, split, lambda batch: model(task, batch).predictions, batch_size,
-                       pad_id, progress)
+    """Raw head outputs (logits or scores) for every example of `split`, in its order.
+
+    A siamese split's distinct sentences are encoded once, in batches sorted by their own
+    length (batches of equal lengths need no padding mask at all), then the head scores the
+    pairs; batching pairs would pad each sentence to the longest of 2 x batch_size.
+    """
+    if split.pair_index is None:
+        return map_batches(model, split, lambda batch: model(task, batch).predictions,
+                           batch_size, pad_id, progress)
+    vectors = map_batches(model, split.sentences(),
+                          lambda batch: model.sentence_vectors(task, batch), batch_size, pad_id,
+                          progress)
+    device = next(model.parameters()).device
+    vectors, pairs = vectors.to(device), torch.from_numpy(split.pair_index).to(device)
+    with torch.inference_mode(), evaluating(model):
+        return torch.cat([model.heads[task](vectors, rows).predictions.float().cpu()
+                          for rows in pairs.split(PAIR_ROWS)])
 
 
 def predict(model: MultitaskModel, task: str, split: EncodedSplit, batch_size: int = 128,

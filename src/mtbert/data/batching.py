@@ -37,6 +37,11 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.example_ids)
 
+    def sentences(self) -> EncodedSplit:
+        """The token rows as a split of their own (a siamese split's distinct sentences)."""
+        return EncodedSplit([str(i) for i in range(len(self.token_ids))], None, self.token_ids,
+                            self.token_types, None)
+
     def lengths(self) -> np.ndarray:
         """Tokens each example costs the encoder."""
         row_lengths = np.fromiter((len(r) for r in self.token_ids), dtype=np.int64,
