@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mtbert import __version__
 from mtbert.api import InputError, Model
 from mtbert.serving.batching import Batcher, QueueFull, model_runner
 from mtbert.serving.settings import ServeSettings
@@ -78,7 +79,8 @@ class PredictResponse(BaseModel):
 
 class EmbedRequest(BaseModel):
     inputs: list[str] = Field(examples=[["a gripping film"]])
-    normalize: bool = Field(True, description="unit length (cosine similarity = dot product)")
+    normalize: bool = Field(True, strict=True,
+                            description="unit length (cosine similarity = dot product)")
 
 
 class EmbedResponse(BaseModel):
@@ -314,8 +316,9 @@ def create_app(model: Model | None, settings: ServeSettings | None = None) -> Fa
         yield
         service.stop()  # after uvicorn has drained the requests in flight
 
-    app = FastAPI(title="mtbert", summary="One BERT encoder, several tasks: predictions and "
-                  "sentence embeddings", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="mtbert", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
+                  summary="One BERT encoder, several tasks: predictions and sentence embeddings")
     app.state.service = service
     # documents the bearer scheme in OpenAPI; `Limits` enforces it, before the body is read
     secured = [Depends(HTTPBearer(auto_error=False))] if settings.api_key else []
@@ -340,7 +343,7 @@ def create_app(model: Model | None, settings: ServeSettings | None = None) -> Fa
                         "traceback").response()
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-              dependencies=secured, responses=errors(*unauthorized, 404, 413, 422, 503),
+              dependencies=secured, responses=errors(400, *unauthorized, 404, 413, 422, 503),
               summary="Labels with probabilities, or scores, for texts or text pairs")
     async def predict(request: PredictRequest) -> dict[str, Any]:
         model = service.ready()
@@ -356,7 +359,7 @@ def create_app(model: Model | None, settings: ServeSettings | None = None) -> Fa
             for p in results]}
 
     @app.post("/v1/embed", response_model=EmbedResponse, dependencies=secured,
-              responses=errors(*unauthorized, 413, 422, 503),
+              responses=errors(400, *unauthorized, 413, 422, 503),
               summary="Sentence embeddings, pooled as the model's siamese task was trained")
     async def embed(request: EmbedRequest) -> dict[str, Any]:
         model = service.ready()
