@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mtbert
+from mtbert.api import InputError
 from mtbert.checkpoint import CorruptCheckpointError, save_json, write_checkpoint
 from mtbert.config import ConfigError
 from mtbert.data.batching import encode_split
@@ -88,6 +89,9 @@ def test_bad_inputs_are_clear_errors(model):
         model.predict("sst", [("good", "bad")])
     with pytest.raises(DataError, match="input 1: empty text"):
         model.predict("sst", ["good", "  "])
+    with pytest.raises(InputError, match="input 1: not valid Unicode at character 3") as error:
+        model.encode(["good", "bad\ud800"])  # a lone surrogate: tokenizers would raise TypeError
+    assert (error.value.index, error.value.reason) == (1, "not valid Unicode at character 3")
     assert model.predict("sst", []) == []
 
 

@@ -1,6 +1,7 @@
 """Each benchmark script's `--smoke` mode runs end to end on the tiny backbone and data."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,15 @@ def test_bench_infer_predict_cli_mode(tiny_run, tiny_data):
     assert "| mtbert predict (Model.predict_file" in out
     assert "| mtbert fp32 (sorted, dynamic padding), same encoder" in out
     assert "32 pairs = 64 sentences" in out and "mtbert predict / fp32 path:" in out
+
+
+def test_bench_serve_smoke(tiny_run):
+    """Three real servers (mtbert fp32, int8, naive transformers) under a few requests."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("uvicorn")
+    out = run("bench_serve.py", tiny_run, "--smoke")
+    assert "max |probability difference|" in out
+    for server in ("mtbert serve fp32", "mtbert serve int8", "naive transformers (thread pool)"):
+        for concurrency in (1, 4):
+            assert re.search(rf"\| {re.escape(server)} \| {concurrency} \| 20 \| 0 \|", out), out
+    assert "errors over the run: 0" in out

@@ -47,6 +47,14 @@ CHUNK_ROWS = 8192  # rows `predict_file` holds at a time
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
+class InputError(DataError):
+    """One input cannot be used: `index` is its position, `reason` says why."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"input {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a task takes and gives."""
@@ -118,10 +126,14 @@ class Model:
                 batch_size: int | None = None) -> list[Prediction]:
         """One `Prediction` per input: texts for single-sentence tasks, (text, text) pairs
         for pair tasks. Texts longer than `max_length` tokens are truncated (warned once)."""
-        config = self._task(task)
-        examples = [Example(str(i), _texts(config, i, value), None)
-                    for i, value in enumerate(inputs)]
-        return self.predict_examples(config, examples, batch_size)
+        return self.predict_examples(self._task(task), self.examples(task, inputs), batch_size)
+
+    def examples(self, task: str | None, inputs: Sequence[Input]) -> list[Example]:
+        """`inputs` checked and stripped as `predict(task, ...)` takes them (`task=None`: single
+        texts, as `encode` takes them); `InputError` names the first bad one."""
+        config = None if task is None else self._task(task)
+        return [Example(str(i), _texts(config, i, value), None)
+                for i, value in enumerate(inputs)]
 
     def predict_examples(self, task: TaskConfig, examples: list[Example],
                          batch_size: int | None = None) -> list[Prediction]:
@@ -147,7 +159,7 @@ class Model:
         (its pooling and conditioning); `normalize`: unit length (cosine = dot product)."""
         task = self.embedding_task
         pooling = self.model.tasks[task].head.pooling if task else "mean"
-        examples = [Example(str(i), (_single(i, text),), None) for i, text in enumerate(texts)]
+        examples = self.examples(None, texts)
         split = encode_split(examples, self.tokenizer, siamese=False)
         self._warn_truncation()
         vectors = map_batches(self.model, split,
@@ -214,23 +226,27 @@ class FileReport:
 
 def _single(index: int, value: object) -> str:
     if not isinstance(value, str):
-        raise DataError(f"input {index}: expected a text, got {type(value).__name__} "
-                        f"{value!r:.80}")
+        raise InputError(index, f"expected a text, got {type(value).__name__} {value!r:.80}")
     if not value.strip():
-        raise DataError(f"input {index}: empty text")
+        raise InputError(index, "empty text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate, e.g. from JSON's "\ud800"
+        raise InputError(index, f"not valid Unicode at character {error.start}") from None
     return value.strip()
 
 
-def _texts(task: TaskConfig, index: int, value: object) -> tuple[str, ...]:
-    """The stripped text(s) of one input, checked against the task's input kind."""
-    if not task.is_pair:
-        if not isinstance(value, str):
-            raise DataError(f"input {index}: task {task.name!r} takes single texts, got "
-                            f"{type(value).__name__} {value!r:.80}")
+def _texts(task: TaskConfig | None, index: int, value: object) -> tuple[str, ...]:
+    """The stripped text(s) of one input, checked against the task's input kind (None:
+    a single text)."""
+    if task is None or not task.is_pair:
+        if task is not None and not isinstance(value, str):
+            raise InputError(index, f"task {task.name!r} takes single texts, got "
+                                    f"{type(value).__name__} {value!r:.80}")
         return (_single(index, value),)
     if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise DataError(f"input {index}: task {task.name!r} takes (text, text) pairs, got "
-                        f"{type(value).__name__} {value!r:.80}")
+        raise InputError(index, f"task {task.name!r} takes (text, text) pairs, got "
+                                f"{type(value).__name__} {value!r:.80}")
     return tuple(_single(index, text) for text in value)
 
 

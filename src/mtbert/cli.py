@@ -1,15 +1,17 @@
-"""`mtbert train | evaluate | predict | ablate | report | export | data`: the command line
-over the public functions."""
+"""`mtbert train | evaluate | predict | ablate | report | serve | export | data`: the command
+line over the public functions."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from mtbert.config import ConfigError, ExperimentConfig, load_config
 from mtbert.cpu import configure_process
+from mtbert.serving.settings import ServeSettings
 
 log = logging.getLogger("mtbert")
 
@@ -63,6 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write each class's probability")
     predict.add_argument("--batch-size", type=int, help="default: the run's eval_batch_size")
     predict.add_argument("--quantize", choices=["int8"], help="int8 encoder (CPU)")
+
+    serve = commands.add_parser(
+        "serve", help="serve a model over HTTP: /v1/predict, /v1/embed, /health, /metrics, "
+                      "a page at /",
+        description="An HTTP server in the shape of text-embeddings-inference: requests of "
+                    "all clients are batched together (up to --max-batch inputs, or what "
+                    "came within --max-wait-ms), one forward pass per task. OpenAPI docs at "
+                    "/docs. SIGTERM lets the requests in flight finish, then exits.")
+    serve.add_argument("run_dir", type=Path, help="a run, its best/, or an export folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any)")
+    serve.add_argument("--quantize", choices=["int8"], help="int8 encoder (CPU)")
+    defaults = ServeSettings()
+    for flag, kind, meaning in (
+            ("max-batch", int, "inputs per forward pass"),
+            ("max-wait-ms", float, "how long the oldest queued input waits for others"),
+            ("max-queue", int, "inputs waiting; a request that would pass it gets 503"),
+            ("max-inputs", int, "inputs per request; more gets 413"),
+            ("max-chars", int, "characters per text; more gets 422")):
+        default = getattr(defaults, flag.replace("-", "_"))
+        serve.add_argument(f"--{flag}", type=kind, default=default,
+                           help=f"{meaning} (default: {default})")
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help="require 'Authorization: Bearer KEY' on /v1/* and /metrics, "
+                            "KEY being the value of the environment variable VAR")
 
     export = commands.add_parser(
         "export", help="write a Hugging Face, sentence-transformers or ONNX folder + model card")
@@ -197,6 +224,28 @@ def predict_file(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from mtbert.api import load
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env, "")
+        if not key.strip():
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable "
+                              "is not set or empty")
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, max_inputs=args.max_inputs,
+                             max_chars=args.max_chars, api_key=key)
+    if not args.run_dir.is_dir():
+        raise ConfigError(f"{args.run_dir}: no such folder")
+    try:
+        from mtbert.serving.app import serve
+    except ImportError as error:
+        raise ConfigError(f"serving needs the serve extra: pip install 'mtbert[serve]' "
+                          f"({error})") from None
+    serve(lambda: load(args.run_dir, quantize=args.quantize), settings, args.host, args.port)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from mtbert.export import export
 
@@ -257,7 +306,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "ablate": cmd_ablate, "report": cmd_report, "export": cmd_export, "data": cmd_data}
+            "ablate": cmd_ablate, "report": cmd_report, "serve": cmd_serve, "export": cmd_export,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
