@@ -79,20 +79,32 @@ def test_bench_accuracy_smoke_and_resume(tiny, tmp_path):
     pytest.importorskip("transformers")
     out_dir = tmp_path / "accuracy"
     out = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
-    for row in ("(a) HF single-task cross-encoders (3 models)",
-                "(b) mtbert, one multitask model", "(b) - (a)"):
-        assert f"| {row} |" in out
+    tasks = ("sst", "quora", "sts")
+    for rule in ("last step", "dev-selected (optimistic)"):
+        assert f"checkpoint rule: {rule}" in out
+    for row in ("(a1) HF [CLS] pooler head", "(a2) HF mean pooling + linear head",
+                "(b) mtbert single-task, same recipe, 3 models",
+                "(c) mtbert, one multitask model", "(c) - (a1)", "(c) - (a2)", "(c) - (b)"):
+        assert f"| {row}" in out
     results = json.loads((out_dir / "results.json").read_text())
-    assert {"hf/sst", "hf/quora", "hf/sts", "mtbert"} <= set(results)
-    assert all(results[f"hf/{task}"]["steps"] == 1 for task in ("sst", "quora", "sts"))
+    assert {f"{kind}/{task}" for kind in ("hf-cls", "hf-mean", "mtbert-only")
+            for task in tasks} | {"mtbert"} <= set(results)
+    for task in tasks:
+        for pooling in ("cls", "mean"):
+            hf = results[f"hf-{pooling}/{task}"]
+            assert hf["steps"] == 1 and hf["epoch_scores"] == [hf["last"]]
+        alone = results[f"mtbert-only/{task}"]
+        assert set(alone["last"]) == set(alone["best"]) == {task}
+    # mean pooling and the [CLS] head are different models: their heads differ in size
+    assert results["hf-mean/sst"]["parameters"] != results["hf-cls/sst"]["parameters"]
     # one stored encoder against three
     ratio = results["mtbert"]["parameters"] / sum(
-        results[f"hf/{task}"]["parameters"] for task in ("sst", "quora", "sts"))
+        results[f"hf-cls/{task}"]["parameters"] for task in tasks)
     assert ratio < 0.5
     assert (out_dir / "mtbert" / "predictions" / "sst-dev-output.csv").is_file()
-    # a second run finds every result and trains nothing: the same table comes back
+    # a second run finds every result and trains nothing: the same tables come back
     again = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
-    assert again.split("\n\n")[1] == out.split("\n\n")[1]
+    assert again.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
     assert json.loads((out_dir / "results.json").read_text()) == results
 
 
