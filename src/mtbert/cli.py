@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars for each run trained")
 
+    merge = commands.add_parser(
+        "merge", help="merge runs fine-tuned from the same backbone into one multitask model",
+        description="Merge the runs' encoders (average, task arithmetic or TIES) and keep "
+                    "every run's heads: one model folder for all their tasks, which "
+                    "evaluate, predict, serve and export read like a run.")
+    merge.add_argument("runs", nargs="+", type=Path, metavar="RUN")
+    merge.add_argument("--method", required=True, choices=["average", "task-arithmetic", "ties"])
+    merge.add_argument("--scale", type=float,
+                       help="task-arithmetic and ties: the merged task vector's factor "
+                            "(default: 0.5 and 1.0)")
+    merge.add_argument("--density", type=float, default=0.2,
+                       help="ties: share of each task vector's entries kept (default: 0.2)")
+    merge.add_argument("--out", type=Path, required=True, help="the merged model's folder")
+
     report = commands.add_parser("report", help="write RUN_DIR/report.html (plots, curves)")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--data-dir")
@@ -294,6 +308,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             + "; ".join(f"{run.run_dir}: {message}" for run, message in outcome.failed))
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from mtbert.merging import merge_runs
+
+    if args.scale is not None and args.method == "average":
+        raise ConfigError("--scale applies to task-arithmetic and ties, not average")
+    model = merge_runs(args.runs, args.method, args.out, args.scale, args.density)
+    print(f"merged {len(args.runs)} runs ({args.method}) into {args.out}: tasks "
+          f"{', '.join(model.tasks)}; score it with: mtbert evaluate {args.out}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mtbert.experiments.report import TensorBoardUnavailable, write_report, write_tensorboard
 
@@ -307,7 +331,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "ablate": cmd_ablate, "report": cmd_report, "serve": cmd_serve, "export": cmd_export,
-            "data": cmd_data}
+            "data": cmd_data, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:
