@@ -139,3 +139,26 @@ def build_distillation(config: DistillConfig, tasks: dict[str, TaskConfig],
     targets = {name: teacher_targets(tasks[name], source, splits[name], pad_id, batch_size)
                for name, source in config.teachers.items() if name in splits}
     return TeacherAnnealing(tasks, targets, config.temperature, config.anneal)
+
+
+def teachers_from_runs(runs: list[str | Path], task_names: list[str]) -> dict[str, str]:
+    """{task: run} for each of `task_names` that one of `runs` has (`mtbert distill`)."""
+    from mtbert.config import load_config
+    from mtbert.model_folder import model_folder
+
+    teachers: dict[str, str] = {}
+    for run in runs:
+        for task in load_config(model_folder(run) / "experiment.yaml").tasks:
+            if task.name not in task_names:
+                continue
+            if task.name in teachers:
+                raise ConfigError(f"--teachers: {teachers[task.name]} and {run} both have task "
+                                  f"{task.name!r}; give one teacher per task")
+            teachers[task.name] = str(run)
+    if not teachers:
+        raise ConfigError(f"--teachers: none of the runs has a task of the config "
+                          f"({task_names})")
+    untaught = [name for name in task_names if name not in teachers]
+    if untaught:
+        log.info("tasks without a teacher learn from their gold labels only: %s", untaught)
+    return teachers
