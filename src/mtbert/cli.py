@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--single-task", action="store_true",
                         help="also train each task of the first config alone (same recipe, "
                              "budget, seeds): the rows Δm%% is measured against")
+    ablate.add_argument("--merge", nargs="+", default=[], metavar="METHOD",
+                        choices=["average", "task-arithmetic", "ties"],
+                        help="with --single-task: also a row per method merging each seed's "
+                             "single-task runs (mtbert merge)")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
@@ -336,7 +340,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,
-                           single_task=args.single_task)
+                           single_task=args.single_task, merges=args.merge)
     print(outcome.files["md"].read_text(encoding="utf-8"))
     print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
           f"results: {', '.join(str(p) for p in outcome.files.values())}")
