@@ -103,3 +103,13 @@ def test_frozen_encoder_trains_only_adapters_and_heads(tmp_path, tiny_backbone, 
     changed = [k for k, v in trainer.model.conditioning.state_dict().items()
                if not torch.equal(v, lora[k])]
     assert any(k.endswith(".up") for k in changed)
+
+
+@pytest.mark.parametrize("technique", ["train.combiner=pcgrad", "train.weighting=gradnorm"])
+def test_methods_on_encoder_gradients_refuse_a_frozen_encoder(technique, tiny_backbone,
+                                                              tiny_data):
+    from mtbert.config import ConfigError
+    key = technique.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: .* acts on the encoder's gradients"):
+        tiny_config(tiny_backbone, tiny_data, "adapt.freeze_encoder=true", technique)
+    tiny_config(tiny_backbone, tiny_data, technique)  # fine with the encoder training

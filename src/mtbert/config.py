@@ -463,6 +463,11 @@ def _check_techniques(config: ExperimentConfig) -> None:
                           f"every step; train.sampler {train.sampler!r} draws one task per "
                           "step (use round_robin)")
     for key, name, technique in (("train.weighting", train.weighting, weighting),
+                                 ("train.combiner", train.combiner, combiner)):
+        if config.adapt.freeze_encoder and technique.needs_encoder_gradients:
+            raise ConfigError(f"{key}: {name!r} acts on the encoder's gradients; with "
+                              "adapt.freeze_encoder (or train --from) the encoder has none")
+    for key, name, technique in (("train.weighting", train.weighting, weighting),
                                  ("train.sampler", train.sampler, sampler)):
         if train.epochs <= technique.acts_from_epoch - 1:
             raise ConfigError(f"{key}: {name!r} acts from epoch {technique.acts_from_epoch}; "
