@@ -22,8 +22,10 @@ TASKS = ["sst", "quora", "sts"]
 # Options for the tiny encoder (H = 32, 2 heads); the defaults are checked at full size below.
 OPTIONS = {"input": {}, "attention": {}, "projected": {"embedding_size": 16},
            "projected_activation": {"embedding_size": 16, "activation": "tanh"},
-           "pals": {"rank": 8, "heads": 2}}
-EXACT_AT_INIT = ["input", "attention", "projected", "pals"]
+           "pals": {"rank": 8, "heads": 2}, "lora": {"rank": 4, "alpha": 8},
+           "mtl_lora": {"rank": 4, "up_projections": 2, "targets": ["qkv", "output"]}}
+EXACT_AT_INIT = ["input", "attention", "projected", "pals", "lora", "mtl_lora"]
+SHARED_PARAMETERS = {"projected", "projected_activation", "mtl_lora"}  # some owned by no task
 CONFIG = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=16)
 
@@ -66,7 +68,7 @@ def owner(name):
     return next((part for part in name.split(".") if part in TASKS), None)
 
 
-def test_registry_has_the_five_variants():
+def test_registry_has_the_seven_variants():
     assert sorted(CONDITIONINGS) == sorted(OPTIONS)
 
 
@@ -101,7 +103,7 @@ def test_gradients_reach_only_the_served_task(variant, encoder, batch):
     conditioning = build(variant).train()
     perturb(conditioning)
     named = dict(conditioning.named_parameters())
-    assert any(owner(name) is None for name in named) == variant.startswith("projected")
+    assert any(owner(name) is None for name in named) == (variant in SHARED_PARAMETERS)
     for task in TASKS:
         conditioning.zero_grad(set_to_none=True)
         encode(encoder, batch, conditioning.hooks(task)).square().sum().backward()
@@ -138,12 +140,18 @@ FORMULAS = {"input": T * H,
             "attention": T * L * 3 * H,
             "projected": T * H + L * 3 * H * H,
             "projected_activation": T * H + L * 3 * H * H + L * 3 * (H * H + H),
-            "pals": T * (2 * H * R + R + H + L * 3 * (R * R + R))}
+            "pals": T * (2 * H * R + R + H + L * 3 * (R * R + R)),
+            # rank 8 on qkv (H -> 3H), attention output (H -> H), intermediate (H -> 4H) and
+            # output (4H -> H): inputs H + H + H + 4H, outputs 3H + H + 4H + H
+            "lora": T * L * 8 * (7 * H + 9 * H),
+            # + 3 up projections shared; per task an 8 x 8 transform and 3 mixing weights
+            "mtl_lora": L * (8 * 7 * H + 3 * 8 * 9 * H + 4 * T * (8 * 8 + 3))}
 
 
 @pytest.mark.parametrize("variant", OPTIONS)
 def test_added_parameters_match_the_formula_and_the_module(variant):
-    config = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=12)
+    config = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=12,
+                        intermediate_size=4 * H)
     conditioning = CONDITIONINGS[variant](config, TASKS)
     actual = sum(p.numel() for p in conditioning.parameters())
     assert conditioning.added_parameters() == actual == FORMULAS[variant]
@@ -164,7 +172,8 @@ def test_pal_rank_and_heads():
 def test_conditioning_configs_build_their_variant(path):
     config = load_config(path)
     assert config.model.conditioning == path.stem and config.name == f"conditioning-{path.stem}"
-    shape = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=12)
+    shape = BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=L, num_attention_heads=12,
+                        intermediate_size=4 * H)
     conditioning = build_conditioning(config.model, shape, [t.name for t in config.tasks])
     assert conditioning.added_parameters() == FORMULAS[path.stem]
     command = f"# mtbert train --config configs/conditioning/{path.name}\n"

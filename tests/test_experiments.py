@@ -383,3 +383,34 @@ def test_ablate_single_task_rows_delta_m_intervals_and_no_op_flag(tmp_path, tiny
     assert "Δ overall vs base [95% CI]" in table and "Δm% vs single-task [95% CI]" in table
     assert "| twin ⚠ same first-step losses as the baseline |" in table
     assert "sst vs alone (points)" in table
+
+
+def test_ablate_merged_rows_and_a_student_of_the_single_task_runs(tmp_path, tiny_backbone,
+                                                                  tiny_data, capsys):
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, max_steps=3)
+    student = tiny_yaml(tmp_path, "student", tiny_backbone, max_steps=3)
+    student.write_text(student.read_text() + "distill: {teachers: {sst: single-task, "
+                                              "sts: single-task}}\n")
+    out = tmp_path / "one-model"
+    assert main(["ablate", str(base), str(student), "--single-task", "--seeds", "1",
+                 "--merge", "average", "ties", "--budget", "full", "--out", str(out),
+                 "--data-dir", str(tiny_data), "--no-report"]) == 0
+    capsys.readouterr()
+    saved = load_config(out / "student" / "seed-0" / "config.yaml")
+    assert saved.distill.teachers == {t: str(out / f"base-only-{t}" / "seed-0")
+                                      for t in ("sst", "sts")}
+    alone = {t: results_of(out, f"base-only-{t}")[0] for t in ("sst", "quora", "sts")}
+    merged = results_of(out, "base-merged-ties")[0]
+    assert merged["train_time_s"] == pytest.approx(sum(r["train_time_s"] for r in alone.values()),
+                                                   abs=0.02)
+    assert set(merged["dev"]) == {"sst", "quora", "sts", "overall"}
+    from mtbert.model_folder import load_model
+    model, _, _ = load_model(out / "base-merged-average" / "seed-0")
+    sst, _, _ = load_model(out / "base-only-sst" / "seed-0")
+    for key, value in model.heads["sst"].state_dict().items():
+        assert np.array_equal(value.numpy(), sst.heads["sst"].state_dict()[key].numpy())
+    with open(out / "results.csv") as f:
+        rows = {row["config"] for row in csv.DictReader(f)}
+    assert {"base-merged-average", "base-merged-ties", "student"} <= rows
+    with pytest.raises(ConfigError, match="--merge merges the single-task runs"):
+        plan_runs([base], "full", 1, out, str(tiny_data), merges=["ties"])

@@ -14,6 +14,7 @@ from mtbert.data.batching import encode_split
 from mtbert.data.readers import Example
 from mtbert.inference import OnnxPredictor
 from mtbert.model.loading import CheckpointError
+from mtbert.model_folder import load_model
 from mtbert.training import Trainer
 
 from conftest import SIAMESE_HEADS, tiny_config
@@ -142,3 +143,22 @@ def test_exports_that_would_mislead_are_refused(tiny_backbone, tiny_data, tmp_pa
 def test_export_option_errors(tiny_run, tmp_path, capsys, arguments, message):
     assert main(["export", str(tiny_run), str(tmp_path / "out"), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lora_task_exports_folded_into_a_plain_bert(tiny_backbone, tiny_data, tmp_path):
+    config = tiny_config(tiny_backbone, tiny_data, *SIAMESE_HEADS, "model.conditioning=lora",
+                         "model.conditioning_options={rank: 2}", max_steps=2)
+    Trainer(config, tmp_path / "run").fit()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "sts"), "--format", "hf",
+                 "--task", "sts"]) == 0
+    adapted, folded = mtbert.load(tmp_path / "run"), mtbert.load(tmp_path / "sts")
+    assert list(folded.tasks) == ["sts"]
+    inputs = [("a cat runs", "a dog runs"), ("red film", "big blue plot"), ("cat", "cat")]
+    got = [p.label for p in folded.predict("sts", inputs)]
+    expected = [p.label for p in adapted.predict("sts", inputs)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    trained, _, _ = load_model(tmp_path / "run")  # the adapters are in the weights now
+    exported, _, _ = load_model(tmp_path / "sts")
+    assert exported.conditioning is None
+    assert not torch.equal(exported.encoder.layers[0].attention.qkv.weight,
+                           trained.encoder.layers[0].attention.qkv.weight)

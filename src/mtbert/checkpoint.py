@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 # What a run writes into its folder; a folder holding any of these holds a run.
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "best", "checkpoints", "predictions",
-             "report.html", "plots", "result.json", "error.txt", "tensorboard")
+             "report.html", "plots", "result.json", "error.txt", "tensorboard", "best-tasks")
 
 log = logging.getLogger(__name__)
 

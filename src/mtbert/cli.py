@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from mtbert.config import ConfigError, ExperimentConfig, load_config
+from mtbert.config import ConfigError, ExperimentConfig, load_config, validate
 from mtbert.cpu import configure_process
 from mtbert.serving.settings import ServeSettings
 
@@ -32,8 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "overrides may lower train.lr (e.g. after NaN losses)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run that --run-dir already holds")
+    train.add_argument("--from", dest="from_run", type=Path, metavar="RUN",
+                       help="add the config's tasks to RUN's model: RUN's encoder, tasks and "
+                            "conditioning stay frozen (their outputs unchanged); only the new "
+                            "tasks' heads and adapters train")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.lr=3e-5 tasks.sts.head.type=cosine")
+
+    distill = commands.add_parser(
+        "distill", help="train a multitask student taught by single-task teachers (BAM!)",
+        description="Train the config's tasks as `mtbert train` does, each task with a "
+                    "teacher learning from lambda * gold + (1 - lambda) * teacher, lambda "
+                    "rising from 0 to 1 over training (teacher annealing, Clark et al. 2019).")
+    distill.add_argument("--teachers", nargs="+", type=Path, required=True, metavar="RUN",
+                         help="teacher runs: each teaches the tasks it has")
+    distill.add_argument("--config", type=Path, help="the student's experiment YAML")
+    distill.add_argument("--data-dir", help="folder with the task files (default: config)")
+    distill.add_argument("--run-dir", type=Path, help="output folder (default: runs/NAME)")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="replace the run that --run-dir already holds")
+    distill.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="config overrides, e.g. distill.temperature=2")
 
     evaluate = commands.add_parser("evaluate", help="score a trained model on labelled splits")
     evaluate.add_argument("run_dir", type=Path)
@@ -131,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--single-task", action="store_true",
                         help="also train each task of the first config alone (same recipe, "
                              "budget, seeds): the rows Δm%% is measured against")
+    ablate.add_argument("--merge", nargs="+", default=[], metavar="METHOD",
+                        choices=["average", "task-arithmetic", "ties"],
+                        help="with --single-task: also a row per method merging each seed's "
+                             "single-task runs (mtbert merge)")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
@@ -139,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "finished runs that lack one)")
     ablate.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars for each run trained")
+
+    merge = commands.add_parser(
+        "merge", help="merge runs fine-tuned from the same backbone into one multitask model",
+        description="Merge the runs' encoders (average, task arithmetic or TIES) and keep "
+                    "every run's heads: one model folder for all their tasks, which "
+                    "evaluate, predict, serve and export read like a run.")
+    merge.add_argument("runs", nargs="+", type=Path, metavar="RUN")
+    merge.add_argument("--method", required=True, choices=["average", "task-arithmetic", "ties"])
+    merge.add_argument("--scale", type=float,
+                       help="task-arithmetic and ties: the merged task vector's factor "
+                            "(default: 0.5 and 1.0)")
+    merge.add_argument("--density", type=float, default=0.2,
+                       help="ties: share of each task vector's entries kept (default: 0.2)")
+    merge.add_argument("--out", type=Path, required=True, help="the merged model's folder")
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html (plots, curves)")
     report.add_argument("run_dir", type=Path)
@@ -152,24 +189,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mtbert.evaluation import format_table
-    from mtbert.training import RESUME_OVERRIDES, train_and_evaluate
+    from mtbert.training import RESUME_OVERRIDES
 
     if args.resume is not None:
         others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
-        if args.config or args.run_dir or args.overwrite or others:
+        if args.config or args.run_dir or args.overwrite or args.from_run or others:
             raise ConfigError("--resume takes the run's own config; drop --config, --run-dir, "
-                              f"--overwrite and overrides other than {', '.join(RESUME_OVERRIDES)}")
+                              "--overwrite, --from and overrides other than "
+                              f"{', '.join(RESUME_OVERRIDES)}")
         run_dir = args.resume
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml)")
         config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
+        if args.from_run is not None:
+            from mtbert.adapting import config_from_run
+            config = config_from_run(args.from_run, config)
         run_dir = args.run_dir or Path("runs") / config.name
+    _train(config, run_dir, args.resume is not None, args.overwrite)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from mtbert.distillation import teachers_from_runs
+
+    config = load_config(args.config, args.overrides, args.data_dir)
+    config.distill.teachers = teachers_from_runs(args.teachers, [t.name for t in config.tasks])
+    validate(config)
+    _train(config, args.run_dir or Path("runs") / config.name, False, args.overwrite)
+
+
+def _train(config: ExperimentConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Train (or resume) a run, print its table and write its report."""
+    from mtbert.evaluation import format_table
+    from mtbert.training import train_and_evaluate
+
     configure_process(config.train.threads, config.train.device)
-    table, train_seconds, model = train_and_evaluate(config, run_dir, args.resume is not None,
-                                                     overwrite=args.overwrite)
+    table, train_seconds, model = train_and_evaluate(config, run_dir, resume,
+                                                     overwrite=overwrite)
     print(format_table(table, model.tasks))
     print(f"training wall time: {train_seconds / 60:.1f} min; best model: {run_dir / 'best'}; "
           f"predictions: {run_dir / 'predictions'}")
@@ -283,7 +340,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,
-                           single_task=args.single_task)
+                           single_task=args.single_task, merges=args.merge)
     print(outcome.files["md"].read_text(encoding="utf-8"))
     print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
           f"results: {', '.join(str(p) for p in outcome.files.values())}")
@@ -292,6 +349,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             f"{len(outcome.failed)} of {len(outcome.runs)} runs failed (traceback in their "
             "error.txt; re-run the command to retry them): "
             + "; ".join(f"{run.run_dir}: {message}" for run, message in outcome.failed))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from mtbert.merging import merge_runs
+
+    if args.scale is not None and args.method == "average":
+        raise ConfigError("--scale applies to task-arithmetic and ties, not average")
+    model = merge_runs(args.runs, args.method, args.out, args.scale, args.density)
+    print(f"merged {len(args.runs)} runs ({args.method}) into {args.out}: tasks "
+          f"{', '.join(model.tasks)}; score it with: mtbert evaluate {args.out}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -307,7 +374,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "ablate": cmd_ablate, "report": cmd_report, "serve": cmd_serve, "export": cmd_export,
-            "data": cmd_data}
+            "data": cmd_data, "merge": cmd_merge, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

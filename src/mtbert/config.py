@@ -147,6 +147,28 @@ class TrainConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Training part of a model: adapters on a frozen encoder, a new task beside trained ones."""
+
+    freeze_encoder: bool = False  # train conditioning (e.g. LoRA) and heads only
+    # `mtbert train --from RUN`: start from RUN's model; its encoder, its tasks' heads and
+    # conditioning stay frozen (their outputs bit-identical) and only the new tasks train.
+    from_run: str | None = None
+    keep_task_best: bool = False  # also keep each task's best model in best-TASK/
+
+
+@dataclass
+class DistillConfig:
+    """Teacher-annealed distillation (BAM!, Clark et al. 2019; see `distillation.py`)."""
+
+    # task -> its teacher: an mtbert run or model folder with that task, or a prediction file
+    # (CSV/TSV/JSONL with the task's id column and `prob_<class>` columns or a `score` column).
+    teachers: dict[str, str] = field(default_factory=dict)
+    temperature: float = 1.0  # softens classification teachers' probabilities
+    anneal: bool = True  # lambda from 0 (teacher) to 1 (gold) over training; False: lambda = 0
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     data_dir: str = "../shared/data"
@@ -155,6 +177,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strict_data: bool = False  # malformed rows are errors instead of skipped rows
     max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def task(self, name: str) -> TaskConfig:
         for task in self.tasks:
@@ -406,6 +430,9 @@ def validate(config: ExperimentConfig) -> None:
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
     _check_techniques(config)
+    for task in config.distill.teachers:
+        if task not in names:
+            raise ConfigError(f"distill.teachers.{task}: no task of that name; tasks: {names}")
 
 
 def _registered(key: str, name: str, registry: dict) -> Any:
@@ -435,6 +462,11 @@ def _check_techniques(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
                           f"every step; train.sampler {train.sampler!r} draws one task per "
                           "step (use round_robin)")
+    for key, name, technique in (("train.weighting", train.weighting, weighting),
+                                 ("train.combiner", train.combiner, combiner)):
+        if config.adapt.freeze_encoder and technique.needs_encoder_gradients:
+            raise ConfigError(f"{key}: {name!r} acts on the encoder's gradients; with "
+                              "adapt.freeze_encoder (or train --from) the encoder has none")
     for key, name, technique in (("train.weighting", train.weighting, weighting),
                                  ("train.sampler", train.sampler, sampler)):
         if train.epochs <= technique.acts_from_epoch - 1:
@@ -501,6 +533,7 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("model.hidden_dropout", model.hidden_dropout, fraction, "in [0, 1)"),
         ("model.attention_dropout", model.attention_dropout, fraction, "in [0, 1)"),
         ("max_skipped_share", config.max_skipped_share, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("distill.temperature", config.distill.temperature, positive, "> 0"),
     ]
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"

@@ -11,11 +11,14 @@
 
 Every folder gets a `README.md` model card written from the run, and a sha256 manifest.
 A model with task conditioning is refused for `hf` and `sentence-transformers`: its plain
-encoder is not the model the tasks were trained with.
+encoder is not the model the tasks were trained with. Low-rank adapters (LoRA, MTL-LoRA) are
+the exception with `--task`: that task's adapters are folded into the encoder's weights and
+the folder holds that task alone, as a plain BERT (the ONNX graphs keep adapters apart).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from mtbert.config import ExperimentConfig, TaskConfig
 from mtbert.data.batching import collate, encode_split
 from mtbert.data.readers import Example
 from mtbert.losses import loss_name
+from mtbert.model.conditioning.low_rank import LowRankAdapters, fold
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import DEFAULT_BACKBONE, mtbert_to_hf
 from mtbert.model.multitask import MultitaskModel
@@ -71,13 +75,18 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
-    if fmt != "onnx" and (quantize or task):
-        raise ExportError("--quantize and --task apply to --format onnx only")
     model, tokenizer, config = load_model(run)
+    foldable = isinstance(model.conditioning, LowRankAdapters)
+    if fmt != "onnx" and (quantize or (task and not foldable)):
+        raise ExportError("--quantize and --task apply to --format onnx only (--task also to "
+                          "hf and sentence-transformers of a model with low-rank adapters, "
+                          "which it folds)")
     metrics = load_json(model_folder(run) / "metrics.json")
     out = Path(out)
     if fmt == "onnx":
         return _export_onnx(model, tokenizer, config, metrics, out, quantize, task)
+    if task is not None:
+        model, config = folded(model, config, task)
     if model.conditioning is not None:
         raise ExportError(
             f"the model uses task conditioning ({config.model.conditioning}): its plain encoder "
@@ -105,6 +114,19 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
                                        encoding="utf-8")
 
     return Exported(write_checkpoint(out, write))
+
+
+def folded(model: MultitaskModel, config: ExperimentConfig, task: str
+           ) -> tuple[MultitaskModel, ExperimentConfig]:
+    """`task` alone, its low-rank adapters folded into a plain encoder's weights."""
+    if task not in model.tasks:
+        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
+    config = dataclasses.replace(
+        config, tasks=[config.task(task)],
+        model=dataclasses.replace(config.model, conditioning=None, conditioning_options={}))
+    single = MultitaskModel(fold(model.encoder, model.conditioning, task), config.tasks)
+    single.heads[task].load_state_dict(model.heads[task].state_dict())
+    return single.eval(), config
 
 
 def embedding_pooling(model: MultitaskModel) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mtbert.adapting import adapt_model
 from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
     CorruptCheckpointError,
@@ -46,6 +47,7 @@ from mtbert.config import (
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
+from mtbert.distillation import build_distillation
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
@@ -129,6 +131,7 @@ class TrainState:
     best_score: float = -math.inf
     best_step: int = -1
     best_record: int = -1  # index into history
+    task_best: dict[str, float] = field(default_factory=dict)  # adapt.keep_task_best
     history: list[dict] = field(default_factory=list)
     examples_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
     first_losses: list[dict] = field(default_factory=list)  # per-step losses, first steps
@@ -150,22 +153,28 @@ class Trainer:
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
-        self.losses = {name: TaskLoss(t.config) for name, t in self.data.items()}
-        names = list(self.data)
+        frozen = adapt_model(self.model, config.adapt)  # tasks loaded from adapt.from_run
+        trained = {name: d for name, d in self.data.items() if name not in frozen}
+        self.losses = {name: TaskLoss(t.config) for name, t in trained.items()}
+        self.distillation = build_distillation(
+            config.distill, {n: d.config for n, d in trained.items()},
+            {n: d.train for n, d in trained.items()}, self.tokenizer.pad_id,
+            train.eval_batch_size)
+        names = list(trained)
         self.streams = {
             name: TaskStream(name, d.train, d.config.batch_size or train.batch_size,
                              train.seed, self.tokenizer.pad_id)
-            for name, d in self.data.items()}
+            for name, d in trained.items()}
         self.sampler = build_sampler(
-            train.sampler, {n: len(d.train) for n, d in self.data.items()},
+            train.sampler, {n: len(d.train) for n, d in trained.items()},
             {n: s.batch_size for n, s in self.streams.items()}, train.seed,
             epochs=train.epochs, **train.sampler_options)
         micro_steps = math.ceil(train.epochs * self.sampler.steps_per_epoch())
         self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
-        context = TaskContext(tuple(names), {n: d.config.kind for n, d in self.data.items()},
-                              {n: d.config.weight for n, d in self.data.items()}, train.seed)
+        context = TaskContext(tuple(names), {n: d.config.kind for n, d in trained.items()},
+                              {n: d.config.weight for n, d in trained.items()}, train.seed)
         self.weighting = build_weighting(train.weighting, context, **train.weighting_options)
         self.combiner = build_combiner(train.combiner, context)
         self._check_run_reaches(self.weighting, self.sampler)
@@ -237,6 +246,9 @@ class Trainer:
                 with self.autocast():
                     output = model(task, batch)
                 loss, parts = self.losses[task](output, batch.labels, self.epoch)
+                loss, taught = self.distillation(task, output.predictions, loss, batch.rows,
+                                                 self.state.step / self.total_steps)
+                parts.update(taught)
                 losses[task] = loss
                 logged.update({f"{task}/{k}": v for k, v in parts.items()})
             # The weighting sees the tasks' own losses; the micro-step's share of the
@@ -360,6 +372,18 @@ class Trainer:
             self.state.best_record = len(self.state.history) - 1
             save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
                        {"dev": scores, "step": self.state.step})
+        if self.config.adapt.keep_task_best:
+            self._keep_task_best(scores)
+
+    def _keep_task_best(self, scores: dict[str, float]) -> None:
+        """`best-tasks/TASK/`: the model at the task's own best dev score, which may come at
+        another step than the overall best (a student can be assembled from them)."""
+        for task, score in scores.items():
+            if task == "overall" or not score > self.state.task_best.get(task, -math.inf):
+                continue
+            self.state.task_best[task] = score
+            save_model(self.run_dir / "best-tasks" / task, self.model, self.tokenizer,
+                       self.config, {"dev": scores, "step": self.state.step, "task": task})
 
     # ------------------------------------------------------------ resume checkpoints
 

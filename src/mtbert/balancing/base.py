@@ -87,7 +87,9 @@ class LossWeighting(nn.Module):
     ``needs_every_task``: the method needs every task's loss at every step (a sampler that
     draws all tasks); ``acts_from_epoch``: the first epoch (1-based) in which the weights can
     differ from the plain sum, so a shorter run is an error; ``uses_task_weights``: reads the
-    tasks' ``weight`` keys (every other weighting rejects weights other than 1).
+    tasks' ``weight`` keys (every other weighting rejects weights other than 1);
+    ``needs_encoder_gradients``: the method reads gradients of the shared encoder, so it
+    cannot act with the encoder frozen (``adapt.freeze_encoder``).
 
     Args:
         task_names: Names of all tasks, unique; the order of ``weights()``.
@@ -96,6 +98,7 @@ class LossWeighting(nn.Module):
     needs_every_task = False
     acts_from_epoch = 1
     uses_task_weights = False
+    needs_encoder_gradients = False
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "LossWeighting":
@@ -150,10 +153,12 @@ class GradientCombiner:
     Only ``shared_params`` and ``other_params`` receive gradients (the weighting's own
     parameters, e.g. uncertainty log-variances, belong in ``other_params``).
     ``needs_several_tasks``: the combiner only differs from the plain sum when a step holds
-    several tasks (declared for the config checks).
+    several tasks; ``needs_encoder_gradients``: it acts on the shared encoder's gradients
+    (declared for the config checks).
     """
 
     needs_several_tasks = False
+    needs_encoder_gradients = False
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "GradientCombiner":

@@ -65,6 +65,7 @@ class PCGrad(GradientCombiner):
     """
 
     needs_several_tasks = True
+    needs_encoder_gradients = True
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "PCGrad":

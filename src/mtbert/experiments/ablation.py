@@ -55,11 +55,13 @@ from mtbert.config import (
     validate,
 )
 from mtbert.experiments.budgets import budget_max_steps, get_budget
+from mtbert.merging import METHODS as MERGE_METHODS
 from mtbert.training import FIRST_LOSSES_STEPS, TrainingError
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+SINGLE_TASK_TEACHERS = "single-task"  # distill.teachers value: the baseline's single-task runs
 DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
 
 # How the reports name the tasks in their tables; any other task is shown by its own name.
@@ -96,6 +98,8 @@ class PlannedRun:
     config: ExperimentConfig
     run_dir: Path
     single_task_of: str | None = None  # the multitask config whose task this run trains alone
+    merge_method: str | None = None  # not trained: `sources` merged (`mtbert merge`)
+    sources: list[Path] = field(default_factory=list)
 
     @property
     def result_file(self) -> Path:
@@ -128,16 +132,22 @@ def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) 
 
 def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
               out: str | Path = "runs/ablation", data_dir: str | None = None,
-              overrides: Sequence[str] = (), single_task: bool = False) -> list[PlannedRun]:
+              overrides: Sequence[str] = (), single_task: bool = False,
+              merges: Sequence[str] = ()) -> list[PlannedRun]:
     """Resolve every config x seed under the budget; checks names and finished runs.
 
     `single_task`: also train each task of the first config (the baseline) alone, with the
     same recipe, budget and seeds, as `<name>-only-<task>`: the rows Δm% is measured against.
+    A config may name them as its teachers, `distill.teachers: {TASK: single-task}` (a BAM!
+    student taught by the runs of its own seed). `merges`: methods of `mtbert merge`, each a
+    row `<name>-merged-<method>` merging the single-task runs of each seed.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1, got {seeds}")
     if not config_files:
         raise ConfigError("ablate: name at least one config file")
+    if merges and not single_task:
+        raise ConfigError("--merge merges the single-task runs: add --single-task")
     spec = get_budget(budget)
     out = Path(out)
     runs: list[PlannedRun] = []
@@ -155,11 +165,31 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
             config = load_config(path, [*spec.overrides, *capped, *overrides,
                                         f"train.seed={base.train.seed + k}"], data_dir)
             config.name = name
+            baseline = next(iter(names))
+            teachers = {task: out / f"{baseline}-only-{task}" / f"seed-{k}"
+                        for task, source in config.distill.teachers.items()
+                        if source == SINGLE_TASK_TEACHERS}
+            if teachers and (not single_task or len(names) == 1):
+                raise ConfigError(f"{path}: distill.teachers 'single-task' needs --single-task "
+                                  "and another config first (the baseline whose tasks train "
+                                  "alone)")
+            config.distill.teachers.update({task: str(run) for task, run in teachers.items()})
             runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}"))
             if single_task and len(names) == 1:
                 runs += [PlannedRun(f"{name}-only-{task.name}", path, k, alone, out /
                                     f"{name}-only-{task.name}" / f"seed-{k}", name)
                          for task, alone in zip(config.tasks, single_task_configs(config))]
+    baselines = [run for run in runs if run.name == next(iter(names))]
+    for method in merges:
+        if method not in MERGE_METHODS:
+            raise ConfigError(f"--merge: unknown {method!r}; known: {sorted(MERGE_METHODS)}")
+        for run in baselines:
+            merged = f"{run.name}-merged-{method}"
+            runs.append(PlannedRun(
+                merged, run.config_file, run.seed_index, run.config,
+                out / merged / f"seed-{run.seed_index}", merge_method=method,
+                sources=[out / f"{run.name}-only-{t.name}" / f"seed-{run.seed_index}"
+                         for t in run.config.tasks]))
     stale = [message for run in runs if (message := _stale(run))]
     if stale:
         raise ConfigError("finished runs were trained with another config; delete them or use "
@@ -238,6 +268,41 @@ def run_one(run: PlannedRun, budget: str) -> dict:
     return result
 
 
+def run_merged(run: PlannedRun, budget: str) -> dict:
+    """Merge the single-task runs `run.sources` into `run_dir/best`, score it on the dev
+    sample every run is scored on, and write `result.json`. Its training time is the sum of
+    the merged runs' (what the merged model cost)."""
+    from mtbert.merging import merge_runs
+    from mtbert.training import Trainer
+
+    sources = [json.loads((s / RESULT_FILE).read_text(encoding="utf-8")) for s in run.sources]
+    with RunLock(run.run_dir):
+        clear_run(run.run_dir, everything=True)
+        start = time.perf_counter()
+        merged = merge_runs(run.sources, run.merge_method, run.run_dir / "best")
+        trainer = Trainer(run.config, run.run_dir)  # the run's dev sample, tokenized
+        trainer.model.load_state_dict(merged.state_dict())
+        dev = trainer.evaluate("dev")
+        own = time.perf_counter() - start
+    result = {
+        "config": run.name, "config_file": str(run.config_file), "seed": run.config.train.seed,
+        "seed_index": run.seed_index, "budget": budget, "backbone": run.config.model.backbone,
+        "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
+                  for t in run.config.tasks},
+        "dev": dev, "single_task_of": None, "merged_from": [str(s) for s in run.sources],
+        "merge_method": run.merge_method, "best_step": -1,
+        "steps": sum(s["steps"] for s in sources),
+        "examples_seen": {t: n for s in sources for t, n in s["examples_seen"].items()},
+        "first_losses": [], "total_steps": sum(s["total_steps"] for s in sources),
+        "wall_time_s": round(own + sum(s["wall_time_s"] for s in sources), 2),
+        "train_time_s": round(sum(s["train_time_s"] for s in sources), 2),
+        "parameters": trainer.parameter_counts(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomically(run.result_file, result)
+    return result
+
+
 def read_result(run: PlannedRun) -> dict:
     return json.loads(run.result_file.read_text(encoding="utf-8"))
 
@@ -245,14 +310,16 @@ def read_result(run: PlannedRun) -> dict:
 def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
                  out: str | Path = "runs/ablation", data_dir: str | None = None,
                  overrides: Sequence[str] = (), report: bool = True,
-                 tensorboard: bool = False, single_task: bool = False) -> AblationOutcome:
+                 tensorboard: bool = False, single_task: bool = False,
+                 merges: Sequence[str] = ()) -> AblationOutcome:
     """Train every config x seed not finished yet, then write the result tables.
 
     The first config is the baseline every other row is compared with; `single_task` adds
     its tasks trained alone (see `plan_runs`). `report`: write each run's `report.html` (also
     for a finished run that lacks one); `tensorboard`: each newly trained run's scalars.
     """
-    runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides, single_task)
+    runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides, single_task,
+                     merges)
     outcome = AblationOutcome(runs, {})
     todo = [r for r in runs if not r.finished]
     log.info("ablation: %d rows x %d seeds = %d runs (%d finished), budget %s, in %s",
@@ -260,13 +327,13 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
     for run in runs:
         if run.finished:
             outcome.skipped.append(run)
-            if report and not (run.run_dir / "report.html").is_file():
+            if report and run.merge_method is None and not (run.run_dir / "report.html").is_file():
                 _extras(run.run_dir, report=True, tensorboard=False)
             continue
         log.info("[%d/%d] %s seed-%d (seed %d)", len(outcome.trained) + len(outcome.failed) + 1,
                  len(todo), run.name, run.seed_index, run.config.train.seed)
         try:
-            run_one(run, budget)
+            (run_one if run.merge_method is None else run_merged)(run, budget)
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the rest
             message = f"{type(error).__name__}: {error}"
             log.error("%s failed: %s", run.run_dir, message)
@@ -277,7 +344,8 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
             outcome.failed.append((run, message))
             continue
         outcome.trained.append(run)
-        _extras(run.run_dir, report, tensorboard)
+        if run.merge_method is None:  # a merged model has no training curves to report
+            _extras(run.run_dir, report, tensorboard)
     for run in runs:
         if run.finished:
             outcome.results.setdefault(run.name, []).append(read_result(run))

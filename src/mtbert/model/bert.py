@@ -8,8 +8,8 @@ Post-LN transformer layers, absolute position embeddings, attention through
 The layers compute only a batch's real tokens, packed into one (tokens, H) matrix, and pad
 just around attention (`TokenLayout`): padding costs no matrix products.
 
-Task conditioning (task embeddings, PALs) plugs in through `EncoderHooks`: the encoder calls
-the hooks at three fixed points and knows nothing else about tasks.
+Task conditioning (task embeddings, PALs, LoRA) plugs in through `EncoderHooks`: the encoder
+calls the hooks at four fixed points and knows nothing else about tasks.
 """
 
 from __future__ import annotations
@@ -185,6 +185,24 @@ class EncoderHooks(nn.Module):
         """
         return None
 
+    def projection(self, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """(N, out) output `y` of `layer`'s linear map `name` (a key of `PROJECTIONS`) on its
+        (N, in) input `x`; adapters (LoRA) add a low-rank term."""
+        return y
+
+
+# The linear maps of a layer that `EncoderHooks.projection` sees: name -> module path in
+# `BertLayer` (adapters fold into these weights).
+PROJECTIONS = {"qkv": "attention.qkv", "attention_output": "attention.output",
+               "intermediate": "intermediate", "output": "output"}
+
+
+def project(linear: nn.Linear, x: Tensor, layer: int, name: str,
+            hooks: EncoderHooks | None) -> Tensor:
+    """`linear(x)`, passed through the `projection` hook when there are hooks."""
+    y = linear(x)
+    return y if hooks is None else hooks.projection(layer, name, x, y)
+
 
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
@@ -220,11 +238,11 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenLayout, layer: int,
                 hooks: EncoderHooks | None) -> Tensor:
-        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # (N, H) each
+        q, k, v = project(self.qkv, x, layer, "qkv", hooks).split(x.shape[-1], dim=-1)  # (N, H)
         if hooks is not None:
             q, k, v = hooks.attention_qkv(layer, q, k, v)
         y = layout.attention(q, k, v, self.num_heads, self.dropout_p if self.training else 0.0)
-        return self.output(y)
+        return project(self.output, y, layer, "attention_output", hooks)
 
 
 class BertLayer(nn.Module):
@@ -248,7 +266,8 @@ class BertLayer(nn.Module):
             if branch is not None:
                 attended = attended + branch
         x = self.attention_norm(x + attended)
-        return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
+        h = self.act(project(self.intermediate, x, layer, "intermediate", hooks))  # (N, I)
+        return self.output_norm(x + self.dropout(project(self.output, h, layer, "output", hooks)))
 
 
 class BertPooler(nn.Module):

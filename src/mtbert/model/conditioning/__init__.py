@@ -16,6 +16,8 @@ from mtbert.errors import ConfigError
 from mtbert.model.bert import BertConfig
 from mtbert.model.conditioning.attention import TaskEmbeddedAttention
 from mtbert.model.conditioning.input import InputTaskEmbedding
+from mtbert.model.conditioning.lora import LoRA
+from mtbert.model.conditioning.mtl_lora import MultiTaskLoRA
 from mtbert.model.conditioning.pals import ProjectedAttentionLayers
 from mtbert.model.conditioning.projected import ProjectedTaskAttention
 from mtbert.model.conditioning.projected_activation import ProjectedActivationTaskAttention
@@ -30,6 +32,8 @@ CONDITIONINGS = Registry("conditioning", {
     "projected": ProjectedTaskAttention,
     "projected_activation": ProjectedActivationTaskAttention,
     "pals": ProjectedAttentionLayers,
+    "lora": LoRA,
+    "mtl_lora": MultiTaskLoRA,
 })
 
 

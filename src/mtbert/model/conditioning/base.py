@@ -47,6 +47,9 @@ class TaskConditioning(nn.Module):
                          layout: TokenLayout) -> Tensor | None:
         return None
 
+    def projection(self, task: str, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
 
 class _TaskHooks(EncoderHooks):
     """A `TaskConditioning`'s hook methods with the task filled in."""
@@ -57,6 +60,7 @@ class _TaskHooks(EncoderHooks):
         self._input_embeddings = partial(owner.input_embeddings, task)
         self._attention_qkv = partial(owner.attention_qkv, task)
         self._attention_branch = partial(owner.attention_branch, task)
+        self._projection = partial(owner.projection, task)
 
     def input_embeddings(self, embeddings: Tensor) -> Tensor:
         return self._input_embeddings(embeddings)
@@ -68,6 +72,9 @@ class _TaskHooks(EncoderHooks):
     def attention_branch(self, layer: int, hidden: Tensor, layout: TokenLayout
                          ) -> Tensor | None:
         return self._attention_branch(layer, hidden, layout)
+
+    def projection(self, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
+        return self._projection(layer, name, x, y)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -1,0 +1,78 @@
+"""Adding a task to a trained model (`mtbert train --from RUN`): the old tasks' outputs stay
+bit-identical, the new task trains; per-task best models are kept when asked."""
+
+import json
+
+import pytest
+import torch
+
+from mtbert.cli import main
+from mtbert.config import ConfigError
+from mtbert.evaluation import head_outputs
+from mtbert.model_folder import load_model
+from mtbert.training import Trainer, train_and_evaluate
+
+from conftest import tiny_config
+
+LORA = ["model.conditioning=mtl_lora", "model.conditioning_options={rank: 2, up_projections: 2}"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_backbone, tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("adapt") / "base"
+    train_and_evaluate(tiny_config(tiny_backbone, tiny_data, *LORA, tasks="[sst, sts]",
+                                   max_steps=3), run, splits=("dev",))
+    return run
+
+
+def outputs(run, data):
+    model, _, _ = load_model(run)
+    return {task: head_outputs(model, task, split.dev, 64) for task, split in data.items()}
+
+
+def test_added_task_trains_and_old_outputs_stay_bit_identical(lora_run, tiny_backbone,
+                                                              tiny_data, tmp_path):
+    added = tmp_path / "added"
+    code = main(["train", "--from", str(lora_run), "--run-dir", str(added), "--data-dir",
+                 str(tiny_data), "tasks=[quora]", f"model.backbone={tiny_backbone}",
+                 "train.max_steps=3", "train.batch_size=16", "train.lr=3e-3",
+                 "train.eval_batch_size=64"])
+    assert code == 0
+    base, _, _ = load_model(lora_run)
+    new, _, config = load_model(added)
+    assert [t.name for t in config.tasks] == ["sst", "sts", "quora"]
+    trainer = Trainer(config, tmp_path / "unused")  # the tasks' dev data, tokenized
+    old = {t: d for t, d in trainer.data.items() if t != "quora"}
+    before, after = outputs(lora_run, old), outputs(added, old)
+    for task in old:
+        assert torch.equal(before[task], after[task]), task
+    for key, value in base.state_dict().items():  # every trained weight is as it was
+        assert torch.equal(new.state_dict()[key], value), key
+    fresh = Trainer(config, tmp_path / "fresh").model.state_dict()  # quora's initial weights
+    trained = [k for k in new.state_dict() if "quora" in k
+               and not torch.equal(new.state_dict()[k], fresh[k])]
+    assert any(k.startswith("heads.quora") for k in trained)
+    assert any(k.startswith("conditioning.tasks.quora") for k in trained)
+
+
+def test_adding_a_task_the_run_has_is_refused(lora_run, tiny_backbone, tiny_data, tmp_path,
+                                              capsys):
+    code = main(["train", "--from", str(lora_run), "--run-dir", str(tmp_path / "x"),
+                 "--data-dir", str(tiny_data), "tasks=[sst]", f"model.backbone={tiny_backbone}"])
+    assert code == 2
+    assert "already in" in capsys.readouterr().err
+
+
+def test_task_best_models_are_kept_when_asked(tiny_backbone, tiny_data, tmp_path):
+    config = tiny_config(tiny_backbone, tiny_data, "adapt.keep_task_best=true",
+                         "train.evals_per_epoch=4", tasks="[sst, sts]", max_steps=4)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    for task in ("sst", "sts"):
+        best = max(r["dev"][task] for r in trainer.state.history)
+        model, _, _ = load_model(tmp_path / "run" / "best-tasks" / task)
+        saved = json.loads((tmp_path / "run" / "best-tasks" / task / "metrics.json").read_text())
+        assert saved["dev"][task] == best and saved["task"] == task
+        assert model.tasks.keys() == {"sst", "sts"}
+    with pytest.raises(ConfigError, match="adapt.keep_task_bst"):
+        tiny_config(tiny_backbone, tiny_data, "adapt.keep_task_bst=true")
