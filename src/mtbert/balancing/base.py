@@ -150,10 +150,14 @@ class GradientCombiner:
     Only ``shared_params`` and ``other_params`` receive gradients (the weighting's own
     parameters, e.g. uncertainty log-variances, belong in ``other_params``).
     ``needs_several_tasks``: the combiner only differs from the plain sum when a step holds
-    several tasks (declared for the config checks).
+    several tasks (declared for the config checks). ``averages_across_ranks``: under DDP,
+    ``backward`` averages the shared parameters' gradients over the ranks itself, so the
+    trainer keeps DDP's own all-reduce out of its backward pass and averages the other
+    parameters' gradients afterwards.
     """
 
     needs_several_tasks = False
+    averages_across_ranks = False
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "GradientCombiner":
