@@ -4,13 +4,16 @@ job, and --resume ends with the weights of an uninterrupted run."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mtbert.data.batching import TaskStream
 from mtbert.training import Trainer
@@ -90,3 +93,61 @@ def test_rank_slices_are_the_one_process_batch(tiny_backbone, tiny_data):
         assert not set(parts[0]) & set(parts[1])
         np.testing.assert_array_equal(np.sort(np.concatenate(parts)),
                                       np.sort(single.next().rows.numpy()))
+
+
+KILL_TOTAL_STEPS = 30
+
+
+def start_training(args: list[str], tiny_data: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": str(TESTS.parent / "src")}
+    return subprocess.Popen([sys.executable, "-m", "mtbert", "train", "--nproc", "2",
+                             "--data-dir", str(tiny_data), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the launcher's child process that torchrun gave `rank`."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_killed_rank_stops_the_job_and_resume_ends_like_an_uninterrupted_run(
+        tmp_path, tiny_backbone, tiny_data):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "# tiny resumable 2-process run\n"
+        "name: tiny\n"
+        f"model: {{backbone: {tiny_backbone}, max_length: 32, hidden_dropout: 0.1}}\n"
+        "tasks: [sst, quora, sts]\n"
+        f"train: {{epochs: 100, max_steps: {KILL_TOTAL_STEPS}, batch_size: 8, lr: 1.0e-3,\n"
+        "        checkpoint_every: 5, evals_per_epoch: 1, combiner: pcgrad,\n"
+        "        weighting: uncertainty, threads: 1}\n"
+        "distributed: {timeout_s: 60}\n")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    process = start_training(["--config", str(config), "--run-dir", str(straight)], tiny_data)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+
+    process = start_training(["--config", str(config), "--run-dir", str(killed)], tiny_data)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("step-0000001*")):  # mid-run, mid-epoch
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(worker_of_rank(process, 1), signal.SIGKILL)
+    assert process.wait(timeout=120) == 2  # rank 0 was stopped too, with a message
+    message = process.stderr.read()
+    assert "training process 1 failed (signal SIGKILL)" in message, message[-3000:]
+    assert not (killed / "checkpoints" / f"step-{KILL_TOTAL_STEPS:08d}").exists()
+
+    process = start_training(["--resume", str(killed)], tiny_data)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    final = f"checkpoints/step-{KILL_TOTAL_STEPS:08d}"
+    for name in ("model.safetensors", "weighting.safetensors", "rng-rank1.safetensors"):
+        expected, actual = load_file(straight / final / name), load_file(killed / final / name)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
