@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mtbert.config import load_config
 from mtbert.data.batching import TaskStream
-from mtbert.training import Trainer
+from mtbert.training import Trainer, TrainingError
 
 from conftest import SIAMESE_HEADS, tiny_config
 
@@ -151,3 +152,18 @@ def test_killed_rank_stops_the_job_and_resume_ends_like_an_uninterrupted_run(
         expected, actual = load_file(straight / final / name), load_file(killed / final / name)
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+    # Its global batches need 2 processes: one process refuses to resume it.
+    trainer = Trainer(load_config(killed / "config.yaml", data_dir=str(tiny_data)), killed)
+    with pytest.raises(TrainingError, match="trained on 2 process"):
+        trainer.resume()
+
+
+def test_bench_ddp_smoke(tiny_backbone, tiny_data):
+    done = subprocess.run(
+        [sys.executable, str(TESTS.parent / "benchmarks" / "bench_ddp.py"), "--smoke",
+         "--cores", "2", "--backbone", str(tiny_backbone), "--data-dir", str(tiny_data)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(TESTS.parent / "src")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 1 x 2 |" in done.stdout and "| 2 x 1 |" in done.stdout
+    assert "median steps/s: 1 process" in done.stdout

@@ -266,7 +266,7 @@ class Trainer:
                 losses = {}
                 for task, batch in batches.items():
                     counts["tokens"] += batch.real_tokens()
-                    counts[task] = counts.get(task, 0) + len(batch)
+                    counts[f"{task}/examples"] = counts.get(f"{task}/examples", 0) + len(batch)
                     loss, parts = self.losses[task](outputs[task], batch.labels, self.epoch)
                     losses[task] = loss
                     logged.update({f"{task}/{k}": v for k, v in parts.items()})
@@ -280,7 +280,8 @@ class Trainer:
         logged = reduce_values(logged)  # every rank logs, and skips, the same
         counts = reduce_values(counts, op="sum")
         tokens = int(counts.pop("tokens"))
-        for task, count in counts.items():
+        for key, count in counts.items():
+            task = key.removesuffix("/examples")
             self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + int(count)
         # One pass over the gradients gives both the clipping norm and the NaN/inf check.
         grad_norm = torch.nn.utils.clip_grad_norm_(
