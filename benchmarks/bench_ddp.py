@@ -10,8 +10,11 @@ the N ranks with 1/N of them (`torchrun --standalone --nproc-per-node N`), so bo
 draw the same examples at every step (same seed, the same global batch plan) and do the same
 optimizer steps. Each contender is a fresh process group (setup and `--warmup` steps are not
 timed); the `--steps` steps that follow are timed between two barriers. The contenders
-alternate, `--repeats` times each, the order flipping every repeat. Prints one row per run
-and the median steps/s of each side; examples/s and real tokens/s count the global batch.
+alternate, `--repeats` times each, the order flipping every repeat. Prints one row per run,
+the median steps/s of each side and the median of the paired ratios (N processes / 1 process
+within a repeat, robust to slow drifts in machine load); examples/s and real tokens/s count
+the global batch; "gradient all-reduce alone" times one gloo all-reduce of as many values as
+the model has trainable parameters, after the timed steps.
 """
 
 from __future__ import annotations
@@ -71,14 +74,30 @@ def worker(args: argparse.Namespace) -> None:
             barrier()
             seconds = time.perf_counter() - start
             examples = sum(trainer.state.examples_seen.values()) - sum(before.values())
+            all_reduce_s = time_all_reduce(trainer.model) if world else 0.0
         if world is None or world.is_main:
             print("RESULT " + json.dumps({
                 "processes": world.size if world else 1, "threads": torch.get_num_threads(),
                 "seconds": seconds, "steps_per_s": args.steps / seconds,
-                "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}),
-                flush=True)
+                "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+                "all_reduce_s": all_reduce_s}), flush=True)
     finally:
         distributed.leave()
+
+
+def time_all_reduce(model, repeats: int = 5) -> float:
+    """Median seconds of one all-reduce of as many values as the model has trainable
+    parameters: the least gradient traffic a DDP step adds."""
+    import torch
+
+    flat = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    times = []
+    for _ in range(repeats):
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        torch.distributed.all_reduce(flat)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run(args: argparse.Namespace, nproc: int) -> dict:
@@ -126,21 +145,27 @@ def main() -> None:
 
     results: dict[int, list[dict]] = {1: [], args.nproc: []}
     print(f"{args.config.name}: {args.warmup} warm-up + {args.steps} timed steps, "
-          f"global batch as configured; 1 process x {args.cores} threads vs {args.nproc} "
-          f"processes x {args.cores // args.nproc} threads\n")
-    print("| processes x threads | seconds | steps/s | examples/s | real tokens/s |")
-    print("|---|---|---|---|---|")
+          f"global batch as configured; 1 process x {args.cores} thread(s) vs {args.nproc} "
+          f"processes x {args.cores // args.nproc} thread(s)\n")
+    print("| processes x threads | seconds | steps/s | examples/s | real tokens/s | gradient "
+          "all-reduce alone |")
+    print("|---|---|---|---|---|---|")
     for repeat in range(args.repeats):
         for nproc in ((1, args.nproc) if repeat % 2 == 0 else (args.nproc, 1)):
             r = run(args, nproc)
             results[nproc].append(r)
+            reduce_ms = f"{1000 * r['all_reduce_s']:.0f} ms" if nproc > 1 else "-"
             print(f"| {r['processes']} x {r['threads']} | {r['seconds']:.1f} | "
                   f"{r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | "
-                  f"{r['tokens_per_s']:.0f} |", flush=True)
+                  f"{r['tokens_per_s']:.0f} | "
+                  f"{reduce_ms} |", flush=True)
     single, several = (statistics.median(r["steps_per_s"] for r in results[n])
                        for n in (1, args.nproc))
-    print(f"\nmedian steps/s: 1 process {single:.2f}, {args.nproc} processes {several:.2f} "
-          f"({several / single:.2f}x)")
+    ratios = [b["steps_per_s"] / a["steps_per_s"]
+              for a, b in zip(results[1], results[args.nproc], strict=True)]
+    print(f"\nmedian steps/s: 1 process {single:.2f}, {args.nproc} processes {several:.2f}; "
+          f"paired ratios {', '.join(f'{r:.2f}' for r in ratios)}, median "
+          f"{statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
