@@ -80,7 +80,9 @@ def worker(args: argparse.Namespace) -> None:
                 "processes": world.size if world else 1, "threads": torch.get_num_threads(),
                 "seconds": seconds, "steps_per_s": args.steps / seconds,
                 "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
-                "all_reduce_s": all_reduce_s}), flush=True)
+                "all_reduce_s": all_reduce_s, "parameters": sum(
+                    p.numel() for p in trainer.model.parameters() if p.requires_grad)}),
+                flush=True)
     finally:
         distributed.leave()
 
@@ -163,7 +165,8 @@ def main() -> None:
                        for n in (1, args.nproc))
     ratios = [b["steps_per_s"] / a["steps_per_s"]
               for a, b in zip(results[1], results[args.nproc], strict=True)]
-    print(f"\nmedian steps/s: 1 process {single:.2f}, {args.nproc} processes {several:.2f}; "
+    print(f"\ntrainable parameters (values per gradient all-reduce): {r['parameters']:,}")
+    print(f"median steps/s: 1 process {single:.2f}, {args.nproc} processes {several:.2f}; "
           f"paired ratios {', '.join(f'{r:.2f}' for r in ratios)}, median "
           f"{statistics.median(ratios):.2f}x")
 
