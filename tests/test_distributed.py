@@ -35,6 +35,8 @@ TECHNIQUES = {
     "gradnorm": ["train.weighting=gradnorm", "train.weighting_lr=0.1"],
     "mnrl": ["tasks.sts.mnrl={rule: label, start: 2.5}", "tasks.quora.mnrl={rule: label, "
              "start: 0.5}"],
+    # DDP stays out of the first micro-step's backward (no_sync), averages in the second's
+    "accumulation": ["train.sampler=proportional", "train.grad_accumulation=2"],
 }
 
 
