@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add the config's tasks to RUN's model: RUN's encoder, tasks and "
                             "conditioning stay frozen (their outputs unchanged); only the new "
                             "tasks' heads and adapters train")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N processes of this machine under DDP (runs torchrun "
+                            "--standalone --nproc-per-node N); batch sizes are per process. "
+                            "For several machines call torchrun yourself (README)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.lr=3e-5 tasks.sts.head.type=cosine")
 
@@ -189,7 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mtbert.training import RESUME_OVERRIDES
+    from mtbert import distributed
+    from mtbert.training import RESUME_OVERRIDES, TrainingError
+
+    if args.nproc is not None and not distributed.launched_by_torchrun():
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import main as torchrun
+
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mtbert",
+                      *_without_nproc(args.argv)])
+        except ChildFailedError as error:
+            rank, failure = error.get_first_failure()
+            how = (f"signal {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exit code {failure.exitcode}")
+            raise TrainingError(f"training process {rank} failed ({how}); the others were "
+                                "stopped. Continue from the last checkpoint with --resume "
+                                f"RUN_DIR --nproc {args.nproc}") from None
+        return
 
     if args.resume is not None:
         others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
@@ -220,13 +243,21 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def _train(config: ExperimentConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Train (or resume) a run, print its table and write its report."""
+    """Train (or resume) a run, print its table and write its report; in a torchrun job,
+    as one of its processes (only rank 0 prints and writes)."""
+    from mtbert import distributed
     from mtbert.evaluation import format_table
     from mtbert.training import train_and_evaluate
 
     configure_process(config.train.threads, config.train.device)
-    table, train_seconds, model = train_and_evaluate(config, run_dir, resume,
-                                                     overwrite=overwrite)
+    world = distributed.join(config.distributed) if distributed.launched_by_torchrun() else None
+    try:
+        table, train_seconds, model = train_and_evaluate(config, run_dir, resume,
+                                                         overwrite=overwrite)
+    finally:
+        distributed.leave()
+    if world is not None and not world.is_main:
+        return
     print(format_table(table, model.tasks))
     print(f"training wall time: {train_seconds / 60:.1f} min; best model: {run_dir / 'best'}; "
           f"predictions: {run_dir / 'predictions'}")
@@ -234,6 +265,19 @@ def _train(config: ExperimentConfig, run_dir: Path, resume: bool, overwrite: boo
         print(QUORA_NOTE)
     from mtbert.experiments.report import write_report
     print(f"report: {write_report(run_dir)}")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """`argv` less its `--nproc N` (or `--nproc=N`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            out.append(arg)
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -379,6 +423,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from mtbert.checkpoint import CorruptCheckpointError, RunFolderError

@@ -169,12 +169,22 @@ class DistillConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the processes of a `torchrun` job talk (see `distributed.py`); a run in one
+    process ignores it. The world size comes from torchrun, not from here."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPUs
+    timeout_s: float = 600.0  # a collective that waits longer (a rank died) stops the job
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     data_dir: str = "../shared/data"
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     strict_data: bool = False  # malformed rows are errors instead of skipped rows
     max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
@@ -532,6 +542,7 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
          f">= {MIN_MAX_LENGTH} ([CLS] a [SEP] b [SEP] needs room for text)"),
         ("model.hidden_dropout", model.hidden_dropout, fraction, "in [0, 1)"),
         ("model.attention_dropout", model.attention_dropout, fraction, "in [0, 1)"),
+        ("distributed.timeout_s", config.distributed.timeout_s, positive, "> 0"),
         ("max_skipped_share", config.max_skipped_share, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("distill.temperature", config.distill.temperature, positive, "> 0"),
     ]

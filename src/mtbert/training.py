@@ -8,6 +8,7 @@ method's name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,17 @@ from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler
 from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
 from mtbert.distillation import build_distillation
+from mtbert.distributed import (
+    average_gradients,
+    current_world,
+    gather_objects,
+    gather_shards,
+    gradient_sync,
+    reduce_values,
+    run_on_main,
+    shard_rows,
+    step_forward,
+)
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
 from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
@@ -63,7 +75,8 @@ log = logging.getLogger(__name__)
 
 # What `mtbert train --resume RUN KEY=VALUE` may change: a run that stopped on NaN losses
 # goes on from its last good checkpoint with a smaller learning rate.
-RESUME_OVERRIDES = ("train.lr", "train.head_lr", "train.weighting_lr", "train.max_bad_steps")
+RESUME_OVERRIDES = ("train.lr", "train.head_lr", "train.weighting_lr", "train.max_bad_steps",
+                    "distributed.timeout_s")
 
 
 class TrainingError(RuntimeError):
@@ -141,20 +154,30 @@ FIRST_LOSSES_STEPS = 20  # how many steps `TrainState.first_losses` keeps (no-op
 
 
 class Trainer:
-    """Owns everything one run needs; `fit()` trains, evaluates and checkpoints."""
+    """Owns everything one run needs; `fit()` trains, evaluates and checkpoints.
+
+    In a torchrun job (a process group is set up) it is one rank of the job: batch sizes are
+    per rank, the model trains under DDP, and only rank 0 writes into `run_dir`.
+    """
 
     def __init__(self, config: ExperimentConfig, run_dir: str | Path):
         self.config, self.run_dir = config, Path(run_dir)
+        self.world = current_world()
         train = config.train
         torch.manual_seed(train.seed)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if train.device == "auto"
             else train.device)
+        if self.device.type == "cuda" and self.world.active:
+            self.device = torch.device("cuda", self.world.local_rank)
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
         frozen = adapt_model(self.model, config.adapt)  # tasks loaded from adapt.from_run
         trained = {name: d for name, d in self.data.items() if name not in frozen}
+        self.forward = step_forward(self.model, self.device)  # after freezing: DDP's buckets
+        if self.world.active:  # the same model everywhere, but each rank its own dropout
+            torch.manual_seed(train.seed + self.world.rank)
         self.losses = {name: TaskLoss(t.config) for name, t in trained.items()}
         self.distillation = build_distillation(
             config.distill, {n: d.config for n, d in trained.items()},
@@ -163,11 +186,11 @@ class Trainer:
         names = list(trained)
         self.streams = {
             name: TaskStream(name, d.train, d.config.batch_size or train.batch_size,
-                             train.seed, self.tokenizer.pad_id)
+                             train.seed, self.tokenizer.pad_id, self.world.rank, self.world.size)
             for name, d in trained.items()}
         self.sampler = build_sampler(
             train.sampler, {n: len(d.train) for n, d in trained.items()},
-            {n: s.batch_size for n, s in self.streams.items()}, train.seed,
+            {n: s.global_batch_size for n, s in self.streams.items()}, train.seed,
             epochs=train.epochs, **train.sampler_options)
         micro_steps = math.ceil(train.epochs * self.sampler.steps_per_epoch())
         self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
@@ -229,33 +252,49 @@ class Trainer:
         return micro // max(1, self.sampler.steps_per_epoch())
 
     def train_step(self) -> dict:
-        """One optimizer step over `grad_accumulation` micro-steps; returns logged values."""
+        """One optimizer step over `grad_accumulation` micro-steps; returns logged values
+        (under DDP: means over the ranks, tokens and examples summed)."""
         train = self.config.train
         model = self.model.train()
         shared, other = model.shared_parameters(), model.task_parameters()
         other = other + list(self.weighting.parameters())
+        # DDP averages the gradients in the last micro-step's backward pass, unless the
+        # combiner averages per-task gradients itself.
+        ddp_averages = not self.combiner.averages_across_ranks
         logged: dict[str, float] = {}
-        tokens = 0
+        counts = {"tokens": 0}
         for micro in range(train.grad_accumulation):
             micro_step = self.state.step * train.grad_accumulation + micro
-            losses = {}
-            for task in self.sampler.tasks_for_step(micro_step):
-                batch: Batch = self.streams[task].next().to(self.device)
-                tokens += batch.real_tokens()
-                self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + len(batch)
+            batches: dict[str, Batch] = {
+                task: self.streams[task].next().to(self.device)
+                for task in self.sampler.tasks_for_step(micro_step)}
+            last = micro == train.grad_accumulation - 1
+            with gradient_sync(self.forward, ddp_averages and last):
                 with self.autocast():
-                    output = model(task, batch)
-                loss, parts = self.losses[task](output, batch.labels, self.epoch)
-                loss, taught = self.distillation(task, output.predictions, loss, batch.rows,
-                                                 self.state.step / self.total_steps)
-                parts.update(taught)
-                losses[task] = loss
-                logged.update({f"{task}/{k}": v for k, v in parts.items()})
-            # The weighting sees the tasks' own losses; the micro-step's share of the
-            # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
-            terms = self.weighting(losses, model.last_shared_parameters())
-            self.combiner.backward({t: term / train.grad_accumulation
-                                    for t, term in terms.items()}, shared, other)
+                    outputs = self.forward(batches)
+                losses = {}
+                for task, batch in batches.items():
+                    counts["tokens"] += batch.real_tokens()
+                    counts[f"{task}/examples"] = counts.get(f"{task}/examples", 0) + len(batch)
+                    loss, parts = self.losses[task](outputs[task], batch.labels, self.epoch)
+                    loss, taught = self.distillation(task, outputs[task].predictions, loss,
+                                                     batch.rows, self.state.step / self.total_steps)
+                    parts.update(taught)
+                    losses[task] = loss
+                    logged.update({f"{task}/{k}": v for k, v in parts.items()})
+                # The weighting sees the tasks' own losses; the micro-step's share of the
+                # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
+                terms = self.weighting(losses, model.last_shared_parameters())
+                self.combiner.backward({t: term / train.grad_accumulation
+                                        for t, term in terms.items()}, shared, other)
+        average_gradients(list(self.weighting.parameters())
+                          + ([] if ddp_averages else model.task_parameters()))
+        logged = reduce_values(logged)  # every rank logs, and skips, the same
+        counts = reduce_values(counts, op="sum")
+        tokens = int(counts.pop("tokens"))
+        for key, count in counts.items():
+            task = key.removesuffix("/examples")
+            self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + int(count)
         # One pass over the gradients gives both the clipping norm and the NaN/inf check.
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), train.grad_clip or math.inf, foreach=True)
@@ -296,13 +335,17 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self, split: str = "dev") -> dict[str, float]:
+        """Scores on `split`; under DDP each rank predicts every world-size-th example and
+        every rank gets all predictions, hence the same scores."""
         scores = {}
         for name, data in self.data.items():
             encoded = data.dev if split == "dev" else data.train
             if encoded is None or encoded.labels is None:
                 continue
-            predictions = predict(self.model, name, encoded,
+            shard = encoded.subset(shard_rows(len(encoded))) if self.world.active else encoded
+            predictions = predict(self.model, name, shard,
                                   self.config.train.eval_batch_size, self.tokenizer.pad_id)
+            predictions = gather_shards(predictions, len(encoded))
             scores[name] = metric(data.config, predictions, encoded.labels.numpy())
         scores["overall"] = overall_score(self.model.tasks, scores)
         return scores
@@ -312,19 +355,21 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train to the end, evaluating `evals_per_epoch` times per epoch; returns the best
         dev scores. The best model is kept in `RUN_DIR/best`."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.run_dir, self.checkpoints_dir):
-            recover_interrupted_writes(folder)
-        dump_config(self.config, self.run_dir / "config.yaml")
-        log.info("parameters: %s", self.parameter_counts())
-        save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
-                                             "total_steps": self.total_steps})
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.run_dir, self.checkpoints_dir):
+                recover_interrupted_writes(folder)
+            dump_config(self.config, self.run_dir / "config.yaml")
+            log.info("parameters: %s; %d process(es)", self.parameter_counts(), self.world.size)
+            save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
+                                                 "total_steps": self.total_steps,
+                                                 "world_size": self.world.size})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()
         running: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.world.is_main)
         try:  # the bar ends its line even when training stops with an error
             while self.state.step < self.total_steps:
                 epoch_before = self.epoch
@@ -348,7 +393,8 @@ class Trainer:
                     self.save_training_state()
         finally:
             bar.close()
-        if self.state.best_record < 0 and not any(d.dev for d in self.data.values()):
+        no_dev = self.state.best_record < 0 and not any(d.dev for d in self.data.values())
+        if no_dev and self.world.is_main:
             log.info("no task has dev data: best/ is the model of the last step")
             save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
                        {"dev": {}, "step": self.state.step})
@@ -362,16 +408,19 @@ class Trainer:
             "weights": self.weighting.weights(), "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.state.skipped_steps}
         self.state.history.append(record)
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("step %d dev %s", self.state.step,
-                 {k: round(v, 4) for k, v in scores.items()})
+        if self.world.is_main:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("step %d dev %s", self.state.step,
+                     {k: round(v, 4) for k, v in scores.items()})
+        # Every rank has the same scores, hence the same state; rank 0 writes best/.
         if math.isfinite(scores["overall"]) and scores["overall"] > self.state.best_score:
             self.state.best_score = scores["overall"]
             self.state.best_step = self.state.step
             self.state.best_record = len(self.state.history) - 1
-            save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
-                       {"dev": scores, "step": self.state.step})
+            if self.world.is_main:
+                save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
+                           {"dev": scores, "step": self.state.step})
         if self.config.adapt.keep_task_best:
             self._keep_task_best(scores)
 
@@ -382,8 +431,9 @@ class Trainer:
             if task == "overall" or not score > self.state.task_best.get(task, -math.inf):
                 continue
             self.state.task_best[task] = score
-            save_model(self.run_dir / "best-tasks" / task, self.model, self.tokenizer,
-                       self.config, {"dev": scores, "step": self.state.step, "task": task})
+            if self.world.is_main:
+                save_model(self.run_dir / "best-tasks" / task, self.model, self.tokenizer,
+                           self.config, {"dev": scores, "step": self.state.step, "task": task})
 
     # ------------------------------------------------------------ resume checkpoints
 
@@ -391,10 +441,14 @@ class Trainer:
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save_training_state(self) -> Path:
+    def save_training_state(self) -> Path | None:
         """Everything that decides the rest of the run, so that a resumed run ends with the
         same weights as an uninterrupted one: model, optimizer, schedule, data positions,
-        balancing state, RNG state."""
+        balancing state, RNG state. Every rank calls it (each sends its RNG state); rank 0
+        writes it, and returns the folder (the others None)."""
+        rng = gather_objects(rng_states())
+        if not self.world.is_main:
+            return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         optimizer_tensors, steps = {}, {}
         for index, p in enumerate(params):
@@ -408,8 +462,10 @@ class Trainer:
             save_tensors(tmp / "model.safetensors", self.model.state_dict())
             save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
-            save_tensors(tmp / "rng.safetensors", rng_states())
+            for rank, states in enumerate(rng):
+                save_tensors(tmp / rng_file(rank), states)
             save_json(tmp / "state.json", {
+                "world_size": self.world.size,
                 "train_state": asdict(self.state),
                 "optimizer_steps": steps,
                 "scheduler": self.scheduler.state_dict(),
@@ -426,18 +482,25 @@ class Trainer:
 
     def resume(self) -> Path:
         """Restore the newest checkpoint that passes its checksums (older ones are the
-        fallback when the newest is truncated or corrupt); returns its folder."""
+        fallback when the newest is truncated or corrupt); returns its folder. Rank 0
+        chooses it; under DDP every rank then reads it (the run folder must be on a
+        filesystem every machine sees)."""
+        folder = run_on_main(self._newest_usable_checkpoint)
+        self._load_training_state(folder)
+        log.info("resumed from %s (step %d)", folder, self.state.step)
+        return folder
+
+    def _newest_usable_checkpoint(self) -> Path:
         recover_interrupted_writes(self.checkpoints_dir)
         for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
             try:
-                verify_checkpoint(folder, ["state.json", "model.safetensors"])
+                verify_checkpoint(folder, ["state.json", "model.safetensors",
+                                           *map(rng_file, range(self.world.size))])
                 self._check_same_run(load_json(folder / "state.json"), folder)
-                self._load_training_state(folder)
             except CorruptCheckpointError as error:
                 log.warning("cannot resume from %s: %s; trying an older checkpoint", folder,
                             error)
                 continue
-            log.info("resumed from %s (step %d)", folder, self.state.step)
             return folder
         raise TrainingError(f"no usable checkpoint under {self.checkpoints_dir}")
 
@@ -448,11 +511,17 @@ class Trainer:
         if not isinstance(saved, dict):
             raise CorruptCheckpointError(f"{folder}/state.json does not record its config")
         changed = config_differences(saved, to_dict(self.config),
-                                     (*RESUME_OVERRIDES, "data_dir"))
+                                     (*RESUME_OVERRIDES, "data_dir", "distributed"))
         if changed:
             raise TrainingError(f"{folder} was trained with another config than "
                                 f"{self.run_dir / 'config.yaml'} ({'; '.join(changed[:3])}); "
                                 "start a new run with --overwrite or another --run-dir")
+        # The global batch, hence the data order, depends on the number of processes.
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise TrainingError(f"{folder} was trained on {saved_world} process(es), this job "
+                                f"has {self.world.size}; resume it with torchrun "
+                                f"--nproc-per-node (and --nnodes) giving {saved_world} in all")
 
     def _load_training_state(self, folder: Path) -> None:
         meta = load_json(folder / "state.json")
@@ -477,10 +546,11 @@ class Trainer:
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
             self.streams[name].load_state_dict(position)
-        set_rng_states(load_tensors(folder / "rng.safetensors"))
+        set_rng_states(load_tensors(folder / rng_file(self.world.rank)))
         self.state = TrainState(**meta["train_state"])
-        with open(self.metrics_file, "w", encoding="utf-8") as f:  # drop records after it
-            f.writelines(json.dumps(record) + "\n" for record in self.state.history)
+        if self.world.is_main:
+            with open(self.metrics_file, "w", encoding="utf-8") as f:  # drop later records
+                f.writelines(json.dumps(record) + "\n" for record in self.state.history)
 
     def parameter_counts(self) -> dict[str, int]:
         def count(params):
@@ -491,6 +561,11 @@ class Trainer:
                 "conditioning": count(conditioning.parameters()) if conditioning else 0,
                 "task_specific": count(self.model.task_parameters()),
                 "total": count(self.model.parameters())}
+
+
+def rng_file(rank: int) -> str:
+    """A rank's RNG state in a checkpoint (rank 0's keeps the single-process name)."""
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
 
 
 def rng_states() -> dict[str, Tensor]:
@@ -518,26 +593,37 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
 
     The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
     holds another run, unless `overwrite` clears it first.
+    Under DDP every rank trains; rank 0 alone holds the lock, scores the best model and
+    writes the predictions (the other ranks return an empty table and their model).
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
     run_dir = Path(run_dir)
-    with RunLock(run_dir):
-        found = holds_run(run_dir)
-        if found and not resume:
-            if not overwrite:
-                raise RunFolderError(
-                    f"{run_dir} holds another run ({', '.join(found)}); continue it with "
-                    f"--resume {run_dir}, replace it with --overwrite, or choose another "
-                    "--run-dir")
-            log.info("--overwrite: removing the run in %s", run_dir)
-            clear_run(run_dir)
+    with contextlib.ExitStack() as stack:
+        run_on_main(lambda: _claim_run_folder(stack, run_dir, resume, overwrite))
         start = time.perf_counter()
         trainer = Trainer(config, run_dir)
         if resume:
             trainer.resume()
         trainer.fit()
         seconds = time.perf_counter() - start
+        if not trainer.world.is_main:
+            return {}, seconds, trainer.model
         model, tokenizer, config = load_model(run_dir)
         table = evaluate_splits(model, tokenizer, config, splits, run_dir / "predictions",
                                 limit=limit)
     return table, seconds, model
+
+
+def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, resume: bool,
+                      overwrite: bool) -> None:
+    """Lock `run_dir` until `stack` closes; a new run needs it free of other runs."""
+    stack.enter_context(RunLock(run_dir))
+    found = holds_run(run_dir)
+    if found and not resume:
+        if not overwrite:
+            raise RunFolderError(
+                f"{run_dir} holds another run ({', '.join(found)}); continue it with "
+                f"--resume {run_dir}, replace it with --overwrite, or choose another "
+                "--run-dir")
+        log.info("--overwrite: removing the run in %s", run_dir)
+        clear_run(run_dir)

@@ -154,11 +154,15 @@ class GradientCombiner:
     parameters, e.g. uncertainty log-variances, belong in ``other_params``).
     ``needs_several_tasks``: the combiner only differs from the plain sum when a step holds
     several tasks; ``needs_encoder_gradients``: it acts on the shared encoder's gradients
-    (declared for the config checks).
+    (both declared for the config checks). ``averages_across_ranks``: under DDP,
+    ``backward`` averages the shared parameters' gradients over the ranks itself, so the
+    trainer keeps DDP's own all-reduce out of its backward pass and averages the other
+    parameters' gradients afterwards.
     """
 
     needs_several_tasks = False
     needs_encoder_gradients = False
+    averages_across_ranks = False
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "GradientCombiner":

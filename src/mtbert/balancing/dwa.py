@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mtbert.balancing.base import LossWeighting
+from mtbert.distributed import mean_across_ranks
 
 
 class DynamicWeightAverage(LossWeighting):
@@ -18,8 +19,9 @@ class DynamicWeightAverage(LossWeighting):
     the next epoch. A task whose loss falls slowly (``r_i`` near or above 1) gets more
     weight. The first two epochs use weight 1, so DWA acts from epoch 3.
     Every task must have been seen in each epoch. All state is in buffers, so ``state_dict``
-    saves and restores it. Under DDP, all-reduce (sum) ``epoch_loss_sum`` and
-    ``epoch_loss_count`` before ``on_epoch_end`` so that every rank gets the same weights.
+    saves and restores it. Under DDP ``on_epoch_end`` averages the epoch's loss sums over
+    the ranks (they drew the same tasks, so the counts agree): every rank gets the same
+    weights.
 
     Args:
         task_names: Names of all tasks.
@@ -81,7 +83,8 @@ class DynamicWeightAverage(LossWeighting):
         if unseen:
             raise ValueError(f"DWA saw no loss for {unseen} in this epoch.")
         self.epoch_means[0] = self.epoch_means[1]
-        self.epoch_means[1] = self.epoch_loss_sum / self.epoch_loss_count  # (T,)
+        sums = mean_across_ranks(self.epoch_loss_sum)  # (T,)
+        self.epoch_means[1] = sums / self.epoch_loss_count  # (T,)
         if not torch.isnan(self.epoch_means[0]).any():
             ratios = self.epoch_means[1] / self.epoch_means[0]  # (T,)
             weights = len(self.task_names) * torch.softmax(ratios / self.temperature, dim=0)

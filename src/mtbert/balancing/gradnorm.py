@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mtbert.balancing.base import LossWeighting, per_task_gradients, trainable
+from mtbert.distributed import mean_across_ranks
 
 
 class GradNormWeighting(LossWeighting):
@@ -25,7 +26,9 @@ class GradNormWeighting(LossWeighting):
     ``w`` (``loss_weights``, init 1) is trained by the caller's optimizer (its own param group);
     ``after_optimizer_step`` then clamps ``w`` to >= ``min_weight`` and rescales it so that
     ``sum(w) = T``. Needs the loss of every task at every step (round-robin sampling). Under DDP
-    ``w.grad`` and ``L_i(0)`` are per rank unless all-reduced.
+    the losses and each task's gradient on W are averaged over the ranks before the norms
+    are taken (one extra all-reduce of T x |W| values per step), so ``L_i(0)``, ``w.grad``
+    and thus ``w`` are the same on every rank: those of the global batch.
 
     Args:
         task_names: Names of all tasks.
@@ -64,12 +67,12 @@ class GradNormWeighting(LossWeighting):
         if not trainable(last_shared):
             raise ValueError("GradNorm needs the trainable parameters of the last shared layer.")
         ordered = {name: losses[name] for name in self.task_names}
-        current = torch.stack(list(ordered.values())).detach()  # (T,)
+        current = mean_across_ranks(torch.stack(list(ordered.values())).detach())  # (T,)
         if torch.isnan(self.initial_losses).any():
             if (current <= 0).any():
                 raise ValueError(f"GradNorm needs positive initial losses, got {current.tolist()}.")
             self.initial_losses.copy_(current)
-        norms = per_task_gradients(ordered, last_shared).norm(dim=1)  # (T,)
+        norms = mean_across_ranks(per_task_gradients(ordered, last_shared)).norm(dim=1)  # (T,)
         with torch.no_grad():
             weighted_norms = self.loss_weights * norms  # G, (T,)
             ratios = current / self.initial_losses  # (T,)

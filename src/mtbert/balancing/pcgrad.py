@@ -13,6 +13,7 @@ from mtbert.balancing.base import (
     per_task_gradients,
     trainable,
 )
+from mtbert.distributed import mean_across_ranks
 
 
 def project_conflicting(grads: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
@@ -52,8 +53,10 @@ class PCGrad(GradientCombiner):
     ``.grad``. Task-specific params (heads, loss-weighting params) get the plain gradient of
     ``sum(terms)``. The order comes from a generator seeded by ``(seed, calls)``, so every DDP
     rank and a resumed run (after ``load_state_dict``) draw the same orders; ``calls`` counts
-    ``backward`` calls, micro-batches included. Under DDP the shared gradients written here
-    bypass DDP's reducer hooks: all-reduce them yourself.
+    ``backward`` calls, micro-batches included. Under DDP each task's gradient is averaged
+    over the ranks BEFORE the projection (one all-reduce of the (T, P) matrix, T times the
+    traffic of a plain step), so every rank projects the global gradients and writes the
+    same result; DDP's own all-reduce is off for these steps (``averages_across_ranks``).
 
     Args:
         seed: Seed of the projection orders (>= 0).
@@ -66,6 +69,7 @@ class PCGrad(GradientCombiner):
 
     needs_several_tasks = True
     needs_encoder_gradients = True
+    averages_across_ranks = True
 
     @classmethod
     def from_context(cls, context: TaskContext, **options) -> "PCGrad":
@@ -95,7 +99,8 @@ class PCGrad(GradientCombiner):
         if not terms:
             raise ValueError("PCGrad needs at least one term.")
         names = sorted(terms)  # same task order whatever order the caller built the dict in
-        grads = per_task_gradients({n: terms[n] for n in names}, shared_params)  # (T, P)
+        # (T, P), the mean over ranks: the gradients of the global batch
+        grads = mean_across_ranks(per_task_gradients({n: terms[n] for n in names}, shared_params))
         projected = project_conflicting(grads, self.orders(len(names)))  # (T, P)
         accumulate_flat_grad(projected.sum(dim=0), shared_params)  # (P,)
         others = trainable(other_params)

@@ -22,7 +22,8 @@ class UncertaintyWeighting(LossWeighting):
     grows with the task's loss, down-weighting noisy tasks, and ``0.5 * s`` (``log sigma``)
     keeps it from growing without bound. At initialisation the weights are 0.5 (regression)
     and 1 (classification). ``log_vars`` must be trained by the optimizer and be part of the
-    combiner's ``other_params``. Under DDP their gradients must be all-reduced like any other.
+    combiner's ``other_params``. Under DDP the trainer averages their gradients over the
+    ranks, so they stay the same on every rank.
 
     Args:
         task_names: Names of all tasks.

@@ -37,6 +37,17 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.example_ids)
 
+    def subset(self, rows: np.ndarray) -> EncodedSplit:
+        """The examples `rows`, in that order (a siamese split keeps only their sentences)."""
+        labels = None if self.labels is None else self.labels[torch.from_numpy(rows)]
+        ids = [self.example_ids[r] for r in rows]
+        if self.pair_index is None:
+            return EncodedSplit(ids, labels, [self.token_ids[r] for r in rows],
+                                [self.token_types[r] for r in rows], None)
+        used, inverse = np.unique(self.pair_index[rows], return_inverse=True)
+        return EncodedSplit(ids, labels, [self.token_ids[r] for r in used],
+                            [self.token_types[r] for r in used], inverse.reshape(len(rows), 2))
+
     def sentences(self) -> EncodedSplit:
         """The token rows as a split of their own (a siamese split's distinct sentences)."""
         return EncodedSplit([str(i) for i in range(len(self.token_ids))], None, self.token_ids,
@@ -153,19 +164,33 @@ def stable_seed(*parts: int | str) -> list[int]:
 class TaskStream:
     """Endless length-bucketed batches of one task, reshuffled every pass over the data.
 
-    The position (`epoch`, `index`) is all its state: a resumed run continues exactly.
+    With several ranks every rank plans the same global batches of `batch_size x
+    world_size` rows and takes its own slice of each (the rows of a global batch have
+    similar lengths, so do the slices): the ranks' slices are disjoint, together they are
+    the batch one process with `batch_size x world_size` would draw, and a pass covers the
+    data once across ranks. The position (`epoch`, `index`) is all its state, the same on
+    every rank: a resumed run continues exactly.
     """
 
-    def __init__(self, name: str, split: EncodedSplit, batch_size: int, seed: int, pad_id: int):
+    def __init__(self, name: str, split: EncodedSplit, batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.name, self.split, self.batch_size = name, split, batch_size
         self.seed, self.pad_id = seed, pad_id
+        self.rank, self.world_size = rank, world_size
         self._lengths = split.lengths()
         self.epoch, self.index = 0, 0
         self._batches = self._plan(0)
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
     def _plan(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng(stable_seed(self.seed, self.name, epoch))
-        return bucketed_batches(self._lengths, self.batch_size, rng)
+        return [np.array_split(rows, self.world_size)[self.rank] for rows in
+                bucketed_batches(self._lengths, self.global_batch_size, rng)]
 
     def __len__(self) -> int:
         """Batches per pass over the data."""

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtbert.distributed import current_world, gather_rows
 from mtbert.registry import Registry
 
 
@@ -151,8 +152,13 @@ def selected_pairs_mnrl(
     """Auxiliary MNRL on a pair task's batch: the selected pairs are (anchor, positive).
 
     Every second sentence of the batch is a candidate: the selected ``v`` are each other's
-    negatives and the unselected ``v`` are extra negatives for every selected anchor. With no
-    pair selected it returns ``u.sum() * 0``, a zero that backpropagates like a real loss.
+    negatives and the unselected ``v`` are extra negatives for every selected anchor. Under
+    DDP the batch is the global one: every rank's ``v`` are gathered with autograd
+    (``gather_rows``), so each anchor ranks its positive against the whole global batch, as
+    in sentence-transformers' distributed MNRL. A rank returns the sum of its anchors'
+    losses over the global number of anchors, times the world size, so the mean over ranks
+    that DDP takes of the gradients is the gradient of the global mean. With no pair
+    selected anywhere it returns a zero that backpropagates like a real loss.
 
     References:
         - Henderson et al. 2017, https://arxiv.org/abs/1705.00652
@@ -160,9 +166,19 @@ def selected_pairs_mnrl(
           the negatives.
 
     Inputs:
-        - u, v: embeddings (N, D)
+        - u, v: embeddings (N, D) of this rank's pairs
         - mask: bool (N,), e.g. from ``select_positive_pairs``
     """
-    if not bool(mask.any()):
-        return u.sum() * 0
-    return loss(u[mask], v[mask], negatives=v[~mask])  # (K, D), (K, D), (N - K, D)
+    all_v, start = gather_rows(v)  # (N_all, D), this rank's rows from `start`
+    all_mask = gather_rows(mask.to(torch.uint8))[0].bool()  # (N_all,)
+    anchors = int(all_mask.sum())
+    keep_graph = all_v.sum() * 0  # every rank's backward must reach the gather
+    if anchors == 0:
+        return u.sum() * 0 + keep_graph
+    candidates = torch.cat([all_v[all_mask], all_v[~all_mask]])  # (N_all, D), positives first
+    # (K, D) @ (D, N_all) -> (K, N_all)
+    scores = loss.scale * F.normalize(u[mask], dim=-1) @ F.normalize(candidates, dim=-1).T
+    first = int(all_mask[:start].sum())  # this rank's first anchor among all positives
+    targets = torch.arange(first, first + scores.shape[0], device=u.device)  # (K,)
+    share = current_world().size / anchors
+    return F.cross_entropy(scores, targets, reduction="sum") * share + keep_graph
