@@ -47,6 +47,9 @@ class TaskConditioning(nn.Module):
                          layout: TokenLayout) -> Tensor | None:
         return None
 
+    def router_logits(self, task: str, layer: int, hidden: Tensor) -> Tensor | None:
+        return None
+
 
 class _TaskHooks(EncoderHooks):
     """A `TaskConditioning`'s hook methods with the task filled in."""
@@ -57,6 +60,7 @@ class _TaskHooks(EncoderHooks):
         self._input_embeddings = partial(owner.input_embeddings, task)
         self._attention_qkv = partial(owner.attention_qkv, task)
         self._attention_branch = partial(owner.attention_branch, task)
+        self._router_logits = partial(owner.router_logits, task)
 
     def input_embeddings(self, embeddings: Tensor) -> Tensor:
         return self._input_embeddings(embeddings)
@@ -68,6 +72,9 @@ class _TaskHooks(EncoderHooks):
     def attention_branch(self, layer: int, hidden: Tensor, layout: TokenLayout
                          ) -> Tensor | None:
         return self._attention_branch(layer, hidden, layout)
+
+    def router_logits(self, layer: int, hidden: Tensor) -> Tensor | None:
+        return self._router_logits(layer, hidden)
 
 
 def positive_int(name: str, value: object) -> int:
