@@ -271,3 +271,30 @@ def test_moe_run_resumes_to_identical_weights(tmp_path, tiny_backbone, tiny_data
     second.fit()
     expected, actual = straight.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_export_refuses_moe_but_extracts_a_task_path(tmp_path, tiny_backbone, tiny_data):
+    from mtbert.evaluation import predict
+    from mtbert.export import ExportError, export
+
+    runs = {}
+    for routing in ("token", "task"):
+        runs[routing] = tmp_path / routing
+        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, MOE_RUNS[routing],
+                                      max_steps=3), runs[routing])
+        trainer.fit()
+    with pytest.raises(ExportError, match="not plain BERT"):
+        export(runs["token"], tmp_path / "out", "hf")
+    with pytest.raises(ExportError, match="not plain BERT.*top_k 1"):
+        export(runs["token"], tmp_path / "out", "hf", task="sst")
+    with pytest.raises(ExportError, match="--task NAME"):
+        export(runs["task"], tmp_path / "out", "onnx")
+    model, _, _ = load_model(runs["task"])
+    for task in ("sst", "sts"):
+        folder = export(runs["task"], tmp_path / f"hf-{task}", "hf", task=task).folder
+        dense, _, config = load_model(folder)
+        assert [t.name for t in config.tasks] == [task] and config.model.moe is None
+        assert not any(".moe." in name for name in dense.state_dict())
+        split = trainer.data[task].dev
+        torch.testing.assert_close(torch.as_tensor(predict(dense, task, split, 16)),
+                                   torch.as_tensor(predict(model, task, split, 16)))

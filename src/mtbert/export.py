@@ -11,11 +11,15 @@
 
 Every folder gets a `README.md` model card written from the run, and a sha256 manifest.
 A model with task conditioning is refused for `hf` and `sentence-transformers`: its plain
-encoder is not the model the tasks were trained with.
+encoder is not the model the tasks were trained with. A mixture-of-experts encoder is not plain
+BERT and is refused in every format, except a task-routed one (Task-MoE) with `--task`: that
+task's path is extracted as a dense encoder (`model.moe.extract_task_encoder`) and exported as
+a single-task model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from mtbert.data.readers import Example
 from mtbert.losses import loss_name
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import DEFAULT_BACKBONE, mtbert_to_hf
+from mtbert.model.moe import experts_of, extract_task_encoder
 from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import (
     FORMAT_FILE,
@@ -71,10 +76,14 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
-    if fmt != "onnx" and (quantize or task):
-        raise ExportError("--quantize and --task apply to --format onnx only")
     model, tokenizer, config = load_model(run)
+    moe = bool(experts_of(model.encoder))
+    if quantize and fmt != "onnx" or task and fmt != "onnx" and not moe:
+        raise ExportError("--quantize and --task apply to --format onnx only (and --task to "
+                          "task-routed mixtures of experts)")
     metrics = load_json(model_folder(run) / "metrics.json")
+    if moe:
+        model, config = _dense_task_path(model, config, task)
     out = Path(out)
     if fmt == "onnx":
         return _export_onnx(model, tokenizer, config, metrics, out, quantize, task)
@@ -105,6 +114,29 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
                                        encoding="utf-8")
 
     return Exported(write_checkpoint(out, write))
+
+
+def _dense_task_path(model: MultitaskModel, config: ExperimentConfig, task: str | None
+                     ) -> tuple[MultitaskModel, ExperimentConfig]:
+    """A Task-MoE model's path for `task` as a dense single-task model and its config."""
+    not_plain = (f"the encoder is a mixture of experts ({config.model.moe.routing} routing), "
+                 "not plain BERT, so no export format holds it; load the run folder with "
+                 "mtbert.load or serve it with mtbert serve. A task-routed model "
+                 "(model.moe.routing: task, top_k 1) exports one task's path as a dense "
+                 "encoder with --task NAME")
+    if task is None:
+        raise ExportError(not_plain)
+    if task not in model.tasks:
+        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
+    try:
+        encoder = extract_task_encoder(model.encoder, model.routing, task)
+    except ValueError as error:
+        raise ExportError(f"{not_plain} ({error})") from None
+    single = copy.deepcopy(config)
+    single.tasks, single.model.moe = [config.task(task)], None
+    dense = MultitaskModel(encoder, single.tasks, model.conditioning)
+    dense.heads[task].load_state_dict(model.heads[task].state_dict())
+    return dense.eval(), single
 
 
 def embedding_pooling(model: MultitaskModel) -> str:
