@@ -4,11 +4,13 @@ loop, Task-MoE extraction, and a tiny run that trains, logs, saves, reloads and 
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from mtbert.config import ConfigError, MoEConfig
+from mtbert.experiments.report import write_report
 from mtbert.model.bert import BertConfig, BertModel
 from mtbert.model.moe import (
     MixtureOfExperts,
@@ -256,6 +258,16 @@ def test_moe_run_logs_routing_and_reloads(tmp_path, tiny_backbone, tiny_data, ro
     trainer.model.load_state_dict(reloaded.state_dict())
     best = json.loads((tmp_path / "run/best/metrics.json").read_text())
     assert trainer.evaluate("dev") == best["dev"]
+    if routing == "task":  # every token of a task takes the task's expert: loads are 0 or 1
+        page = write_report(tmp_path / "run", str(tiny_data), max_examples=16).read_text()
+        assert '<h2 id="expert-load">Expert load</h2>' in page
+        table = page.split("<h3>Layer 1</h3>")[1].split("</table>")[0]
+        for task in ("sst", "quora", "sts"):
+            row = table.split(f"<td>{task}</td>")[1].split("</tr>")[0]
+            shown = re.findall(r">(\d\.\d\d)</td>", row)
+            expected = [record["train"][f"{task}/moe_load.1.{e}"] for e in range(3)]
+            assert shown == [f"{v:.2f}" for v in expected] + ["0.00"]
+            assert sorted(expected) == [0.0, 0.0, 1.0]
 
 
 def test_moe_run_resumes_to_identical_weights(tmp_path, tiny_backbone, tiny_data):
