@@ -113,9 +113,10 @@ class Expert(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    """E experts, top-k routing with capacity, and the auxiliary losses of the last pass in
-    `record`. `token_gate`: the router reads each token (W_g, and W_noise if `noisy`); without
-    it the logits come from the task alone (`router_logits` hook)."""
+    """E experts, top-k routing with capacity, and the auxiliary losses and load of the last
+    training pass in `record` (None after an inference pass). `token_gate`: the router reads
+    each token (W_g, and W_noise if `noisy`); without it the logits come from the task alone
+    (`router_logits` hook)."""
 
     def __init__(self, config: BertConfig, layer: int, *, experts: int, top_k: int,
                  capacity_factor: float | None, token_gate: bool, noisy: bool,
@@ -147,10 +148,12 @@ class MixtureOfExperts(nn.Module):
             capacity = expert_capacity(len(x), len(self.experts), self.top_k,
                                        self.capacity_factor)
         y, counts, kept = self.dispatch(x, experts, weights, capacity)
-        assignments = experts.numel()
-        self.record = RoutingRecord(
-            balance=load_balancing_loss(probs, counts), z=router_z_loss(logits),
-            load=counts / assignments, dropped=1 - kept.sum() / assignments)
+        self.record = None
+        if self.training:  # what the losses and the logs need; inference skips the work
+            assignments = experts.numel()
+            self.record = RoutingRecord(
+                balance=load_balancing_loss(probs, counts), z=router_z_loss(logits),
+                load=counts / assignments, dropped=1 - kept.sum() / assignments)
         return y
 
     def logits(self, x: Tensor, task_logits: Tensor | None) -> Tensor:

@@ -17,7 +17,8 @@ from mtbert.model.moe import auxiliary_losses, experts_of, routing_statistics
 class MultitaskModel(nn.Module):
     """Batches are single-task: `forward(task, batch)` runs the encoder with that task's
     conditioning and routing (if any) and that task's head. With mixture-of-experts layers
-    in the encoder, the output carries their auxiliary losses and routing statistics."""
+    in the encoder, a training pass's output carries their auxiliary losses and routing
+    statistics."""
 
     def __init__(self, encoder: BertModel, tasks: Sequence[TaskConfig],
                  conditioning: nn.Module | None = None, routing: nn.Module | None = None):
@@ -32,7 +33,7 @@ class MultitaskModel(nn.Module):
 
     def forward(self, task: str, batch: Batch) -> HeadOutput:
         output = self.heads[task](self.sentence_vectors(task, batch), batch.pair_index)
-        if self._experts:
+        if self._experts and self.training:
             output.auxiliary = auxiliary_losses(self._experts)
             output.statistics = routing_statistics(self._experts)
         return output
