@@ -11,7 +11,7 @@ import torch
 
 from mtbert.config import ConfigError, MoEConfig
 from mtbert.experiments.report import write_report
-from mtbert.model.bert import BertConfig, BertModel
+from mtbert.model.bert import BertConfig, BertModel, ChainedHooks
 from mtbert.model.moe import (
     MixtureOfExperts,
     expert_capacity,
@@ -209,6 +209,31 @@ def test_extraction_refuses_mixed_paths():
         extract_task_encoder(moe, router, "a")
 
 
+def test_conditioning_and_task_routing_chain():
+    """Attention conditioning and Task-MoE at once: each hook of the chain acts, and the
+    result equals running the conditioning on the extracted dense path of the task."""
+    from mtbert.model.conditioning.attention import TaskEmbeddedAttention
+
+    moe = dense_model()
+    router = upcycle(moe, MoEConfig(routing="task", **ROUTING["task"]), ["a", "b"])
+    conditioning = TaskEmbeddedAttention(CONFIG, ["a", "b"])
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for p in [*conditioning.parameters(), *router.parameters()]:
+            p.copy_(torch.randn_like(p))
+        for name, p in moe.named_parameters():
+            if ".moe.experts." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    ids, mask = batch()
+    for task in ("a", "b"):
+        hooks = ChainedHooks([conditioning.hooks(task), router.hooks(task)])
+        chained = moe(ids, mask, hooks=hooks)[0]
+        dense = extract_task_encoder(moe, router, task).eval()
+        expected = dense(ids, mask, hooks=conditioning.hooks(task))[0]
+        torch.testing.assert_close(chained, expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(chained, dense(ids, mask)[0])  # the conditioning acted
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -234,19 +259,21 @@ def test_every_beyond_the_backbone_is_a_config_error(tmp_path, tiny_backbone, ti
 # ---------------------------------------------------------------- end to end
 
 
-MOE_RUNS = {
-    "token": "model.moe={experts: 3, top_k: 2, every: 1, capacity_factor: 1.0}",
-    "task": "model.moe={experts: 3, every: 1, routing: task, capacity_factor: null, "
-            "noisy_gating: false, balance_weight: 0}",
-    "task_aware": "model.moe={experts: 3, every: 2, routing: task_aware}",
+MOE_RUNS = {  # task_aware also runs task conditioning: the model chains both tasks' hooks
+    "token": ["model.moe={experts: 3, top_k: 2, every: 1, capacity_factor: 1.0}"],
+    "task": ["model.moe={experts: 3, every: 1, routing: task, capacity_factor: null, "
+             "noisy_gating: false, balance_weight: 0}"],
+    "task_aware": ["model.moe={experts: 3, every: 2, routing: task_aware}",
+                   "model.conditioning=attention"],
 }
 
 
 @pytest.mark.parametrize("routing", MOE_RUNS)
 def test_moe_run_logs_routing_and_reloads(tmp_path, tiny_backbone, tiny_data, routing):
-    config = tiny_config(tiny_backbone, tiny_data, MOE_RUNS[routing], max_steps=4,
+    config = tiny_config(tiny_backbone, tiny_data, *MOE_RUNS[routing], max_steps=4,
                          evals_per_epoch=1)
     trainer = Trainer(config, tmp_path / "run")
+    assert isinstance(trainer.model.hooks("sst"), ChainedHooks) == (routing == "task_aware")
     trainer.fit()
     record = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()][-1]
     layers = sorted({k.split(".")[1] for k in record["train"] if "/moe_load." in k})
@@ -273,7 +300,7 @@ def test_moe_run_logs_routing_and_reloads(tmp_path, tiny_backbone, tiny_data, ro
 
 
 def test_moe_run_resumes_to_identical_weights(tmp_path, tiny_backbone, tiny_data):
-    config = tiny_config(tiny_backbone, tiny_data, MOE_RUNS["token"], max_steps=6,
+    config = tiny_config(tiny_backbone, tiny_data, *MOE_RUNS["token"], max_steps=6,
                          checkpoint_every=3, evals_per_epoch=1)
     straight = Trainer(config, tmp_path / "straight")
     straight.fit()
@@ -294,7 +321,7 @@ def test_export_refuses_moe_but_extracts_a_task_path(tmp_path, tiny_backbone, ti
     runs = {}
     for routing in ("token", "task"):
         runs[routing] = tmp_path / routing
-        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, MOE_RUNS[routing],
+        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, *MOE_RUNS[routing],
                                       max_steps=3), runs[routing])
         trainer.fit()
     with pytest.raises(ExportError, match="not plain BERT"):
