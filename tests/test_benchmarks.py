@@ -126,3 +126,10 @@ def test_bench_serve_smoke(tiny_run):
         for concurrency in (1, 4):
             assert re.search(rf"\| {re.escape(server)} \| {concurrency} \| 20 \| 0 \|", out), out
     assert "errors over the run: 0" in out
+
+
+def test_bench_moe_smoke(tiny):
+    out = run("bench_moe.py", "--smoke", "--max-length", 32, "--every", 1, *tiny)
+    for contender in ("dense", "MoE top-1", "MoE top-2"):
+        assert f"| {contender} |" in out
+    assert "MoE top-1 / dense training tokens/s per repeat" in out

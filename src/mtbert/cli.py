@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, dest="export_format",
                         choices=["hf", "sentence-transformers", "onnx"])
     export.add_argument("--quantize", choices=["int8"], help="onnx: int8 matrix products")
-    export.add_argument("--task", help="onnx: this task only (default: every task)")
+    export.add_argument("--task", help="onnx: this task only (default: every task); "
+                        "a task-routed MoE: this task's dense path")
 
     data = commands.add_parser("data", help="download the standard task files; check a folder")
     data_commands = data.add_subparsers(dest="data_command", required=True)

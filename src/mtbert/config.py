@@ -106,6 +106,21 @@ class TaskConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Sparse mixture-of-experts FFNs, upcycled from the backbone's (see `model/moe.py`)."""
+
+    experts: int = 4
+    top_k: int = 1
+    every: int = 2  # every N-th encoder layer gets experts (2: the 2nd, 4th, ...)
+    routing: Literal["token", "task", "task_aware"] = "token"
+    capacity_factor: float | None = 1.25  # training, token gates only; None: nothing dropped
+    noisy_gating: bool = True  # token gates only (Shazeer et al. 2017)
+    balance_weight: float = 0.01  # Switch load-balancing loss
+    z_weight: float = 0.001  # router z-loss
+    task_embedding_size: int = 32  # task_aware routing
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "all-minilm-l6-v2"
     max_length: int = 128
@@ -113,6 +128,7 @@ class ModelConfig:
     attention_dropout: float | None = None
     conditioning: str | None = None  # a task-conditioning variant (see model/conditioning)
     conditioning_options: dict[str, Any] = field(default_factory=dict)
+    moe: MoEConfig | None = None  # None: dense feed-forward blocks
 
 
 @dataclass
@@ -459,6 +475,7 @@ def _check_techniques(config: ExperimentConfig) -> None:
     from mtbert.losses import LOSSES, POSITIVE_RULES
     from mtbert.model.conditioning import CONDITIONINGS
     from mtbert.model.heads import HEADS
+    from mtbert.model.moe import ROUTINGS
 
     train = config.train
     sampler = _registered("train.sampler", train.sampler, SAMPLERS)
@@ -485,6 +502,20 @@ def _check_techniques(config: ExperimentConfig) -> None:
                               f"{technique.acts_from_epoch - 1}")
     if config.model.conditioning is not None:
         _registered("model.conditioning", config.model.conditioning, CONDITIONINGS)
+    moe = config.model.moe
+    if moe is not None and not ROUTINGS[moe.routing].token_gate:
+        # Batches are single-task: every token of a batch takes the task's experts.
+        if moe.capacity_factor is not None:
+            raise ConfigError(f"model.moe.capacity_factor: {moe.routing!r} routing sends all "
+                              "of a batch to its task's experts, so a capacity would drop most "
+                              "of it; set it to null")
+        if moe.noisy_gating:
+            raise ConfigError(f"model.moe.noisy_gating: {moe.routing!r} routing has no token "
+                              "gate for the noise to act on; set it to false")
+        if moe.balance_weight:
+            raise ConfigError(f"model.moe.balance_weight: under {moe.routing!r} routing a "
+                              "batch loads only its task's experts, and balancing it would "
+                              "only push the task off them; set it to 0")
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"
         head = _registered(f"{where}.head.type", task.head.type, HEADS)
@@ -546,6 +577,18 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("max_skipped_share", config.max_skipped_share, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("distill.temperature", config.distill.temperature, positive, "> 0"),
     ]
+    if model.moe is not None:
+        moe = model.moe
+        bounds += [
+            ("model.moe.experts", moe.experts, at_least(2), ">= 2"),
+            ("model.moe.top_k", moe.top_k, lambda v: 1 <= v <= moe.experts,
+             f"in [1, model.moe.experts] = [1, {moe.experts}]"),
+            ("model.moe.every", moe.every, at_least(1), ">= 1"),
+            ("model.moe.capacity_factor", moe.capacity_factor, positive, "> 0"),
+            ("model.moe.balance_weight", moe.balance_weight, at_least(0), ">= 0"),
+            ("model.moe.z_weight", moe.z_weight, at_least(0), ">= 0"),
+            ("model.moe.task_embedding_size", moe.task_embedding_size, at_least(1), ">= 1"),
+        ]
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"
         bounds += [

@@ -14,10 +14,14 @@ A model with task conditioning is refused for `hf` and `sentence-transformers`: 
 encoder is not the model the tasks were trained with. Low-rank adapters (LoRA, MTL-LoRA) are
 the exception with `--task`: that task's adapters are folded into the encoder's weights and
 the folder holds that task alone, as a plain BERT (the ONNX graphs keep adapters apart).
+A mixture-of-experts encoder is not plain BERT and is refused in every format, except a
+task-routed one (Task-MoE) with `--task`: that task's path is extracted as a dense encoder
+(`model.moe.extract_task_encoder`) and exported as a single-task model.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from mtbert.losses import loss_name
 from mtbert.model.conditioning.low_rank import LowRankAdapters, fold
 from mtbert.model.heads import is_siamese
 from mtbert.model.loading import DEFAULT_BACKBONE, mtbert_to_hf
+from mtbert.model.moe import experts_of, extract_task_encoder
 from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import (
     FORMAT_FILE,
@@ -77,15 +82,18 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
     model, tokenizer, config = load_model(run)
     foldable = isinstance(model.conditioning, LowRankAdapters)
-    if fmt != "onnx" and (quantize or (task and not foldable)):
-        raise ExportError("--quantize and --task apply to --format onnx only (--task also to "
-                          "hf and sentence-transformers of a model with low-rank adapters, "
-                          "which it folds)")
+    moe = bool(experts_of(model.encoder))
+    if quantize and fmt != "onnx" or task and fmt != "onnx" and not (moe or foldable):
+        raise ExportError("--quantize applies to --format onnx only; --task to onnx, and to hf "
+                          "and sentence-transformers of a model with low-rank adapters (which "
+                          "it folds) or of a task-routed mixture of experts")
     metrics = load_json(model_folder(run) / "metrics.json")
+    if moe:
+        model, config = _dense_task_path(model, config, task)
     out = Path(out)
     if fmt == "onnx":
         return _export_onnx(model, tokenizer, config, metrics, out, quantize, task)
-    if task is not None:
+    if task is not None and isinstance(model.conditioning, LowRankAdapters):
         model, config = folded(model, config, task)
     if model.conditioning is not None:
         raise ExportError(
@@ -127,6 +135,29 @@ def folded(model: MultitaskModel, config: ExperimentConfig, task: str
     single = MultitaskModel(fold(model.encoder, model.conditioning, task), config.tasks)
     single.heads[task].load_state_dict(model.heads[task].state_dict())
     return single.eval(), config
+
+
+def _dense_task_path(model: MultitaskModel, config: ExperimentConfig, task: str | None
+                     ) -> tuple[MultitaskModel, ExperimentConfig]:
+    """A Task-MoE model's path for `task` as a dense single-task model and its config."""
+    not_plain = (f"the encoder is a mixture of experts ({config.model.moe.routing} routing), "
+                 "not plain BERT, so no export format holds it; load the run folder with "
+                 "mtbert.load or serve it with mtbert serve. A task-routed model "
+                 "(model.moe.routing: task, top_k 1) exports one task's path as a dense "
+                 "encoder with --task NAME")
+    if task is None:
+        raise ExportError(not_plain)
+    if task not in model.tasks:
+        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
+    try:
+        encoder = extract_task_encoder(model.encoder, model.routing, task)
+    except ValueError as error:
+        raise ExportError(f"{not_plain} ({error})") from None
+    single = copy.deepcopy(config)
+    single.tasks, single.model.moe = [config.task(task)], None
+    dense = MultitaskModel(encoder, single.tasks, model.conditioning)
+    dense.heads[task].load_state_dict(model.heads[task].state_dict())
+    return dense.eval(), single
 
 
 def embedding_pooling(model: MultitaskModel) -> str:

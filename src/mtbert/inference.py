@@ -66,7 +66,7 @@ class TaskGraph(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,
                 pair_index: Tensor | None = None) -> Tensor:
         model = self.model
-        hooks = model.conditioning.hooks(self.task) if model.conditioning is not None else None
+        hooks = model.hooks(self.task)
         x = model.encoder.encode(input_ids, token_type_ids, TokenLayout.padded(attention_mask),
                                  hooks)
         pooled = model.encoder.pooler(x) if self.pooling == "pooler" else None

@@ -31,10 +31,11 @@ from mtbert.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from mtbert.config import ExperimentConfig, dump_config, load_config
+from mtbert.config import ConfigError, ExperimentConfig, dump_config, load_config
 from mtbert.model.bert import BertConfig, BertModel
 from mtbert.model.conditioning import build_conditioning
 from mtbert.model.loading import CheckpointError, load_bert
+from mtbert.model.moe import upcycle
 from mtbert.model.multitask import MultitaskModel
 from mtbert.tokenizer import Tokenizer
 
@@ -47,10 +48,17 @@ REQUIRED = {"multitask": ["model.safetensors", "experiment.yaml"],
 
 
 def build_model(config: ExperimentConfig, encoder: BertModel) -> MultitaskModel:
-    """The multitask model of `config` around `encoder`: conditioning (if any) and heads."""
-    conditioning = build_conditioning(config.model, encoder.config,
-                                      [t.name for t in config.tasks])
-    return MultitaskModel(encoder, config.tasks, conditioning)
+    """The multitask model of `config` around `encoder`: conditioning (if any), heads, and
+    mixture-of-experts layers upcycled from the encoder's (in place) if configured."""
+    names = [t.name for t in config.tasks]
+    conditioning = build_conditioning(config.model, encoder.config, names)
+    routing = None
+    if config.model.moe is not None:
+        try:
+            routing = upcycle(encoder, config.model.moe, names)
+        except ValueError as error:
+            raise ConfigError(f"model.moe: {error}") from None
+    return MultitaskModel(encoder, config.tasks, conditioning, routing)
 
 
 def format_record(layout: str, encoder: BertConfig | None = None, **extra) -> dict:

@@ -1,7 +1,8 @@
 """One run's report: `RUN_DIR/report.html` with its plots as PNG files in `RUN_DIR/plots/`.
 
 The page shows the resolved config, the training loss and dev metric curves from
-`metrics.jsonl`, the run time and parameter counts, and plots of the best model's dev outputs:
+`metrics.jsonl` (and, for mixture-of-experts encoders, a tasks x experts heat map of expert
+load per layer), the run time and parameter counts, and plots of the best model's dev outputs:
 a confusion matrix per classification task, a histogram of the predicted probability by gold
 class per binary classification task, and predicted-vs-gold scatter per regression task. The
 dev outputs are computed on the dev examples the run was scored on (the run's
@@ -208,6 +209,44 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def expert_loads(records: list[dict]) -> dict[int, tuple[int, list[list]]]:
+    """From the last record's `train` values `TASK/moe_load.LAYER.EXPERT` and
+    `TASK/moe_dropped.LAYER`: {layer: (experts, [[task, load per expert..., dropped]])}."""
+    found: dict[int, dict[str, dict[int, float]]] = {}
+    dropped: dict[tuple[int, str], float] = {}
+    for key, value in (records[-1].get("train", {}) if records else {}).items():
+        match = re.fullmatch(r"(.+)/moe_(load|dropped)\.(\d+)(?:\.(\d+))?", key)
+        if match is None:
+            continue
+        task, kind, layer = match.group(1), match.group(2), int(match.group(3))
+        if kind == "load":
+            found.setdefault(layer, {}).setdefault(task, {})[int(match.group(4))] = value
+        else:
+            dropped[layer, task] = value
+    tables = {}
+    for layer in sorted(found):
+        experts = 1 + max(e for by_expert in found[layer].values() for e in by_expert)
+        tables[layer] = (experts, [[task, *(by_expert.get(e, 0.0) for e in range(experts)),
+                                    dropped.get((layer, task), 0.0)]
+                                   for task, by_expert in found[layer].items()])
+    return tables
+
+
+def _heat_table(header: list[str], rows: list[list]) -> str:
+    """A table of shares whose cells are shaded by value (white 0 to dark blue 1)."""
+    def cell(value) -> str:
+        if isinstance(value, str):
+            return f"<td>{html.escape(value)}</td>"
+        light = round(255 * (1 - min(max(value, 0.0), 1.0)))
+        colour = "#fff" if light < 128 else "#222"
+        return (f'<td style="background: rgb({light}, {light}, 255); color: {colour}">'
+                f"{value:.2f}</td>")
+
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -276,6 +315,17 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         parts.append(_image(path, run_dir, "training loss curves"))
     else:
         parts.append("<p>No training records in metrics.jsonl.</p>")
+    loads = expert_loads(records)
+    if loads:
+        parts.append('<h2 id="expert-load">Expert load</h2>')
+        parts.append("<p>Mixture-of-experts layers: the share of each task's token-expert "
+                     "assignments that each expert received (before capacity; running "
+                     "average at the last evaluation), and the share dropped for capacity. "
+                     "Uniform is 1/E per expert.</p>")
+        for layer, (experts, rows) in loads.items():
+            parts.append(f"<h3>Layer {layer}</h3>")
+            parts.append(_heat_table(["task", *(f"expert {e}" for e in range(experts)),
+                                      "dropped"], rows))
     parts.append('<h2 id="dev-curves">Dev metric curves</h2>')
     path = plots / "dev_curves.png"
     if plot_curves(records, "dev", path, "dev metrics", "score"):

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 
 class TaskLoss(nn.Module):
-    """A task's loss on its head's output, plus its auxiliary MNRL term if configured."""
+    """A task's loss on its head's output, plus its auxiliary MNRL term if configured and the
+    model's own auxiliary terms (`HeadOutput.auxiliary`: mixture-of-experts balancing and
+    z-losses, already weighted). Parts are logged; so are the output's routing statistics."""
 
     def __init__(self, task: TaskConfig):
         super().__init__()
@@ -39,4 +41,8 @@ class TaskLoss(nn.Module):
             auxiliary = selected_pairs_mnrl(self.mnrl, u, v, mask)
             parts["mnrl"] = auxiliary.item()
             loss = loss + self.mnrl_weight * auxiliary
+        for name, term in output.auxiliary.items():
+            parts[name] = term.item()
+            loss = loss + term.float()
+        parts.update(output.statistics)
         return loss, parts

@@ -9,7 +9,9 @@ The layers compute only a batch's real tokens, packed into one (tokens, H) matri
 just around attention (`TokenLayout`): padding costs no matrix products.
 
 Task conditioning (task embeddings, PALs, LoRA) plugs in through `EncoderHooks`: the encoder
-calls the hooks at four fixed points and knows nothing else about tasks.
+calls the hooks at fixed points and knows nothing else about tasks. A layer's feed-forward
+block is its `feed_forward` method, which a mixture-of-experts layer (`model/moe.py`)
+overrides.
 """
 
 from __future__ import annotations
@@ -191,6 +193,50 @@ class EncoderHooks(nn.Module):
         return y
 
 
+    def router_logits(self, layer: int, hidden: Tensor) -> Tensor | None:
+        """Task-dependent router logits, (E,) or (N, E), added to a mixture-of-experts
+        layer's own (see `model/moe.py`); None: the layer routes on the tokens alone."""
+        return None
+
+
+class ChainedHooks(EncoderHooks):
+    """Several `EncoderHooks` at once (task conditioning and task routing): each hook runs
+    them in order; extra terms (attention branches, router logits) add up."""
+
+    def __init__(self, parts: list[EncoderHooks]):
+        super().__init__()
+        self.parts = parts  # a plain list: the parts' owners register their parameters
+
+    def input_embeddings(self, embeddings: Tensor) -> Tensor:
+        for part in self.parts:
+            embeddings = part.input_embeddings(embeddings)
+        return embeddings
+
+    def attention_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        for part in self.parts:
+            q, k, v = part.attention_qkv(layer, q, k, v)
+        return q, k, v
+
+    def attention_branch(self, layer: int, hidden: Tensor, layout: TokenLayout
+                         ) -> Tensor | None:
+        return _sum(part.attention_branch(layer, hidden, layout) for part in self.parts)
+
+    def router_logits(self, layer: int, hidden: Tensor) -> Tensor | None:
+        return _sum(part.router_logits(layer, hidden) for part in self.parts)
+
+    def projection(self, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
+        for part in self.parts:
+            y = part.projection(layer, name, x, y)
+        return y
+
+
+def _sum(terms) -> Tensor | None:
+    """The sum of the terms that are not None; None if all are."""
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
 # The linear maps of a layer that `EncoderHooks.projection` sees: name -> module path in
 # `BertLayer` (adapters fold into these weights).
 PROJECTIONS = {"qkv": "attention.qkv", "attention_output": "attention.output",
@@ -266,8 +312,12 @@ class BertLayer(nn.Module):
             if branch is not None:
                 attended = attended + branch
         x = self.attention_norm(x + attended)
+        return self.output_norm(x + self.dropout(self.feed_forward(x, layer, hooks)))
+
+    def feed_forward(self, x: Tensor, layer: int, hooks: EncoderHooks | None) -> Tensor:
+        """(N, H) -> (N, H): the position-wise FFN, before dropout and the residual."""
         h = self.act(project(self.intermediate, x, layer, "intermediate", hooks))  # (N, I)
-        return self.output_norm(x + self.dropout(project(self.output, h, layer, "output", hooks)))
+        return project(self.output, h, layer, "output", hooks)
 
 
 class BertPooler(nn.Module):

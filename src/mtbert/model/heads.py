@@ -13,7 +13,7 @@ outputs per example and how they decode into labels is the task's loss's busines
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 class HeadOutput:
     predictions: Tensor  # (B, C) logits, or (B,) one logit or score per example
     embeddings: tuple[Tensor, Tensor] | None = None  # siamese heads: (u, v), (B, H) each
+    # Set by the model, not the head: weighted auxiliary loss terms of the encoder (mixture of
+    # experts) that join the task's loss, and routing statistics to log.
+    auxiliary: dict[str, Tensor] = field(default_factory=dict)
+    statistics: dict[str, float] = field(default_factory=dict)
 
 
 def pool(hidden: Tensor, pooled: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:

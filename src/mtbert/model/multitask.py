@@ -1,4 +1,5 @@
-"""`MultitaskModel`: one shared encoder, optional task conditioning, one head per task."""
+"""`MultitaskModel`: one shared encoder, optional task conditioning and task routing (mixture
+of experts), one head per task."""
 
 from __future__ import annotations
 
@@ -8,32 +9,46 @@ from torch import Tensor, nn
 
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch
-from mtbert.model.bert import BertModel
+from mtbert.model.bert import BertModel, ChainedHooks, EncoderHooks
 from mtbert.model.heads import HeadOutput, build_head, pool
+from mtbert.model.moe import auxiliary_losses, experts_of, routing_statistics
 
 
 class MultitaskModel(nn.Module):
     """Batches are single-task: `forward(task, batch)` runs the encoder with that task's
-    conditioning (if any) and that task's head."""
+    conditioning and routing (if any) and that task's head. With mixture-of-experts layers
+    in the encoder, a training pass's output carries their auxiliary losses and routing
+    statistics."""
 
     def __init__(self, encoder: BertModel, tasks: Sequence[TaskConfig],
-                 conditioning: nn.Module | None = None):
+                 conditioning: nn.Module | None = None, routing: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
         self.conditioning = conditioning
+        self.routing = routing  # per-task router logits of task-routed experts (model/moe.py)
         self.tasks = {task.name: task for task in tasks}
         self.heads = nn.ModuleDict(
             {task.name: build_head(task, encoder.config.hidden_size) for task in tasks})
+        self._experts = experts_of(encoder)  # a plain list: the encoder registers them
 
     def forward(self, task: str, batch: Batch) -> HeadOutput:
-        return self.heads[task](self.sentence_vectors(task, batch), batch.pair_index)
+        output = self.heads[task](self.sentence_vectors(task, batch), batch.pair_index)
+        if self._experts and self.training:
+            output.auxiliary = auxiliary_losses(self._experts)
+            output.statistics = routing_statistics(self._experts)
+        return output
+
+    def hooks(self, task: str) -> EncoderHooks | None:
+        """The encoder hooks of `task`: its conditioning's and its routing's, or None."""
+        parts = [m.hooks(task) for m in (self.conditioning, self.routing) if m is not None]
+        return ChainedHooks(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     def sentence_vectors(self, task: str | None, batch: Batch, pooling: str = "mean") -> Tensor:
         """(R, H) pooled vectors of the batch's rows, as `task`'s head sees them (its
         conditioning and pooling); `task=None`: the plain encoder with `pooling`."""
         hooks = None
         if task is not None:
-            hooks = self.conditioning.hooks(task) if self.conditioning is not None else None
+            hooks = self.hooks(task)
             pooling = self.tasks[task].head.pooling
         hidden, pooled = self.encoder(batch.input_ids, batch.attention_mask,
                                       batch.token_type_ids, hooks)
@@ -48,6 +63,6 @@ class MultitaskModel(nn.Module):
         return [p for p in self.encoder.layers[-1].parameters() if p.requires_grad]
 
     def task_parameters(self) -> list[nn.Parameter]:
-        """Heads and conditioning: each keeps its own task's gradient."""
+        """Heads, conditioning and task routing: each keeps its own task's gradient."""
         shared = {id(p) for p in self.shared_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in shared]

@@ -50,6 +50,9 @@ class TaskConditioning(nn.Module):
     def projection(self, task: str, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
         return y
 
+    def router_logits(self, task: str, layer: int, hidden: Tensor) -> Tensor | None:
+        return None
+
 
 class _TaskHooks(EncoderHooks):
     """A `TaskConditioning`'s hook methods with the task filled in."""
@@ -61,6 +64,7 @@ class _TaskHooks(EncoderHooks):
         self._attention_qkv = partial(owner.attention_qkv, task)
         self._attention_branch = partial(owner.attention_branch, task)
         self._projection = partial(owner.projection, task)
+        self._router_logits = partial(owner.router_logits, task)
 
     def input_embeddings(self, embeddings: Tensor) -> Tensor:
         return self._input_embeddings(embeddings)
@@ -75,6 +79,9 @@ class _TaskHooks(EncoderHooks):
 
     def projection(self, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
         return self._projection(layer, name, x, y)
+
+    def router_logits(self, layer: int, hidden: Tensor) -> Tensor | None:
+        return self._router_logits(layer, hidden)
 
 
 def positive_int(name: str, value: object) -> int:
