@@ -137,7 +137,7 @@ def test_exports_that_would_mislead_are_refused(tiny_backbone, tiny_data, tmp_pa
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--format", "hf", "--quantize", "int8"], "apply to --format onnx only"),
+    (["--format", "hf", "--quantize", "int8"], "--quantize applies to --format onnx only"),
     (["--format", "onnx", "--task", "nli"], "unknown task 'nli'"),
 ])
 def test_export_option_errors(tiny_run, tmp_path, capsys, arguments, message):
