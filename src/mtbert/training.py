@@ -54,6 +54,7 @@ from mtbert.model.loading import load_bert
 from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
+from mtbert.precision import autocast, resolve_precision
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ class Trainer:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if train.device == "auto"
             else train.device)
+        self.precision = resolve_precision(train.precision, self.device)
+        log.info("precision: %s (train.precision: %s, device %s)", self.precision,
+                 train.precision, self.device)
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
@@ -234,7 +238,7 @@ class Trainer:
                 batch: Batch = self.streams[task].next().to(self.device)
                 tokens += batch.real_tokens()
                 self.state.examples_seen[task] = self.state.examples_seen.get(task, 0) + len(batch)
-                with self.autocast():
+                with autocast(self.device, self.precision):
                     output = model(task, batch)
                 loss, parts = self.losses[task](output, batch.labels, self.epoch)
                 losses[task] = loss
@@ -262,11 +266,6 @@ class Trainer:
         self.state.step += 1
         logged["tokens"] = tokens
         return logged
-
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast when configured (meant for CUDA; fp32 is the fast path on CPUs)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.config.train.precision == "bf16")
 
     def _skip_bad_step(self) -> None:
         self.weighting.after_skipped_step()
@@ -306,7 +305,8 @@ class Trainer:
         dump_config(self.config, self.run_dir / "config.yaml")
         log.info("parameters: %s", self.parameter_counts())
         save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
-                                             "total_steps": self.total_steps})
+                                             "total_steps": self.total_steps,
+                                             "precision": self.precision})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()
