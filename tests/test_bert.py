@@ -225,3 +225,26 @@ class TestBadCheckpoints:
             load_bert("some-org/definitely-not-cached-model")
         assert "could not download 'some-org/definitely-not-cached-model'" in str(error.value)
         assert error.value.__cause__ is None
+
+
+def test_attention_with_dropout_is_sdpa_with_the_same_dropout_draws():
+    """The CPU training path computes what `scaled_dot_product_attention` does, masks and
+    dropout draws included (the generator is reset before each)."""
+    import torch.nn.functional as F
+
+    from mtbert.model.bert import attention_with_dropout
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 4, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6]).bool()[:, None, None, :]
+    results = []
+    for attend in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                          dropout_p=0.3),
+                   lambda: attention_with_dropout(q, k, v, mask, 0.3)):
+        torch.manual_seed(1)
+        y = attend()
+        grads = torch.autograd.grad((y * torch.arange(4.0)).sum(), (q, k, v))
+        results.append((y, *grads))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert (results[0][0] == 0).any()  # dropout did drop weights
