@@ -80,6 +80,8 @@ def test_cli_train_evaluate_predict(tmp_path, tiny_backbone, tiny_data, capsys):
         assert len(rows) > 1
     assert main(["evaluate", str(run)]) == 0
     assert "| dev |" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--dtype", "bf16"]) == 0
+    assert "| dev |" in capsys.readouterr().out
     assert main(["predict", str(run), "--splits", "test", "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "sst-test-output.csv").is_file()
 
