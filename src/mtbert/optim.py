@@ -23,9 +23,10 @@ class AdamW(Optimizer):
     step count (`torch._fused_adamw_`, on CPU since PyTorch 2.4): it reads and writes each
     parameter, gradient and moment once, where separate `torch._foreach_*` passes (decay,
     two moment updates, sqrt, reciprocal, add, addcdiv) went over the ~23M parameters of
-    MiniLM eight times (`benchmarks/bench_adamw.py` times it against those passes). The kernel
-    computes the same formula; results agree to fp32 rounding. Parameters without a gradient in a step
-    (a task head whose task was not drawn) are left untouched and keep their own step count.
+    MiniLM eight times (`benchmarks/bench_adamw.py` times it against those passes). The
+    kernel computes the same formula; results agree to fp32 rounding. Parameters without a
+    gradient in a step (a task head whose task was not drawn) are left untouched and keep
+    their own step count.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,

@@ -171,8 +171,9 @@ def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
 
     On CPUs that function has no fused kernel with dropout and falls back to its generic
     path, which also guards every (B, heads, T, T) score row against having all its keys
-    masked (isneginf, all, where: ~25% of attention's time in a bf16 MiniLM step). No row
-    here can be: each sequence has a real token. (B, heads, T, d) x 3 -> (B, heads, T, d).
+    masked (isneginf, all, where over every score: a large share of attention's time once
+    the matrix products run in bf16). No row here can be: each sequence has a real token.
+    (B, heads, T, d) x 3 -> (B, heads, T, d).
     """
     scores = q @ k.transpose(-1, -2)  # (B, heads, T, T)
     scores.mul_(q.shape[-1] ** -0.5)
