@@ -248,3 +248,27 @@ def test_attention_with_dropout_is_sdpa_with_the_same_dropout_draws():
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert (results[0][0] == 0).any()  # dropout did drop weights
+
+
+def test_rows_rounded_up_give_the_same_outputs_and_gradients():
+    """Filler rows (`TokenLayout.packed(..., row_multiple)`) change nothing real tokens get."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config)
+    ids = torch.randint(5, 50, (3, 9))
+    for mask in (torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7]),
+                 torch.ones(3, 9, dtype=torch.long)):
+        results = []
+        for multiple in (1, 16):
+            layout = TokenLayout.packed(mask, multiple)
+            if multiple > 1:
+                assert layout.index.numel() % multiple == 0
+            hidden = model.encode(ids, None, layout)
+            weights = torch.arange(16.0)
+            params = [p for n, p in model.named_parameters() if not n.startswith("pooler")]
+            grads = torch.autograd.grad((hidden * weights).sum(), params)
+            results.append((hidden, *grads))
+        for rounded, exact in zip(*results[::-1]):
+            torch.testing.assert_close(rounded, exact, rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ def test_auto_run_trains_in_the_chosen_precision_and_records_it(
 
 
 # bf16 keeps 8 significant bits: each rounding is within 2^-9 (0.2%) relative. Through the six
-# layers of MiniLM and three optimizer steps the task losses came out within 0.25% of fp32's;
+# layers of MiniLM and three optimizer steps the task losses came out within 0.4% of fp32's;
 # the test allows 1% (relative, or 0.01 absolute for losses below 1). A precision bug (a loss
 # or softmax computed in bf16, weights or Adam moments kept in bf16) moves them further.
 LOSS_TOLERANCE = 0.01
@@ -56,9 +56,12 @@ LOSS_TOLERANCE = 0.01
 def test_bf16_training_steps_give_fp32_losses(tmp_path, backbone_dir, tiny_data):
     losses = {}
     for name in ("fp32", "bf16"):
-        config = tiny_config(backbone_dir, tiny_data, *SIAMESE_HEADS, max_steps=3,
-                             precision=name, device="cpu", lr=5e-5, head_lr=1e-3)
-        trainer = Trainer(config, tmp_path / name)  # seeds the same dropout masks
+        # no dropout: bf16 steps round their packed rows up (`BertModel.row_multiple`), so
+        # they draw dropout masks for more rows and would drop other activations than fp32
+        config = tiny_config(backbone_dir, tiny_data, *SIAMESE_HEADS, "model.hidden_dropout=0.0",
+                             "model.attention_dropout=0.0", max_steps=3, precision=name,
+                             device="cpu", lr=5e-5, head_lr=1e-3)
+        trainer = Trainer(config, tmp_path / name)
         losses[name] = [trainer.train_step() for _ in range(3)]
     for step, (full, half) in enumerate(zip(losses["fp32"], losses["bf16"])):
         for key in (k for k in full if k.endswith("/loss")):
