@@ -1,23 +1,32 @@
-"""Wall time of one multitask training epoch of a config (default: configs/default.yaml).
+"""Wall time of one multitask training epoch of a config (default: configs/default.yaml),
+in fp32 and bf16 side by side.
 
-    python benchmarks/bench_epoch.py [--config configs/default.yaml] [--steps N]
-        [--set KEY=VALUE ...] [--threads N] [--backbone DIR] [--data-dir DIR] [--smoke]
+    python benchmarks/bench_epoch.py [--config configs/default.yaml] [--steps N] [--block 10]
+        [--precisions fp32 bf16] [--set KEY=VALUE ...] [--threads N] [--backbone DIR]
+        [--data-dir DIR] [--smoke]
 
-Builds `Trainer(config, tmpdir)` (setup, which reads and tokenizes the data, is timed apart)
-and times `trainer.train_step()` for a whole epoch, `trainer.sampler.steps_per_epoch()` steps,
-or for the first `--steps N` steps, extrapolated to the epoch. No evaluation, no checkpoints.
-Prints steps per epoch, measured and extrapolated time, steps/s and real tokens/s.
+Builds one `Trainer(config, tmpdir)` per precision (`train.precision` set to it; setup, which
+reads and tokenizes the data, is timed apart) and times `trainer.train_step()` in alternating
+blocks of `--block` steps (the order flips every block), for a whole epoch per precision,
+`trainer.sampler.steps_per_epoch()` steps, or for the first `--steps N` steps, extrapolated to
+the epoch. Every trainer has the same seed, so block i of each precision trains on the same
+batches. No evaluation, no checkpoints. Prints per precision the steps per epoch, measured and
+extrapolated time, steps/s and real tokens/s, the median paired ratio of tokens/s to the
+first precision, and the GEMM-bound limit of this machine (see `bench_train.gemm_limit_lines`).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from bench_train import gemm_limit_lines
 
 from mtbert.config import load_config
 from mtbert.cpu import configure_process
@@ -37,6 +46,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--steps", type=int, default=None,
                         help="time this many steps and extrapolate (default: the whole epoch)")
+    parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+                        default=["fp32", "bf16"])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. train.batch_size=16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -48,41 +60,60 @@ def main() -> None:
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")
     if args.smoke:
-        args.steps = 2
+        args.steps, args.block = 2, 1
         overrides.append("model.max_length=32")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    config = load_config(args.config, overrides, data_dir=str(args.data_dir))
+    configs = {name: load_config(args.config, [*overrides, f"train.precision={name}"],
+                                 data_dir=str(args.data_dir)) for name in args.precisions}
+    config = configs[args.precisions[0]]
 
     configure_process(config.train.threads, config.train.device)  # as `mtbert train` does
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
-        trainer = Trainer(config, run_dir)
-        setup_s = time.perf_counter() - start
+        trainers = {name: Trainer(c, Path(run_dir) / name) for name, c in configs.items()}
+        setup_s = (time.perf_counter() - start) / len(trainers)
+        trainer = trainers[args.precisions[0]]
         epoch_steps = trainer.sampler.steps_per_epoch()
         steps = min(args.steps or epoch_steps, epoch_steps)
-        tokens = 0
-        start = time.perf_counter()
-        for step in range(1, steps + 1):
-            tokens += trainer.train_step()["tokens"]
-            if step % 50 == 0:
-                elapsed = time.perf_counter() - start
-                print(f"  step {step}/{steps}, {duration(elapsed)}", file=sys.stderr, flush=True)
-        measured_s = time.perf_counter() - start
+        blocks: dict[str, list[tuple[int, float]]] = {name: [] for name in trainers}
+        for index, first in enumerate(range(0, steps, args.block)):
+            order = list(trainers) if index % 2 == 0 else list(trainers)[::-1]
+            for name in order:
+                tokens, start = 0, time.perf_counter()
+                for _ in range(min(args.block, steps - first)):
+                    tokens += trainers[name].train_step()["tokens"]
+                blocks[name].append((tokens, time.perf_counter() - start))
+            print(f"  step {first + args.block}/{steps}", file=sys.stderr, flush=True)
 
     tasks = ", ".join(f"{t.name} ({len(trainer.data[t.name].train)})" for t in config.tasks)
     print(f"epoch: {args.config.name}, tasks {tasks}, sampler {config.train.sampler}, "
-          f"batch {config.train.batch_size}, threads {torch.get_num_threads()}")
-    print(f"setup (load backbone, read and tokenize data, not timed below): {duration(setup_s)}\n")
-    rows = [("steps per epoch", f"{epoch_steps}"),
-            ("steps timed", f"{steps}"),
-            ("measured time", duration(measured_s)),
+          f"batch {config.train.batch_size}, threads {torch.get_num_threads()}, "
+          f"{steps} steps per precision in alternating blocks of {args.block}")
+    print(f"setup (load backbone, read and tokenize data, not timed below): {duration(setup_s)} "
+          f"per trainer\n")
+    speed = {name: sum(t for t, _ in runs) / sum(s for _, s in runs)
+             for name, runs in blocks.items()}
+    rows = [("steps per epoch", *(f"{epoch_steps}" for _ in blocks)),
+            ("steps timed", *(f"{steps}" for _ in blocks)),
+            ("measured time", *(duration(sum(s for _, s in runs)) for runs in blocks.values())),
             ("epoch time" + (" (extrapolated)" if steps < epoch_steps else ""),
-             duration(measured_s * epoch_steps / steps)),
-            ("steps/s", f"{steps / measured_s:.2f}"),
-            ("real tokens/s", f"{tokens / measured_s:.0f}")]
-    print("| quantity | value |\n|---|---|")
-    print("\n".join(f"| {name} | {value} |" for name, value in rows))
+             *(duration(sum(s for _, s in runs) * epoch_steps / steps)
+               for runs in blocks.values())),
+            ("steps/s", *(f"{steps / sum(s for _, s in runs):.2f}" for runs in blocks.values())),
+            ("real tokens/s", *(f"{speed[name]:.0f}" for name in blocks))]
+    print("| quantity | " + " | ".join(blocks) + " |\n|---|" + "---|" * len(blocks))
+    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    base = args.precisions[0]
+    for name in args.precisions[1:]:
+        ratios = [(t / s) / (tb / sb) for (t, s), (tb, sb) in zip(blocks[name], blocks[base])]
+        print(f"\n{name} / {base} real tokens/s: {speed[name] / speed[base]:.2f}x overall, "
+              f"median of {len(ratios)} paired blocks {statistics.median(ratios):.2f}x "
+              f"(per block: {', '.join(f'{r:.2f}' for r in ratios)})")
+    lengths = np.concatenate([d.train.lengths() / (2 if d.train.pair_index is not None else 1)
+                              for d in trainer.data.values()])
+    print("\n".join(["", *gemm_limit_lines(trainer.model.encoder.config, float(lengths.mean()),
+                                           True, speed)]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Inference throughput: HF `BertModel` vs mtbert fp32 / int8 / ONNX Runtime, same sentences.
+"""Inference throughput: HF `BertModel` vs mtbert fp32 / bf16 / int8 / ONNX Runtime, same
+sentences.
 
     python benchmarks/bench_infer.py [--batch-size 128] [--repeats 5] [--batches 8]
         [--threads N] [--backbone DIR] [--data-dir DIR] [--no-memory] [--no-onnx]
@@ -15,15 +16,17 @@ tokenization is timed for all. Each repeat gives all contenders the same fresh c
 - HF: `BertTokenizerFast(..., padding=True)` per batch of the shuffled chunk.
 - mtbert fp32: the chunk tokenized at once, `sorted_batches` by length, `collate` padding
   (`evaluation.predict_outputs`). Sorting is within the chunk: more batches, less padding.
+- mtbert bf16: the same on `mtbert.inference.to_bf16(model)` (every weight bf16).
 - mtbert int8: the same on `mtbert.inference.quantize_dynamic(model, --keep-fp32)`.
 - mtbert ONNX fp32 / int8: `export_onnx(..., quantize=False/True)` run by ONNX Runtime on the
   same sorted batches (skipped when onnxruntime or onnx is missing).
 
 Reports sentences/s, real tokens/s, the median paired ratio to HF, and peak memory (a child
-process per contender tokenizes and encodes one chunk; see bench_train.py for how RSS is read).
+process per contender tokenizes and encodes one chunk; see bench_train.py for how RSS is read),
+and the GEMM-bound limit of fp32 and bf16 on this machine (`bench_train.gemm_limit_lines`).
 
 `--accuracy RUN_DIR` instead loads a trained run and prints each task's dev metric for fp32,
-int8, ONNX and ONNX int8 with the differences (goal: |difference| < 0.5 point).
+bf16, int8, ONNX and ONNX int8 with the differences (goal: |difference| < 0.5 point).
 
 `--predict-cli RUN_DIR` times `mtbert predict RUN --task quora --input quora-dev.csv` (the
 function the CLI calls) against the fp32 path on the same 2 x pairs sentences with the run's
@@ -45,6 +48,7 @@ from bench_train import (
     DEFAULT_DATA,
     MemoryProbe,
     common_arguments,
+    gemm_limit_lines,
     markdown_table,
     memory_probes,
     sample_texts,
@@ -56,7 +60,7 @@ from mtbert.data.batching import EncodedSplit, collate, encode_split, sorted_bat
 from mtbert.data.readers import read_examples
 from mtbert.data.tasks import read_split
 from mtbert.evaluation import metric, predict, predict_outputs
-from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic
+from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic, to_bf16
 from mtbert.model.bert import BertModel, mean_pool
 from mtbert.model.heads import build_head, is_siamese
 from mtbert.model.loading import load_bert, resolve_checkpoint
@@ -65,6 +69,7 @@ from mtbert.tokenizer import Tokenizer
 
 TASK = "sentence"
 NAMES = {"hf": "HF BertModel (padding=True)", "fp32": "mtbert fp32 (sorted, dynamic padding)",
+         "bf16": "mtbert bf16 (weights bf16)",
          "int8": "mtbert int8 (torch dynamic quantization)", "onnx": "mtbert ONNX Runtime fp32",
          "onnx-int8": "mtbert ONNX Runtime int8"}
 
@@ -149,6 +154,8 @@ def build(name: str, folder: Path, args, onnx_dir: Path | None):
     if name == "hf":
         return HuggingFace(folder, args.batch_size, args.max_length)
     model = sentence_model(folder)
+    if name == "bf16":
+        model = to_bf16(model)
     if name == "int8":
         model = quantize_dynamic(model, args.keep_fp32)
     tokenizer = Tokenizer.from_folder(folder, args.max_length)
@@ -162,7 +169,7 @@ def speed(args) -> None:
     texts = sample_texts("quora", args.data_dir or DEFAULT_DATA,
                          (args.repeats + 1) * chunk, args.seed)[0]
     use_onnx = args.onnx and onnx_available()
-    names = ["hf", "fp32", "int8"] + (["onnx", "onnx-int8"] if use_onnx else [])
+    names = ["hf", "fp32", "bf16", "int8"] + (["onnx", "onnx-int8"] if use_onnx else [])
     if args.memory_probe:
         contender = build(args.memory_probe, folder, args, args.onnx_dir)
         probe = MemoryProbe()
@@ -213,7 +220,11 @@ def speed(args) -> None:
     print()
     print(markdown_table(["contender", "sentences/s", "real tokens/s", "vs HF (median ratio)",
                           "peak RSS MiB", "encoding RSS MiB"], rows))
-    print("\ngoal: fp32 >= 2x, int8 / ONNX >= 4x HF")
+    print("\ngoal: fp32 >= 2x, int8 / ONNX >= 4x HF\n")
+    speeds = {name: statistics.median(r[1] for r in results[name]) for name in ("fp32", "bf16")}
+    length = sum(real_tokens[1:]) / (args.repeats * chunk)
+    print("\n".join(gemm_limit_lines(contenders["fp32"].model.encoder.config, length, False,
+                                     speeds)))
 
 
 def accuracy(args) -> None:
@@ -222,8 +233,8 @@ def accuracy(args) -> None:
 
     model, tokenizer, config = load_model(args.accuracy)
     data_dir = args.data_dir or config.data_dir
-    quantized = quantize_dynamic(model, args.keep_fp32)
-    variants = ["int8"] + (["onnx", "onnx-int8"] if args.onnx and onnx_available() else [])
+    fast = {"bf16": to_bf16(model), "int8": quantize_dynamic(model, args.keep_fp32)}
+    variants = [*fast] + (["onnx", "onnx-int8"] if args.onnx and onnx_available() else [])
     rows, worst = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name, task in model.tasks.items():
@@ -238,8 +249,8 @@ def accuracy(args) -> None:
             fp32 = metric(task, predict(model, name, split, args.batch_size, pad), labels)
             row = [name, f"{task.metric} (n={len(split)})", f"{100 * fp32:.2f}"]
             for variant in variants:
-                if variant == "int8":
-                    predictions = predict(quantized, name, split, args.batch_size, pad)
+                if variant in fast:
+                    predictions = predict(fast[variant], name, split, args.batch_size, pad)
                 else:
                     path = export_onnx(model, name, Path(tmp) / f"{name}-{variant}.onnx",
                                        quantize=variant == "onnx-int8")
@@ -252,7 +263,8 @@ def accuracy(args) -> None:
     header += [column for v in variants for column in (v, f"{v} - fp32")]
     print(f"dev metrics (x100) of {args.accuracy}, at most {args.max_examples} examples a task"
           + (f"; int8 keeps {' '.join(args.keep_fp32)} fp32" if args.keep_fp32 else "")
-          + ("" if len(variants) > 1 else "; ONNX skipped (not installed, or --no-onnx)"))
+          + ("" if len(variants) > len(fast)
+             else "; ONNX skipped (not installed, or --no-onnx)"))
     print(markdown_table(header, rows))
     verdict = "ok" if 100 * worst < 0.5 else "ABOVE the 0.5 point goal"
     print(f"\nlargest |difference|: {100 * worst:.2f} points ({verdict})")

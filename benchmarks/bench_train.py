@@ -1,4 +1,5 @@
-"""Training throughput: mtbert vs `transformers.BertModel` with the same weights and sentences.
+"""Training throughput: mtbert in fp32 and bf16 vs `transformers.BertModel`, same weights and
+sentences.
 
     python benchmarks/bench_train.py [--batch-size 32] [--repeats 5] [--steps 10] [--warmup 2]
         [--naive] [--optimizer own|torch] [--threads N] [--backbone DIR] [--data-dir DIR]
@@ -14,11 +15,15 @@ of `--steps` steps (the order flips every repeat), after `--warmup` untimed step
 - HF: `BertTokenizerFast(..., padding=True)` on every random batch of the same sentences, as a
   typical user writes it (the tokenizer call is timed); `--naive` adds HF with
   `padding="max_length"` (128).
+- mtbert bf16: the same under bf16 autocast (`train.precision: bf16`), weights and optimizer
+  fp32.
 - `--optimizer own` (default): mtbert steps `mtbert.optim.AdamW`, HF the default
   `torch.optim.AdamW`; `--optimizer torch`: both use `torch.optim.AdamW`.
 
-Throughput counts real (non-pad) tokens. The ratio is the median over repeats of the paired
-ratio mtbert / HF (padding=True). Peak memory is measured apart, in a child process per
+Throughput counts real (non-pad) tokens. The ratios are medians over repeats of the paired
+ratios mtbert / HF (padding=True) and mtbert bf16 / mtbert fp32. The GEMM-bound limit is this
+machine's measured matmul FLOP/s over the matrix-product FLOPs per token
+(`matmul_flops_per_token`). Peak memory is measured apart, in a child process per
 contender (mtbert's never imports transformers) that runs three steps on the batch of the
 longest sentences. Peak RSS is the child's high-water mark (Linux VmHWM, loading included);
 training RSS is how far the resident set rose above its size just before the first step
@@ -46,8 +51,10 @@ from torch import nn
 from mtbert.config import TaskConfig
 from mtbert.data.batching import EncodedSplit, bucketed_batches, collate
 from mtbert.data.tasks import read_split
+from mtbert.model.bert import BertConfig
 from mtbert.model.loading import load_bert, resolve_checkpoint
 from mtbert.optim import AdamW
+from mtbert.precision import autocast
 from mtbert.presets import PRESETS
 from mtbert.tokenizer import Tokenizer
 
@@ -136,14 +143,63 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_flops(config: BertConfig, dtype: str, rows: int = 4096, seconds: float = 1.0
+                 ) -> float:
+    """Measured FLOP/s of a (rows x hidden) @ (hidden x intermediate) product in `dtype`, the
+    shape class of the encoder's feed-forward layers: how fast this machine multiplies
+    matrices, the ceiling of any step made of matrix products."""
+    a = torch.randn(rows, config.hidden_size, dtype=DTYPES[dtype])
+    b = torch.randn(config.hidden_size, config.intermediate_size, dtype=DTYPES[dtype])
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return count * 2 * rows * config.hidden_size * config.intermediate_size / (
+        time.perf_counter() - start)
+
+
+def matmul_flops_per_token(config: BertConfig, length: float, training: bool) -> float:
+    """Matrix-product FLOPs the encoder spends per token: 2 per weight of the layers' linear
+    maps, plus attention's 4 x length x hidden per layer (Q K^T and weights x V over a
+    sequence of `length` tokens); training triples it (the backward pass computes the
+    gradients of inputs and of weights). Embeddings and heads are left out (no products, or
+    negligible)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    weights = 4 * hidden * hidden + 2 * hidden * config.intermediate_size  # Q, K, V, O, FFN
+    forward = layers * (2 * weights + 4 * length * hidden)
+    return 3 * forward if training else forward
+
+
+def gemm_limit_lines(config: BertConfig, length: float, training: bool,
+                     tokens_per_s: dict[str, float]) -> list[str]:
+    """For each dtype of `tokens_per_s`: the matrix-product limit of this machine in tokens/s
+    (measured matmul FLOP/s / FLOPs per token) and the share of it reached."""
+    per_token = matmul_flops_per_token(config, length, training)
+    lines = [f"GEMM-bound limit: {per_token / 1e6:.1f} MFLOP of matrix products per token "
+             f"(mean sequence length {length:.1f}, {'training' if training else 'inference'})"]
+    for dtype, reached in tokens_per_s.items():
+        flops = matmul_flops(config, dtype)
+        limit = flops / per_token
+        lines.append(f"  {dtype}: matmul {flops / 1e9:.0f} GFLOP/s -> limit {limit:.0f} "
+                     f"tokens/s; reached {reached:.0f} = {reached / limit:.0%} of it")
+    return lines
+
+
 # ---------------------------------------------------------------- the two training loops
 
 
 class MtbertTraining:
     """mtbert's own path: pre-tokenized split, length-bucketed batches, dynamic padding."""
 
-    def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module):
+    def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module,
+                 precision: str = "fp32"):
         self.encoder = load_bert(folder)[0].train()
+        self.precision = precision
         tokenizer = Tokenizer.from_folder(folder, args.max_length)
         self.pad_id = tokenizer.pad_id
         start = time.perf_counter()
@@ -161,8 +217,10 @@ class MtbertTraining:
 
     def step(self, rows: np.ndarray) -> tuple[int, int]:
         batch = collate(self.split, rows, self.pad_id)
-        _, pooled = self.encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        loss = F.cross_entropy(self.head(pooled), batch.labels.long())
+        with autocast(torch.device("cpu"), self.precision):
+            _, pooled = self.encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            logits = self.head(pooled)
+        loss = F.cross_entropy(logits.float(), batch.labels.long())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,13 +305,14 @@ def main() -> None:
     hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
     head = nn.Linear(hidden, 5)
 
-    names = ["mtbert", "hf"] + (["hf-max-length"] if args.naive else [])
+    names = ["mtbert", "mtbert-bf16", "hf"] + (["hf-max-length"] if args.naive else [])
     if args.memory_probe:
         lengths = [len(ids) for ids in Tokenizer.from_folder(folder, args.max_length)
                    .encode(texts)[0]]
         longest = np.argsort(lengths, kind="stable")[-args.batch_size:]
-        trainer = MtbertTraining(folder, texts, labels, args, head) \
-            if args.memory_probe == "mtbert" else HfTraining(
+        trainer = MtbertTraining(folder, texts, labels, args, head,
+                                 "bf16" if args.memory_probe == "mtbert-bf16" else "fp32") \
+            if args.memory_probe.startswith("mtbert") else HfTraining(
                 folder, texts, labels, args, head,
                 "max_length" if args.memory_probe == "hf-max-length" else True)
         probe = MemoryProbe()
@@ -262,12 +321,14 @@ def main() -> None:
         return probe.report()
 
     mtbert = MtbertTraining(folder, texts, labels, args, head)
-    trainers = {"mtbert": mtbert, "hf": HfTraining(folder, texts, labels, args, head, True)}
+    trainers = {"mtbert": mtbert,
+                "mtbert-bf16": MtbertTraining(folder, texts, labels, args, head, "bf16"),
+                "hf": HfTraining(folder, texts, labels, args, head, True)}
     if args.naive:
         trainers["hf-max-length"] = HfTraining(folder, texts, labels, args, head, "max_length")
     ours_plan = mtbert.plan(args.batch_size, args.seed)
     theirs_plan = np.array_split(np.arange(len(texts)), batches_needed)
-    plans = {name: ours_plan if name == "mtbert" else theirs_plan for name in trainers}
+    plans = {name: ours_plan if name.startswith("mtbert") else theirs_plan for name in trainers}
 
     gap = pooled_gap(mtbert, trainers["hf"], theirs_plan[0])
     for name, trainer in trainers.items():
@@ -282,6 +343,7 @@ def main() -> None:
     memory = {} if args.no_memory else memory_probes(names)
 
     labels_by_name = {"mtbert": "mtbert (bucketed, dynamic padding)",
+                      "mtbert-bf16": "mtbert bf16 autocast (same batches)",
                       "hf": "HF BertModel (padding=True)",
                       "hf-max-length": f"HF BertModel (padding=max_length {args.max_length})"}
     rows = []
@@ -293,6 +355,8 @@ def main() -> None:
         cells += [f"{probe['peak_mb']:.0f}", f"{probe['growth_mb']:.0f}"] if probe else ["-", "-"]
         rows.append([labels_by_name[name], *cells])
     ratios = [a["tokens/s"] / b["tokens/s"] for a, b in zip(results["mtbert"], results["hf"])]
+    bf16 = [a["tokens/s"] / b["tokens/s"]
+            for a, b in zip(results["mtbert-bf16"], results["mtbert"])]
     optimizer = ("mtbert.optim.AdamW (mtbert), torch.optim.AdamW (HF)"
                  if args.optimizer == "own" else "torch.optim.AdamW (both)")
     print(f"training: SST train, batch {args.batch_size}, {args.repeats} repeats x "
@@ -308,6 +372,13 @@ def main() -> None:
     print(f"\nratio mtbert / HF (padding=True), real tokens/s, median of {args.repeats} paired "
           f"repeats: {statistics.median(ratios):.2f}x  (per repeat: "
           + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    print(f"ratio mtbert bf16 / mtbert fp32, real tokens/s, median of {args.repeats} paired "
+          f"repeats: {statistics.median(bf16):.2f}x  (per repeat: "
+          + ", ".join(f"{r:.2f}" for r in bf16) + ")\n")
+    speeds = {precision: statistics.median(r["tokens/s"] for r in results[name])
+              for precision, name in (("fp32", "mtbert"), ("bf16", "mtbert-bf16"))}
+    print("\n".join(gemm_limit_lines(mtbert.encoder.config,
+                                     float(mtbert.split.lengths().mean()), True, speeds)))
 
 
 if __name__ == "__main__":

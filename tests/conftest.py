@@ -115,7 +115,9 @@ def tiny_config(backbone: Path, data: Path, *overrides: str, tasks: str = "[sst,
 
     overrides = [f"tasks={tasks}", f"model.backbone={backbone}", "model.max_length=32",
                  "train.batch_size=16", "train.lr=3e-3", "train.warmup_ratio=0.0",
-                 "train.eval_batch_size=64", *overrides,
+                 "train.eval_batch_size=64",
+                 # fp32 unless a test asks: `auto` would give bf16 on some machines only
+                 "train.precision=fp32", *overrides,
                  *(f"train.{k}={v}" for k, v in train.items())]
     config = load_config(None, overrides, data_dir=str(data))
     return config

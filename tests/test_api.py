@@ -119,6 +119,28 @@ def test_int8_model_predicts_close_to_fp32(model, tiny_run):
         mtbert.load(tiny_run, quantize="int4")
 
 
+def test_bf16_model_predicts_and_encodes_close_to_fp32(model, tiny_run):
+    half = mtbert.load(tiny_run / "best", dtype="bf16")
+    for task in ("sst", "sts"):
+        _, inputs = dev_inputs(model, task)
+        ours, full = half.predict(task, inputs), model.predict(task, inputs)
+        if task == "sts":
+            np.testing.assert_allclose([p.label for p in ours], [p.label for p in full],
+                                       atol=0.1)
+        else:
+            np.testing.assert_allclose([list(p.probabilities.values()) for p in ours],
+                                       [list(p.probabilities.values()) for p in full],
+                                       atol=0.02)
+    texts = ["good movie", "a bad plot"]
+    vectors = half.encode(texts)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, model.encode(texts), atol=0.05)
+    with pytest.raises(ConfigError, match="dtype"):
+        mtbert.load(tiny_run, dtype="fp16")
+    with pytest.raises(ConfigError, match="quantize"):
+        mtbert.load(tiny_run, quantize="int8", dtype="bf16")
+
+
 def test_best_folder_is_no_trap_for_transformers(tiny_run):
     transformers = pytest.importorskip("transformers")
     best = tiny_run / "best"

@@ -31,6 +31,9 @@ def test_bench_train_smoke(tiny):
     pytest.importorskip("transformers")
     out = run("bench_train.py", "--smoke", "--max-length", 32, *tiny)
     assert "| mtbert (bucketed, dynamic padding) |" in out
+    assert "| mtbert bf16 autocast (same batches) |" in out
+    assert "ratio mtbert bf16 / mtbert fp32" in out
+    assert re.search(r"fp32: matmul \d+ GFLOP/s -> limit \d+ tokens/s; reached", out)
     assert "| HF BertModel (padding=True) |" in out
     assert "ratio mtbert / HF" in out
     assert "| - |" not in out  # the memory probes filled their columns
@@ -61,8 +64,11 @@ def test_bench_infer_accuracy_mode(tiny_backbone, tiny_data, tmp_path):
 
 def test_bench_epoch_smoke(tiny):
     out = run("bench_epoch.py", "--smoke", *tiny)
-    assert "| steps per epoch | 6 |" in out  # 3 tasks x 64 examples, batch 32, proportional
+    assert "| quantity | fp32 | bf16 |" in out
+    assert "| steps per epoch | 6 | 6 |" in out  # 3 tasks x 64 examples, batch 32, proportional
     assert "| real tokens/s |" in out
+    assert "bf16 / fp32 real tokens/s" in out
+    assert re.search(r"bf16: matmul \d+ GFLOP/s -> limit \d+ tokens/s; reached \d+ = \d+%", out)
 
 
 def test_bench_gpu_smoke():

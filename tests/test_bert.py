@@ -225,3 +225,50 @@ class TestBadCheckpoints:
             load_bert("some-org/definitely-not-cached-model")
         assert "could not download 'some-org/definitely-not-cached-model'" in str(error.value)
         assert error.value.__cause__ is None
+
+
+def test_attention_with_dropout_is_sdpa_with_the_same_dropout_draws():
+    """The CPU training path computes what `scaled_dot_product_attention` does, masks and
+    dropout draws included (the generator is reset before each)."""
+    import torch.nn.functional as F
+
+    from mtbert.model.bert import attention_with_dropout
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 4, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6]).bool()[:, None, None, :]
+    results = []
+    for attend in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                          dropout_p=0.3),
+                   lambda: attention_with_dropout(q, k, v, mask, 0.3)):
+        torch.manual_seed(1)
+        y = attend()
+        grads = torch.autograd.grad((y * torch.arange(4.0)).sum(), (q, k, v))
+        results.append((y, *grads))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert (results[0][0] == 0).any()  # dropout did drop weights
+
+
+def test_rows_rounded_up_give_the_same_outputs_and_gradients():
+    """Filler rows (`TokenLayout.packed(..., row_multiple)`) change nothing real tokens get."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config)
+    ids = torch.randint(5, 50, (3, 9))
+    for mask in (torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7]),
+                 torch.ones(3, 9, dtype=torch.long)):
+        results = []
+        for multiple in (1, 16):
+            layout = TokenLayout.packed(mask, multiple)
+            if multiple > 1:
+                assert layout.index.numel() % multiple == 0
+            hidden = model.encode(ids, None, layout)
+            weights = torch.arange(16.0)
+            params = [p for n, p in model.named_parameters() if not n.startswith("pooler")]
+            grads = torch.autograd.grad((hidden * weights).sum(), params)
+            results.append((hidden, *grads))
+        for rounded, exact in zip(*results[::-1]):
+            torch.testing.assert_close(rounded, exact, rtol=1e-5, atol=1e-6)

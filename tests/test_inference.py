@@ -1,4 +1,5 @@
-"""Fast inference paths: int8 quantization and ONNX export keep the model's predictions."""
+"""Fast inference paths: bf16 weights, int8 quantization and ONNX export keep the model's
+predictions."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from mtbert.data.batching import collate
 from mtbert.evaluation import predict, predict_outputs
-from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic
+from mtbert.inference import OnnxPredictor, export_onnx, quantize_dynamic, to_bf16
 from mtbert.training import Trainer
 
 from conftest import tiny_config
@@ -44,6 +45,19 @@ def test_quantized_copy_predicts_close_to_fp32(trainer):
         agree = predict(quantized, name, dev, 64) == predict(model, name, dev, 64)
         if trainer.data[name].config.kind == "classification":
             assert agree.mean() >= 0.9
+
+
+def test_bf16_copy_predicts_close_to_fp32(trainer):
+    model = trainer.model.eval()
+    half = to_bf16(model)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # original untouched
+    for name in TASKS:  # joint classifier, one-logit classifier, siamese cosine
+        dev = trainer.data[name].dev
+        ours = predict_outputs(half, name, dev, 64)
+        assert ours.dtype == np.float32
+        # bf16 rounds to 8 significant bits (2^-9 relative) at each operation's output
+        np.testing.assert_allclose(ours, predict_outputs(model, name, dev, 64), atol=0.03)
 
 
 def test_keep_fp32_leaves_the_named_modules_alone(trainer):

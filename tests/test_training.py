@@ -80,6 +80,8 @@ def test_cli_train_evaluate_predict(tmp_path, tiny_backbone, tiny_data, capsys):
         assert len(rows) > 1
     assert main(["evaluate", str(run)]) == 0
     assert "| dev |" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--dtype", "bf16"]) == 0
+    assert "| dev |" in capsys.readouterr().out
     assert main(["predict", str(run), "--splits", "test", "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "sst-test-output.csv").is_file()
 
@@ -120,7 +122,7 @@ def test_packed_tokens_give_the_padded_computation(tiny_backbone, tiny_data):
 
 
 def test_bf16_autocast_path_trains(tmp_path, tiny_backbone, tiny_data):
-    """The GPU recipe's bf16 autocast, exercised on the CPU (where fp32 is the fast path)."""
+    """bf16 autocast forced on the CPU, whatever the CPU has: weights stay fp32 and train."""
     trainer = Trainer(tiny_config(tiny_backbone, tiny_data, *HEADS["siamese"], max_steps=3,
                                   precision="bf16", device="cpu"), tmp_path / "run")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -85,14 +85,20 @@ def task_info(task: TaskConfig) -> TaskInfo:
 
 
 def load(path: str | Path, quantize: str | None = None, device: str = "cpu",
-         batch_size: int | None = None) -> Model:
+         batch_size: int | None = None, dtype: str = "fp32") -> Model:
     """A trained model from a run folder, its `best/`, or an `mtbert export` folder.
 
-    `quantize="int8"`: the encoder's matrix products in int8 (CPU only; faster, slightly
-    different outputs). `batch_size` defaults to the run's `train.eval_batch_size`.
+    `dtype="bf16"`: every weight and matrix product in bf16 (fast on CPUs with AVX512-BF16 or
+    AMX, and on GPUs; outputs differ from fp32's by bf16 rounding). `quantize="int8"`: the
+    encoder's matrix products in int8 (CPU only; faster, slightly different outputs).
+    `batch_size` defaults to the run's `train.eval_batch_size`.
     """
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize: expected None or 'int8', got {quantize!r}")
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"dtype: expected 'fp32' or 'bf16', got {dtype!r}")
+    if quantize and dtype != "fp32":
+        raise ConfigError("quantize='int8' keeps the rest of the model fp32; use dtype='fp32'")
     if quantize and torch.device(device).type != "cpu":
         raise ConfigError("quantize='int8' runs on the CPU only")
     model, tokenizer, config = load_model(path)
@@ -100,6 +106,10 @@ def load(path: str | Path, quantize: str | None = None, device: str = "cpu",
         from mtbert.inference import quantize_dynamic
 
         model = quantize_dynamic(model)
+    if dtype == "bf16":
+        from mtbert.inference import to_bf16
+
+        model = to_bf16(model)
     return Model(model.to(device), tokenizer, config, batch_size)
 
 

@@ -159,7 +159,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest N resume checkpoints are kept
     threads: int | None = None  # None: all cores
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (slow on CPUs)
+    # auto: bf16 autocast where the device has fast bf16 (CUDA with bf16, CPUs with AVX512-BF16
+    # or AMX), fp32 elsewhere (see precision.py); weights, optimizer and losses stay fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass

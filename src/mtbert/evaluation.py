@@ -80,8 +80,9 @@ def head_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch_si
     vectors = map_batches(model, split.sentences(),
                           lambda batch: model.sentence_vectors(task, batch), batch_size, pad_id,
                           progress)
-    device = next(model.parameters()).device
-    vectors, pairs = vectors.to(device), torch.from_numpy(split.pair_index).to(device)
+    weight = next(model.parameters())  # the model's device and dtype (bf16 models)
+    vectors = vectors.to(weight.device, weight.dtype)
+    pairs = torch.from_numpy(split.pair_index).to(weight.device)
     with torch.inference_mode(), evaluating(model):
         return torch.cat([model.heads[task](vectors, rows).predictions.float().cpu()
                           for rows in pairs.split(PAIR_ROWS)])

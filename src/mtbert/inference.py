@@ -1,9 +1,9 @@
-"""Fast CPU inference: int8 dynamic quantization, and ONNX Runtime for one task.
+"""Fast CPU inference: bf16 weights, int8 dynamic quantization, and ONNX Runtime for one task.
 
-`quantize_dynamic` returns a `MultitaskModel` copy whose encoder runs int8 matrix products;
-it predicts through the usual `evaluation.predict`. `export_onnx` writes the encoder plus one
-task's head as an ONNX graph, and `OnnxPredictor` runs it with ONNX Runtime (optional
-dependencies: `pip install onnxruntime onnx`).
+`to_bf16` and `quantize_dynamic` return a `MultitaskModel` copy whose matrix products run in
+bf16 or int8; both predict through the usual `evaluation.predict`. `export_onnx` writes the
+encoder plus one task's head as an ONNX graph, and `OnnxPredictor` runs it with ONNX Runtime
+(optional dependencies: `pip install onnxruntime onnx`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ from mtbert.evaluation import to_predictions
 from mtbert.model.bert import TokenLayout
 from mtbert.model.heads import is_siamese, pool
 from mtbert.model.multitask import MultitaskModel
+
+
+def to_bf16(model: MultitaskModel) -> MultitaskModel:
+    """A copy in eval mode with every weight in bf16: on CPUs with AVX512-BF16 or AMX (and on
+    GPUs) its matrix products run several times faster than fp32's, with no cast per call.
+    Hidden states are bf16 between operations (layer norm, softmax and pooling accumulate in
+    fp32 inside their kernels); the prediction paths return fp32 outputs. The original model
+    is left unchanged."""
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 def quantize_dynamic(model: MultitaskModel, keep_fp32: Sequence[str] = ()) -> MultitaskModel:

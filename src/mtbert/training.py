@@ -68,6 +68,7 @@ from mtbert.model.loading import load_bert
 from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
+from mtbert.precision import autocast, resolve_precision
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class Trainer:
             else train.device)
         if self.device.type == "cuda" and self.world.active:
             self.device = torch.device("cuda", self.world.local_rank)
+        self.precision = resolve_precision(train.precision, self.device)
+        log.info("precision: %s (train.precision: %s, device %s)", self.precision,
+                 train.precision, self.device)
         encoder, self.tokenizer = load_backbone(config)
         self.data = load_task_data(config, self.tokenizer)
         self.model = build_model(config, encoder).to(self.device)
@@ -270,7 +274,7 @@ class Trainer:
                 for task in self.sampler.tasks_for_step(micro_step)}
             last = micro == train.grad_accumulation - 1
             with gradient_sync(self.forward, ddp_averages and last):
-                with self.autocast():
+                with autocast(self.device, self.precision):
                     outputs = self.forward(batches)
                 losses = {}
                 for task, batch in batches.items():
@@ -313,11 +317,6 @@ class Trainer:
         self.state.step += 1
         logged["tokens"] = tokens
         return logged
-
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast when configured (meant for CUDA; fp32 is the fast path on CPUs)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.config.train.precision == "bf16")
 
     def _skip_bad_step(self) -> None:
         self.weighting.after_skipped_step()
@@ -363,7 +362,8 @@ class Trainer:
             log.info("parameters: %s; %d process(es)", self.parameter_counts(), self.world.size)
             save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
                                                  "total_steps": self.total_steps,
-                                                 "world_size": self.world.size})
+                                                 "world_size": self.world.size,
+                                                 "precision": self.precision})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()

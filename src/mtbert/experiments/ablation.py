@@ -262,6 +262,7 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "wall_time_s": round(end - start, 2),
         "train_time_s": round(end - fit_start, 2),
         "parameters": trainer.parameter_counts(),
+        "precision": trainer.precision,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomically(run.result_file, result)

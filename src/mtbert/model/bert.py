@@ -110,6 +110,9 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+BF16_CPU_ROW_MULTIPLE = 64  # see `BertModel.row_multiple`
+
+
 class TokenLayout:
     """Where a padded (B, T) batch's real tokens are, so the encoder can work on those alone.
 
@@ -121,19 +124,32 @@ class TokenLayout:
     token; padded positions come out as zeros.
     """
 
-    def __init__(self, batch: int, length: int, index: Tensor | None, mask: Tensor | None):
+    def __init__(self, batch: int, length: int, index: Tensor | None, mask: Tensor | None,
+                 tokens: int | None = None):
         self.batch, self.length = batch, length
         self.index = index  # (N,) positions in the flattened (B * T) grid; None: all of them
         self.mask = mask  # (B, 1, 1, T) keys a query may attend to; None: every key
+        # the first `tokens` rows of `index` are the real tokens; rows after them repeat the
+        # first token so that N is a multiple of `packed`'s `row_multiple`
+        self.tokens = tokens if tokens is not None or index is None else index.numel()
 
     @classmethod
-    def packed(cls, attention_mask: Tensor) -> TokenLayout:
-        """Real tokens only; no index and no mask at all when the batch has no padding."""
+    def packed(cls, attention_mask: Tensor, row_multiple: int = 1) -> TokenLayout:
+        """Real tokens only; no index and no mask at all when the batch has no padding.
+
+        `row_multiple` > 1 rounds the computed rows N up to a multiple of it with copies of
+        the first token, which only fill rows: they are dropped before attention and at the
+        end, so results and gradients are those of the real tokens.
+        """
         batch, length = attention_mask.shape
-        if bool(attention_mask.all()):
+        full = bool(attention_mask.all())
+        if full and (batch * length) % row_multiple == 0:
             return cls(batch, length, None, None)
         index = attention_mask.flatten().nonzero().squeeze(1)
-        return cls(batch, length, index, attention_mask[:, None, None, :].bool())
+        tokens = index.numel()
+        index = torch.cat([index, index[:1].expand(-tokens % row_multiple)])
+        return cls(batch, length, index, None if full else attention_mask[:, None, None, :].bool(),
+                   tokens)
 
     @classmethod
     def padded(cls, attention_mask: Tensor) -> TokenLayout:
@@ -151,7 +167,7 @@ class TokenLayout:
         """(N, C) -> (B, T, C), zeros at the positions not computed."""
         if self.index is not None:
             grid = x.new_zeros(self.batch * self.length, x.shape[-1])
-            x = grid.index_copy(0, self.index, x)
+            x = grid.index_copy(0, self.index[:self.tokens], x[:self.tokens])
         return x.reshape(self.batch, self.length, x.shape[-1])
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, dropout_p: float) -> Tensor:
@@ -159,8 +175,29 @@ class TokenLayout:
         B, T, D = self.batch, self.length, q.shape[-1]
         q, k, v = (self.unpack(t).view(B, T, heads, D // heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, heads, T, D / heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
+        if dropout_p and q.device.type == "cpu":
+            y = attention_with_dropout(q, k, v, self.mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
         return self.pack(y.transpose(1, 2).reshape(B, T, D))
+
+
+def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                           dropout_p: float) -> Tensor:
+    """dropout(softmax(q k^T / sqrt(d), keys outside `mask` excluded)) v, as
+    `scaled_dot_product_attention` computes it, with the same dropout draws.
+
+    On CPUs that function has no fused kernel with dropout and falls back to its generic
+    path, which also guards every (B, heads, T, T) score row against having all its keys
+    masked (isneginf, all, where over every score: a large share of attention's time once
+    the matrix products run in bf16). No row here can be: each sequence has a real token.
+    (B, heads, T, d) x 3 -> (B, heads, T, d).
+    """
+    scores = q @ k.transpose(-1, -2)  # (B, heads, T, T)
+    scores.mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores.masked_fill_(mask.logical_not(), float("-inf"))
+    return F.dropout(scores.softmax(-1), dropout_p) @ v
 
 
 class EncoderHooks(nn.Module):
@@ -361,8 +398,22 @@ class BertModel(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encode(input_ids, token_type_ids, TokenLayout.packed(attention_mask), hooks)
+        layout = TokenLayout.packed(attention_mask, self.row_multiple(input_ids.device))
+        hidden = self.encode(input_ids, token_type_ids, layout, hooks)
         return hidden, self.pooler(hidden)
+
+    def row_multiple(self, device: torch.device) -> int:
+        """How many rows the packed tokens are rounded up to (`TokenLayout.packed`).
+
+        bf16 matrix products on CPUs go through oneDNN, which JIT-compiles a kernel for every
+        new shape (milliseconds each): packed batches have a new token count almost every
+        step, so bf16 steps paid that again and again. Rounding to `BF16_CPU_ROW_MULTIPLE`
+        rows leaves a few dozen shapes, built once. fp32 products need no such kernels and
+        keep the exact count.
+        """
+        bf16 = self.embeddings.word_embeddings.weight.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return BF16_CPU_ROW_MULTIPLE if device.type == "cpu" and bf16 else 1
 
     def encode(self, input_ids: Tensor, token_type_ids: Tensor | None, layout: TokenLayout,
                hooks: EncoderHooks | None = None) -> Tensor:
