@@ -337,3 +337,28 @@ def test_export_refuses_moe_but_extracts_a_task_path(tmp_path, tiny_backbone, ti
         split = trainer.data[task].dev
         torch.testing.assert_close(torch.as_tensor(predict(dense, task, split, 16)),
                                    torch.as_tensor(predict(model, task, split, 16)))
+
+
+def test_rows_added_to_round_the_packed_tokens_take_no_part_in_routing():
+    """bf16 on CPUs rounds the packed rows up (`TokenLayout.packed(row_multiple=...)`): the
+    filler rows must not take capacity or enter the load statistics and auxiliary losses."""
+    from mtbert.model.bert import TokenLayout
+
+    model = dense_model()
+    upcycle(model, MoEConfig(routing="token", top_k=1, experts=3, noisy_gating=False,
+                             capacity_factor=1.0), ["a"])
+    model.train()
+    ids, mask = batch()
+    for layer in model.layers[1::2]:
+        torch.nn.init.normal_(layer.moe.gate.weight)  # a router that prefers some experts
+    outputs, records = [], []
+    for multiple in (1, 64):
+        layout = TokenLayout.packed(mask, row_multiple=multiple)
+        assert layout.index.numel() == (int(mask.sum()) if multiple == 1 else 64)
+        outputs.append(model.encode(ids, None, layout))
+        records.append([layer.moe.record for layer in model.layers[1::2]])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
+    for exact, rounded in zip(*records, strict=True):
+        for field in ("balance", "z", "load", "dropped"):
+            torch.testing.assert_close(getattr(rounded, field), getattr(exact, field))
+    assert any(record.dropped > 0 for record in records[0])  # capacity did act

@@ -349,10 +349,12 @@ class BertLayer(nn.Module):
             if branch is not None:
                 attended = attended + branch
         x = self.attention_norm(x + attended)
-        return self.output_norm(x + self.dropout(self.feed_forward(x, layer, hooks)))
+        return self.output_norm(x + self.dropout(self.feed_forward(x, layout, layer, hooks)))
 
-    def feed_forward(self, x: Tensor, layer: int, hooks: EncoderHooks | None) -> Tensor:
-        """(N, H) -> (N, H): the position-wise FFN, before dropout and the residual."""
+    def feed_forward(self, x: Tensor, layout: TokenLayout, layer: int,
+                     hooks: EncoderHooks | None) -> Tensor:
+        """(N, H) -> (N, H): the position-wise FFN, before dropout and the residual (a
+        per-token map: `layout` only says which rows are real tokens)."""
         h = self.act(project(self.intermediate, x, layer, "intermediate", hooks))  # (N, I)
         return project(self.output, h, layer, "output", hooks)
 

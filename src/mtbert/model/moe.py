@@ -52,7 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtbert.model.bert import ACTIVATIONS, BertConfig, BertLayer, BertModel, EncoderHooks
+from mtbert.model.bert import (
+    ACTIVATIONS,
+    BertConfig,
+    BertLayer,
+    BertModel,
+    EncoderHooks,
+    TokenLayout,
+)
 from mtbert.model.conditioning.base import TaskConditioning
 
 if TYPE_CHECKING:
@@ -217,8 +224,16 @@ class MoELayer(BertLayer):
         del self.intermediate, self.output  # the experts replace the dense FFN
         self.moe = moe
 
-    def feed_forward(self, x: Tensor, layer: int, hooks: EncoderHooks | None) -> Tensor:
-        return self.moe(x, None if hooks is None else hooks.router_logits(layer, x))
+    def feed_forward(self, x: Tensor, layout: TokenLayout, layer: int,
+                     hooks: EncoderHooks | None) -> Tensor:
+        """Routes the real tokens only: rows that `TokenLayout.packed` adds to round N up
+        (bf16 on CPUs) would take capacity and enter the load statistics and auxiliary
+        losses. Their output rows are zeros (they are dropped before attention and at the
+        end)."""
+        real = len(x) if layout.tokens is None else layout.tokens
+        tokens = x[:real]
+        y = self.moe(tokens, None if hooks is None else hooks.router_logits(layer, tokens))
+        return y if real == len(x) else torch.cat([y, y.new_zeros(len(x) - real, y.shape[1])])
 
 
 # ---------------------------------------------------------------- task routers
