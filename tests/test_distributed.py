@@ -169,3 +169,19 @@ def test_bench_ddp_smoke(tiny_backbone, tiny_data):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 1 x 2 |" in done.stdout and "| 2 x 1 |" in done.stdout
     assert "median steps/s: 1 process" in done.stdout
+
+
+def test_a_global_batch_smaller_than_the_world_is_skipped_not_an_empty_slice(tiny_backbone,
+                                                                            tiny_data):
+    """3 ranks, global batch 6: 64 rows leave a last batch of 4 or fewer per bucket; a batch
+    with fewer rows than ranks would give some rank nothing to train on."""
+    config = tiny_config(tiny_backbone, tiny_data, max_steps=1)
+    split = Trainer(config, "unused").data["sts"].train
+    split = split.subset(np.arange(61))  # 61 = 10 x 6 + 1: one batch of a single row
+    ranks = [TaskStream("sts", split, 2, seed=3, pad_id=0, rank=r, world_size=3)
+             for r in range(3)]
+    for _ in range(3 * len(ranks[0])):
+        parts = [stream.next().rows.numpy() for stream in ranks]
+        assert all(len(part) > 0 for part in parts)
+        assert len(np.unique(np.concatenate(parts))) == sum(map(len, parts))
+    assert len(ranks[0]) == 10  # the one-row batch is skipped

@@ -189,8 +189,11 @@ class TaskStream:
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng(stable_seed(self.seed, self.name, epoch))
+        # A global batch with fewer rows than ranks (the last one of an epoch can be) would
+        # leave a rank without rows: it is skipped, at most world_size - 1 examples an epoch.
         return [np.array_split(rows, self.world_size)[self.rank] for rows in
-                bucketed_batches(self._lengths, self.global_batch_size, rng)]
+                bucketed_batches(self._lengths, self.global_batch_size, rng)
+                if len(rows) >= self.world_size]
 
     def __len__(self) -> int:
         """Batches per pass over the data."""
