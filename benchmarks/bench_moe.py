@@ -30,18 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_train import (
-    DEFAULT_DATA,
     MtbertTraining,
     common_arguments,
     markdown_table,
-    sample_texts,
-    set_threads,
+    training_sample,
 )
 from torch import nn
 
 from mtbert.config import MoEConfig
 from mtbert.data.batching import collate
-from mtbert.model.loading import resolve_checkpoint
 from mtbert.model.moe import auxiliary_losses, experts_of, upcycle
 from mtbert.optim import AdamW
 
@@ -109,12 +106,7 @@ def main() -> None:
     args.optimizer = "own"
     if args.smoke:
         args.batch_size, args.repeats, args.steps, args.warmup = 8, 2, 1, 1
-    set_threads(args.threads)
-    torch.manual_seed(args.seed)
-    folder = resolve_checkpoint(args.backbone)
-    batches_needed = args.warmup + args.repeats * args.steps
-    texts, labels = sample_texts("sst", args.data_dir or DEFAULT_DATA,
-                                 batches_needed * args.batch_size, args.seed)
+    folder, texts, labels = training_sample(args)
     head = nn.Linear(json.loads((folder / "config.json").read_text())["hidden_size"], 5)
     configs = {"dense": None,
                "MoE top-1": MoEConfig(experts=args.experts, top_k=1, every=args.every),

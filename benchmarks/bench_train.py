@@ -143,6 +143,17 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def training_sample(args) -> tuple[Path, list[str], list]:
+    """What a training benchmark sets up first: threads, seed, the backbone folder, and the
+    SST train sentences its warm-up and timed steps need."""
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batches_needed = args.warmup + args.repeats * args.steps
+    texts, labels = sample_texts("sst", args.data_dir or DEFAULT_DATA,
+                                 batches_needed * args.batch_size, args.seed)
+    return resolve_checkpoint(args.backbone), texts, labels
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -296,12 +307,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.batch_size, args.repeats, args.steps, args.warmup = 8, 2, 1, 1
-    set_threads(args.threads)
-    torch.manual_seed(args.seed)
-    folder = resolve_checkpoint(args.backbone)
-    batches_needed = args.warmup + args.repeats * args.steps
-    texts, labels = sample_texts("sst", args.data_dir or DEFAULT_DATA,
-                                 batches_needed * args.batch_size, args.seed)
+    folder, texts, labels = training_sample(args)
     hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
     head = nn.Linear(hidden, 5)
 
@@ -327,7 +333,7 @@ def main() -> None:
     if args.naive:
         trainers["hf-max-length"] = HfTraining(folder, texts, labels, args, head, "max_length")
     ours_plan = mtbert.plan(args.batch_size, args.seed)
-    theirs_plan = np.array_split(np.arange(len(texts)), batches_needed)
+    theirs_plan = np.array_split(np.arange(len(texts)), args.warmup + args.repeats * args.steps)
     plans = {name: ours_plan if name.startswith("mtbert") else theirs_plan for name in trainers}
 
     gap = pooled_gap(mtbert, trainers["hf"], theirs_plan[0])

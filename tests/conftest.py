@@ -136,3 +136,15 @@ def tiny_run(tiny_backbone, tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny-run") / "run"
     train_and_evaluate(tiny_config(tiny_backbone, tiny_data, *SIAMESE_HEADS, max_steps=6), run)
     return run
+
+
+def wait_for_checkpoint(process, run_dir: Path, pattern: str, timeout: float = 300) -> None:
+    """Wait until `run_dir/checkpoints` holds a folder matching `pattern` while `process`
+    still trains (the moment a crash test kills it)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not list((run_dir / "checkpoints").glob(pattern)):
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from mtbert.config import load_config
 from mtbert.data.batching import TaskStream
 from mtbert.training import Trainer, TrainingError
 
-from conftest import SIAMESE_HEADS, tiny_config
+from conftest import SIAMESE_HEADS, tiny_config, wait_for_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 PER_RANK_BATCH = 8
@@ -136,11 +135,7 @@ def test_killed_rank_stops_the_job_and_resume_ends_like_an_uninterrupted_run(
     assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
 
     process = start_training(["--config", str(config), "--run-dir", str(killed)], tiny_data)
-    deadline = time.time() + 300
-    while not list((killed / "checkpoints").glob("step-0000001*")):  # mid-run, mid-epoch
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_for_checkpoint(process, killed, "step-0000001*")  # mid-run, mid-epoch
     os.kill(worker_of_rank(process, 1), signal.SIGKILL)
     assert process.wait(timeout=120) == 2  # rank 0 was stopped too, with a message
     message = process.stderr.read()

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from mtbert.checkpoint import CorruptCheckpointError, verify_checkpoint
 from mtbert.config import ConfigError
 from mtbert.training import Trainer, TrainingError
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_checkpoint
 
 TOTAL_STEPS = 60
 
@@ -50,11 +49,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_backbon
     assert process.wait(timeout=600) == 0, process.stderr.read()
 
     process = start_training(["--config", str(config), "--run-dir", str(killed)], tiny_data)
-    deadline = time.time() + 300
-    while not list((killed / "checkpoints").glob("step-0000002*")):  # mid-run, mid-epoch
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_for_checkpoint(process, killed, "step-0000002*")  # mid-run, mid-epoch
     assert process.poll() is None, "training ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
