@@ -2,8 +2,8 @@
 in fp32 and bf16 side by side.
 
     python benchmarks/bench_epoch.py [--config configs/default.yaml] [--steps N] [--block 10]
-        [--precisions fp32 bf16] [--set KEY=VALUE ...] [--threads N] [--backbone DIR]
-        [--data-dir DIR] [--smoke]
+        [--precisions fp32 bf16] [--profile N] [--set KEY=VALUE ...] [--threads N]
+        [--backbone DIR] [--data-dir DIR] [--smoke]
 
 Builds one `Trainer(config, tmpdir)` per precision (`train.precision` set to it; setup, which
 reads and tokenizes the data, is timed apart) and times `trainer.train_step()` in alternating
@@ -13,6 +13,12 @@ the epoch. Every trainer has the same seed, so block i of each precision trains 
 batches. No evaluation, no checkpoints. Prints per precision the steps per epoch, measured and
 extrapolated time, steps/s and real tokens/s, the median paired ratio of tokens/s to the
 first precision, and the GEMM-bound limit of this machine (see `bench_train.gemm_limit_lines`).
+
+`--profile N` then runs N more steps per precision under `torch.profiler` and splits each
+step's self CPU time into matrix products (`MATRIX_PRODUCTS`) and everything else, with the
+largest other operators: the rest does not shrink with bf16's faster matrix units, so it
+bounds the bf16 / fp32 ratio (printed: the ratio with free bf16 matrix products, and the rest
+a step may take for a target ratio).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
+MATRIX_PRODUCTS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
 def duration(seconds: float) -> str:
     minutes, seconds = divmod(seconds, 60)
     return f"{int(minutes)} min {seconds:04.1f} s" if minutes else f"{seconds:.2f} s"
@@ -49,6 +58,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per timed block")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
                         default=["fp32", "bf16"])
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N more steps per precision (matrix products vs rest)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. train.batch_size=16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -85,6 +96,7 @@ def main() -> None:
                     tokens += trainers[name].train_step()["tokens"]
                 blocks[name].append((tokens, time.perf_counter() - start))
             print(f"  step {first + args.block}/{steps}", file=sys.stderr, flush=True)
+        profile = profile_lines(trainers, args.profile) if args.profile else []
 
     tasks = ", ".join(f"{t.name} ({len(trainer.data[t.name].train)})" for t in config.tasks)
     print(f"epoch: {args.config.name}, tasks {tasks}, sampler {config.train.sampler}, "
@@ -114,6 +126,40 @@ def main() -> None:
                               for d in trainer.data.values()])
     print("\n".join(["", *gemm_limit_lines(trainer.model.encoder.config, float(lengths.mean()),
                                            True, speed)]))
+    if profile:
+        print("\n".join(["", *profile]))
+
+
+def profile_split(trainer: Trainer, steps: int) -> tuple[float, dict[str, float]]:
+    """Self CPU milliseconds per step in matrix products, and per other operator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+    per_op = {event.key: event.self_cpu_time_total / 1e3 / steps for event in prof.key_averages()}
+    products = sum(ms for op, ms in per_op.items() if op in MATRIX_PRODUCTS)
+    return products, {op: ms for op, ms in per_op.items() if op not in MATRIX_PRODUCTS}
+
+
+def profile_lines(trainers: dict[str, Trainer], steps: int, target: float = 1.8) -> list[str]:
+    split = {name: profile_split(trainer, steps) for name, trainer in trainers.items()}
+    lines = [f"profile: {steps} more steps per precision, self CPU time per step "
+             "(torch.profiler; it adds its own overhead to every operator)", "",
+             "| precision | matrix products | everything else | largest others |",
+             "|---|---|---|---|"]
+    for name, (products, others) in split.items():
+        rest = sum(others.values())
+        top = sorted(others.items(), key=lambda item: -item[1])[:6]
+        lines.append(f"| {name} | {products:.1f} ms ({products / (products + rest):.0%}) | "
+                     f"{rest:.1f} ms | " + ", ".join(f"{op} {ms:.1f}" for op, ms in top) + " |")
+    if {"fp32", "bf16"} <= split.keys():
+        (f_products, f_others), (b_products, b_others) = split["fp32"], split["bf16"]
+        fp32_step, b_rest = f_products + sum(f_others.values()), sum(b_others.values())
+        bf16_step = b_products + b_rest
+        lines += ["", f"bf16 / fp32 from these step times: {fp32_step / bf16_step:.2f}x; with "
+                      "free bf16 matrix products and the rest as it is: at most "
+                      f"{fp32_step / b_rest:.2f}x; {target}x needs bf16's rest under "
+                      f"{fp32_step / target - b_products:.1f} ms a step (now {b_rest:.1f})"]
+    return lines
 
 
 if __name__ == "__main__":

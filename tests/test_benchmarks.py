@@ -63,12 +63,16 @@ def test_bench_infer_accuracy_mode(tiny_backbone, tiny_data, tmp_path):
 
 
 def test_bench_epoch_smoke(tiny):
-    out = run("bench_epoch.py", "--smoke", *tiny)
+    out = run("bench_epoch.py", "--smoke", "--profile", 1, *tiny)
     assert "| quantity | fp32 | bf16 |" in out
     assert "| steps per epoch | 6 | 6 |" in out  # 3 tasks x 64 examples, batch 32, proportional
     assert "| real tokens/s |" in out
     assert "bf16 / fp32 real tokens/s" in out
     assert re.search(r"bf16: matmul \d+ GFLOP/s -> limit \d+ tokens/s; reached \d+ = \d+%", out)
+    # the profile found matrix products in both precisions and something else beside them
+    for precision in ("fp32", "bf16"):
+        assert re.search(rf"\| {precision} \| \d+\.\d ms \(\d+%\) \| \d+\.\d ms \| \S", out)
+    assert re.search(r"free bf16 matrix products and the rest as it is: at most \d+\.\d\dx", out)
 
 
 def test_bench_gpu_smoke():
