@@ -63,6 +63,27 @@ def test_annealed_goes_from_proportional_to_fifth_root_of_sizes():
     np.testing.assert_allclose(last, _normalised(np.power(sizes, 0.2)), atol=0.01)
 
 
+def test_a_run_cut_short_by_a_step_cap_anneals_to_the_end_within_it():
+    """Budgets cap steps: 1,000 steps of a 5-epoch, 50,000-step plan. With epochs of data the
+    anneal never left proportional sampling (the annealed row equalled proportional); the
+    schedule now has 5 epochs of 200 steps."""
+    batches = {name: 1 for name in SIZES}  # 10,000 steps per epoch
+    sampler = AnnealedSampler(SIZES, batches, seed=3, epochs=5)
+    sampler.fit_schedule(1_000)
+    assert [sampler.alpha(step) for step in (0, 199, 200, 399, 400, 800, 999)] == pytest.approx(
+        [1, 1, 0.8, 0.8, 0.6, 0.2, 0.2])
+    uncut = AnnealedSampler(SIZES, batches, seed=3, epochs=5)
+    uncut.fit_schedule(50_000)  # the whole plan: epochs of data, as before
+    assert [uncut.epoch_of(step) for step in (0, 9_999, 10_000, 49_999)] == [0, 0, 1, 4]
+
+
+def test_fractional_epochs_keep_epochs_of_data_when_the_run_is_not_cut():
+    sampler = ProportionalSampler(SIZES, BATCHES, seed=0, epochs=2.5)  # 1,250 steps per epoch
+    sampler.fit_schedule(3_125)
+    assert sampler.schedule_epoch_steps == 1_250
+    assert [sampler.epoch_of(step) for step in (1_249, 1_250, 2_500, 3_124)] == [0, 1, 2, 2]
+
+
 def test_annealed_needs_epochs():
     with pytest.raises(ValueError, match="epochs"):
         AnnealedSampler(SIZES, BATCHES, seed=0)

@@ -47,13 +47,19 @@ def test_pcgrad_with_one_task_is_rejected_too():
         load_config(CONFIGS / "base.yaml", ["tasks=[sst]", "train.combiner=pcgrad"])
 
 
-def test_a_run_that_stops_before_the_technique_acts_is_rejected(tiny_backbone, tiny_data):
-    """The medium budget stopped before DWA's first weights: the row equalled the baseline."""
+def test_a_run_that_a_step_cap_stops_early_still_reaches_dwa(tiny_backbone, tiny_data, tmp_path):
+    """The medium budget stopped before DWA's first weights (epoch 3 of data): the row equalled
+    the baseline. A capped run now has `epochs` shorter schedule epochs, so DWA acts in it."""
     config = tiny_config(tiny_backbone, tiny_data, "train.weighting=dwa", epochs=3,
-                         max_steps=5)
-    with pytest.raises(ConfigError, match=r"acts from epoch 3, but this run stops after 5 "
-                                          r"steps \(1\.25 epochs\)"):
-        Trainer(config, "/nonexistent-not-written")
+                         max_steps=6)
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.sampler.steps_per_epoch() > 2  # epochs of data: the cap ends in epoch 2
+    assert trainer.sampler.schedule_epoch_steps == 2.0  # 6 steps / 3 epochs
+    trainer.fit()
+    assert trainer.epoch == 3
+    weights = list(trainer.weighting.weights().values())
+    assert weights != [1.0, 1.0, 1.0]  # set from epochs 1 and 2's mean losses
+    assert sum(weights) == pytest.approx(3.0)
 
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")

@@ -200,29 +200,17 @@ class Trainer:
         self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
+        self.sampler.fit_schedule(self.total_steps * train.grad_accumulation)
         context = TaskContext(tuple(names), {n: d.config.kind for n, d in trained.items()},
                               {n: d.config.weight for n, d in trained.items()}, train.seed)
         self.weighting = build_weighting(train.weighting, context, **train.weighting_options)
         self.combiner = build_combiner(train.combiner, context)
-        self._check_run_reaches(self.weighting, self.sampler)
         self.optimizer = self._build_optimizer()
         self.configured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler = warmup_linear_decay(
             self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
         self.metrics_file = self.run_dir / "metrics.jsonl"
-
-    def _check_run_reaches(self, *techniques) -> None:
-        """A technique that acts only from epoch N is an error in a run whose steps stop
-        before it (`max_steps`, budgets): it would train exactly like the baseline."""
-        micro_steps = self.total_steps * self.config.train.grad_accumulation
-        epochs_run = micro_steps / max(1, self.sampler.steps_per_epoch())
-        for technique in techniques:
-            if epochs_run <= technique.acts_from_epoch - 1:
-                raise ConfigError(
-                    f"{type(technique).__name__} acts from epoch {technique.acts_from_epoch}, "
-                    f"but this run stops after {self.total_steps} steps ({epochs_run:.2f} "
-                    f"epochs); raise train.max_steps or the budget")
 
     def _build_optimizer(self) -> AdamW:
         """Decay on weight matrices only; heads may have their own learning rate; the
@@ -252,8 +240,9 @@ class Trainer:
 
     @property
     def epoch(self) -> int:
-        micro = self.state.step * self.config.train.grad_accumulation
-        return micro // max(1, self.sampler.steps_per_epoch())
+        """The 0-based schedule epoch (`TaskSampler.fit_schedule`: shorter epochs when a step
+        cap stops the run early) that DWA and MNRL's threshold follow."""
+        return self.sampler.epoch_of(self.state.step * self.config.train.grad_accumulation)
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accumulation` micro-steps; returns logged values

@@ -17,7 +17,9 @@ class DynamicWeightAverage(LossWeighting):
     epoch's and ``after_skipped_step`` drops, so a NaN step never enters a mean);
     ``on_epoch_end`` turns the sums into that epoch's means and computes the weights used in
     the next epoch. A task whose loss falls slowly (``r_i`` near or above 1) gets more
-    weight. The first two epochs use weight 1, so DWA acts from epoch 3.
+    weight. The first two epochs use weight 1, so DWA acts from epoch 3. Epochs are the
+    trainer's schedule epochs: epochs of data, or shorter ones in a run that a step cap stops
+    early (`TaskSampler.fit_schedule`).
     Every task must have been seen in each epoch. All state is in buffers, so ``state_dict``
     saves and restores it. Under DDP ``on_epoch_end`` averages the epoch's loss sums over
     the ranks (they drew the same tasks, so the counts agree): every rank gets the same

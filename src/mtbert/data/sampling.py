@@ -24,7 +24,11 @@ class TaskSampler:
 
     Declared for the config checks: ``draws_every_task`` (every step holds every task, which
     PCGrad and GradNorm need) and ``acts_from_epoch`` (the first epoch, 1-based, in which the
-    sampler differs from its first epoch's behaviour; a shorter run is an error).
+    sampler differs from its first epoch's behaviour; a config with fewer epochs is an error).
+
+    Schedules over epochs (the annealed sampler's, and the trainer's: DWA, MNRL's threshold)
+    count epochs with ``epoch_of``; ``fit_schedule`` fits them into a run that a step cap
+    stops early.
     """
 
     draws_every_task = False
@@ -57,6 +61,21 @@ class TaskSampler:
         self.batch_sizes = {name: batch_sizes[name] for name in self.task_names}
         self.seed = seed
         self.epochs = epochs
+        self.schedule_epoch_steps: float | None = None  # None: an epoch of data
+
+    def fit_schedule(self, run_steps: int) -> None:
+        """Fit the epoch schedule into a run of ``run_steps`` steps. A run that trains all its
+        ``epochs`` keeps epochs of data (``steps_per_epoch()``); one that a step cap
+        (``train.max_steps``, an ablation budget) stops early gets ``epochs`` shorter epochs of
+        ``run_steps / epochs`` steps, so schedules over epochs run to their end within it, as
+        the learning rate's does, instead of never acting."""
+        if self.epochs is not None:
+            self.schedule_epoch_steps = min(self.steps_per_epoch(), run_steps / self.epochs)
+
+    def epoch_of(self, step: int) -> int:
+        """The 0-based schedule epoch that ``step`` falls in (see ``fit_schedule``)."""
+        _check_step(step)
+        return int(step // (self.schedule_epoch_steps or max(1, self.steps_per_epoch())))
 
     def tasks_for_step(self, step: int) -> list[str]:
         """Tasks to draw a batch from at ``step`` (>= 0); a pure function of (seed, step)."""
@@ -160,8 +179,8 @@ class TemperatureSampler(_OneTaskPerStepSampler):
 class AnnealedSampler(_OneTaskPerStepSampler):
     """One task per step with ``p_i`` proportional to ``n_i ** alpha``, alpha annealed over epochs.
 
-    ``alpha = 1 - 0.8 * (e - 1) / (E - 1)``, where ``e = step // steps_per_epoch() + 1`` is the
-    current epoch (1-based, capped at E) and ``E = ceil(epochs)`` the number of epochs:
+    ``alpha = 1 - 0.8 * (e - 1) / (E - 1)``, where ``e = epoch_of(step) + 1`` is the current
+    epoch (1-based, capped at E) and ``E = ceil(epochs)`` the number of epochs:
     proportional sampling in the first epoch, close to uniform (``n_i ** 0.2``) in the last;
     ``alpha = 1`` throughout when E = 1. Needs ``epochs``.
 
@@ -189,7 +208,7 @@ class AnnealedSampler(_OneTaskPerStepSampler):
         _check_step(step)
         if self.num_epochs == 1:
             return 1.0
-        epoch = min(step // self.steps_per_epoch() + 1, self.num_epochs)  # 1-based
+        epoch = min(self.epoch_of(step) + 1, self.num_epochs)  # 1-based
         return 1.0 - 0.8 * (epoch - 1) / (self.num_epochs - 1)
 
     def probabilities(self, step: int) -> np.ndarray:

@@ -15,7 +15,9 @@ draws a batch of every task where a one-task-per-step sampler draws one. Subsamp
 **each task's natural share**: the same fraction of every task (`train.train_fraction`), never
 equal sizes, so that proportional, temperature and annealed sampling still differ. The dev
 subsample is drawn with a fixed seed, so every config and every seed of a table is scored on
-the same dev examples. `small` and `medium` rank configs cheaply; their scores are not
+the same dev examples. A capped run fits its schedules over epochs into its steps
+(`TaskSampler.fit_schedule`), so DWA and the annealed sampler act under every budget.
+`small` and `medium` rank configs cheaply; their scores are not
 comparable with full runs (see `docs/results/` for what each table used).
 """
 
