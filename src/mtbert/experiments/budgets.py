@@ -7,7 +7,7 @@ A budget is applied on top of each config (the user's own `KEY=VALUE` overrides 
 | `small` | 60 | 10% of every task | 500 | 1 per epoch |
 | `medium` | 200 | 25% of every task | 1,000 | 1 per epoch |
 | `large` | 600 | all | 2,000 | 2 per epoch |
-| `full` | the config's | all | all | the config's |
+| `full` | the config's | the config's (all) | the config's (all) | the config's |
 
 The cap is on **optimizer steps** (`train.max_steps`); each run records the steps it took and
 the examples it drew from each task (`result.json`, and the tables), since a round-robin step
@@ -53,7 +53,8 @@ BUDGETS: dict[str, Budget] = {
                  "same for every run",
         ("train.max_eval_examples=2000", "train.evals_per_epoch=2"),
         steps=600),
-    "full": Budget("full", "the config as written: no caps, whole dev sets"),
+    "full": Budget("full", "the config as written, no caps of its own (the config's "
+                           "`train.max_eval_examples`, if any, still applies)"),
 }
 
 
