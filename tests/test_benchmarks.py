@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from mtbert.training import Trainer
 
-from conftest import tiny_config
+from conftest import WORDS, tiny_config, write_tsv
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -79,11 +80,24 @@ def test_bench_train_same_optimizer(tiny):
                               "(b) encoder: real tokens only + mtbert's kernels"])
 
 
-def test_bench_infer_smoke(tiny):
+def test_bench_infer_smoke(tiny_backbone, tiny_data, tmp_path):
     pytest.importorskip("transformers")
-    out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32, *tiny)
-    for contender in ("HF BertModel", "mtbert fp32", "mtbert int8"):
+    # Quora sentences of 1 to 8 words, so that sorting by length reorders every batch
+    shutil.copytree(tiny_data, tmp_path, dirs_exist_ok=True)
+    sentences = [" ".join(WORDS[i % 7:i % 7 + 1 + (5 * i) % 8]) for i in range(64)]
+    write_tsv(tmp_path / "quora-dev.csv", ["id", "sentence1", "sentence2", "is_duplicate"],
+              [[f"q{i}", a, b, 0.0] for i, (a, b) in enumerate(zip(sentences, sentences[1:]))])
+    out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32,
+              "--backbone", tiny_backbone, "--data-dir", tmp_path)
+    for contender in ("HF, as commonly run", "HF, same sorted batches", "mtbert fp32",
+                      "mtbert int8"):
         assert f"| {contender}" in out
+    # the sorted batches reorder rows; the probabilities come back in the texts' order
+    gap = re.search(r"max \|hf-sorted - HF\| head probabilities on one batch: (\S+)", out)
+    assert float(gap.group(1)) < 1e-5
+    check_decomposition(out, [
+        "(a) batch plan: length-sorted batches, chunk tokenized at once",
+        "(b) encoder: real tokens only + mtbert's kernels"])
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
