@@ -16,8 +16,8 @@ tokenization is timed for all. Each repeat gives all contenders the same fresh c
 - `hf`, HF as commonly run: `BertTokenizerFast(..., padding=True)` per batch of the shuffled
   chunk, in the chunk's order.
 - `hf-sorted`, HF on mtbert's batch plan: the chunk tokenized at once by HF's tokenizer,
-  the same `sorted_batches` as mtbert's, each padded to its longest row by `collate` (what
-  sentence-transformers' `encode` does: it sorts by length too).
+  the same `sorted_batches` as mtbert's, each padded to its longest row by `collate`
+  (sentence-transformers' `encode` also sorts its input, by characters).
 - mtbert fp32: the chunk tokenized at once, `sorted_batches` by length, `collate` padding
   (`evaluation.predict_outputs`). Sorting is within the chunk: more batches, less padding.
 - mtbert bf16: the same on `mtbert.inference.to_bf16(model)` (every weight bf16).
