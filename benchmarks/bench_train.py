@@ -247,14 +247,12 @@ class MtbertTraining:
         return batch.real_tokens(), batch.input_ids.numel()
 
 
-def hf_split(tokenizer, texts: list[str], max_length: int, labels: list | None = None
-             ) -> EncodedSplit:
+def hf_split(tokenizer, texts: list[str], max_length: int) -> EncodedSplit:
     """`texts` tokenized at once by a `transformers` tokenizer, truncated, unpadded: batches
-    of it are padded to their longest row by `collate`."""
+    of it are padded to their longest row by `collate` (labels stay with the caller)."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    return EncodedSplit([str(i) for i in range(len(texts))],
-                        None if labels is None else torch.tensor(labels, dtype=torch.float32),
-                        encoded["input_ids"], encoded["token_type_ids"], None)
+    return EncodedSplit([str(i) for i in range(len(texts))], None, encoded["input_ids"],
+                        encoded["token_type_ids"], None)
 
 
 class HfTraining:
