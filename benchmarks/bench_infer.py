@@ -1,5 +1,5 @@
-"""Inference throughput: HF `BertModel` vs mtbert fp32 / bf16 / int8 / ONNX Runtime, same
-sentences.
+"""Inference throughput: HF `BertModel` as commonly run and on length-sorted batches vs mtbert
+fp32 / bf16 / int8 / ONNX Runtime, same sentences; the gain split into its parts.
 
     python benchmarks/bench_infer.py [--batch-size 128] [--repeats 5] [--batches 8]
         [--threads N] [--backbone DIR] [--data-dir DIR] [--no-memory] [--no-onnx]
@@ -13,7 +13,11 @@ probabilities of one linear head on mean-pooled token states, with autograd off;
 tokenization is timed for all. Each repeat gives all contenders the same fresh chunk of
 `--batches` x `--batch-size` sentences, in alternating order, after one untimed batch each.
 
-- HF: `BertTokenizerFast(..., padding=True)` per batch of the shuffled chunk.
+- `hf`, HF as commonly run: `BertTokenizerFast(..., padding=True)` per batch of the shuffled
+  chunk, in the chunk's order.
+- `hf-sorted`, HF on mtbert's batch plan: the chunk tokenized at once by HF's tokenizer,
+  the same `sorted_batches` as mtbert's, each padded to its longest row by `collate`
+  (sentence-transformers' `encode` also sorts its input, by characters).
 - mtbert fp32: the chunk tokenized at once, `sorted_batches` by length, `collate` padding
   (`evaluation.predict_outputs`). Sorting is within the chunk: more batches, less padding.
 - mtbert bf16: the same on `mtbert.inference.to_bf16(model)` (every weight bf16).
@@ -21,9 +25,12 @@ tokenization is timed for all. Each repeat gives all contenders the same fresh c
 - mtbert ONNX fp32 / int8: `export_onnx(..., quantize=False/True)` run by ONNX Runtime on the
   same sorted batches (skipped when onnxruntime or onnx is missing).
 
-Reports sentences/s, real tokens/s, the median paired ratio to HF, and peak memory (a child
-process per contender tokenizes and encodes one chunk; see bench_train.py for how RSS is read),
-and the GEMM-bound limit of fp32 and bf16 on this machine (`bench_train.gemm_limit_lines`).
+Reports sentences/s, real tokens/s, the median paired ratios to both HF rows, and peak memory
+(a child process per contender tokenizes and encodes one chunk; see bench_train.py for how RSS
+is read); mtbert fp32's gain over HF as commonly run split into the batch plan (`hf-sorted` /
+`hf`) and the encoder (`fp32` / `hf-sorted`: real tokens only, mtbert's kernels), as in
+`bench_train.decomposition`; and the GEMM-bound limit of fp32 and bf16 on this machine
+(`bench_train.gemm_limit_lines`).
 
 `--accuracy RUN_DIR` instead loads a trained run and prints each task's dev metric for fp32,
 bf16, int8, ONNX and ONNX int8 with the differences (goal: |difference| < 0.5 point).
@@ -48,9 +55,12 @@ from bench_train import (
     DEFAULT_DATA,
     MemoryProbe,
     common_arguments,
+    decomposition,
     gemm_limit_lines,
+    hf_split,
     markdown_table,
     memory_probes,
+    paired_ratios,
     sample_texts,
     set_threads,
 )
@@ -68,7 +78,9 @@ from mtbert.model.multitask import MultitaskModel
 from mtbert.tokenizer import Tokenizer
 
 TASK = "sentence"
-NAMES = {"hf": "HF BertModel (padding=True)", "fp32": "mtbert fp32 (sorted, dynamic padding)",
+NAMES = {"hf": "HF, as commonly run (batches in the chunk's order, padding=True)",
+         "hf-sorted": "HF, same sorted batches, chunk tokenized at once",
+         "fp32": "mtbert fp32 (sorted, dynamic padding)",
          "bf16": "mtbert bf16 (weights bf16)",
          "int8": "mtbert int8 (torch dynamic quantization)", "onnx": "mtbert ONNX Runtime fp32",
          "onnx-int8": "mtbert ONNX Runtime int8"}
@@ -125,9 +137,11 @@ class Mtbert:
 
 
 class HuggingFace:
-    """A typical transformers user: tokenize each batch with padding=True, mean-pool."""
+    """`transformers.BertModel`, mean-pooled, and the head. Not `sort`: a typical transformers
+    user, each batch tokenized with padding=True in the chunk's order. `sort`: the chunk
+    tokenized at once, then mtbert's length-sorted batches padded by `collate`."""
 
-    def __init__(self, folder: Path, batch_size: int, max_length: int):
+    def __init__(self, folder: Path, batch_size: int, max_length: int, sort: bool = False):
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -135,24 +149,37 @@ class HuggingFace:
         self.model = transformers.BertModel.from_pretrained(folder).eval()
         self.tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
         self.head = sentence_head(self.model.config.hidden_size)
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.sort = batch_size, max_length, sort
 
     @torch.inference_mode()
+    def probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        vectors = mean_pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
+        return self.head(vectors, None).predictions.softmax(-1)
+
     def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.sort:
+            split = hf_split(self.tokenizer, texts, self.max_length)
+            out = np.empty((len(texts), SENTENCE.num_classes), dtype=np.float32)
+            for rows in sorted_batches(split.lengths(), self.batch_size):
+                batch = collate(split, rows, self.tokenizer.pad_token_id)
+                out[rows] = self.probabilities({"input_ids": batch.input_ids,
+                                                "attention_mask": batch.attention_mask,
+                                                "token_type_ids": batch.token_type_ids}).numpy()
+            return out
         outputs = []
         for start in range(0, len(texts), self.batch_size):
             inputs = self.tokenizer(texts[start:start + self.batch_size], padding=True,
                                     truncation=True, max_length=self.max_length,
                                     return_tensors="pt")
-            vectors = mean_pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
-            outputs.append(self.head(vectors, None).predictions.softmax(-1))
+            outputs.append(self.probabilities(dict(inputs)))
         return torch.cat(outputs).numpy()
 
 
 def build(name: str, folder: Path, args, onnx_dir: Path | None):
-    """One contender: `hf`, `fp32`, `int8`, `onnx` or `onnx-int8` (reads ONNX_DIR/NAME.onnx)."""
-    if name == "hf":
-        return HuggingFace(folder, args.batch_size, args.max_length)
+    """One contender: `hf`, `hf-sorted`, `fp32`, `bf16`, `int8`, `onnx` or `onnx-int8` (reads
+    ONNX_DIR/NAME.onnx)."""
+    if name.startswith("hf"):
+        return HuggingFace(folder, args.batch_size, args.max_length, sort=name == "hf-sorted")
     model = sentence_model(folder)
     if name == "bf16":
         model = to_bf16(model)
@@ -169,7 +196,8 @@ def speed(args) -> None:
     texts = sample_texts("quora", args.data_dir or DEFAULT_DATA,
                          (args.repeats + 1) * chunk, args.seed)[0]
     use_onnx = args.onnx and onnx_available()
-    names = ["hf", "fp32", "bf16", "int8"] + (["onnx", "onnx-int8"] if use_onnx else [])
+    names = ["hf", "hf-sorted", "fp32", "bf16", "int8"] + (["onnx", "onnx-int8"] if use_onnx
+                                                           else [])
     if args.memory_probe:
         contender = build(args.memory_probe, folder, args, args.onnx_dir)
         probe = MemoryProbe()
@@ -195,7 +223,8 @@ def speed(args) -> None:
                 start = time.perf_counter()
                 contenders[name](part)
                 seconds = time.perf_counter() - start
-                results[name].append((len(part) / seconds, real_tokens[repeat + 1] / seconds))
+                results[name].append({"sentences/s": len(part) / seconds,
+                                      "tokens/s": real_tokens[repeat + 1] / seconds})
         memory = {} if args.no_memory else memory_probes(names, ["--onnx-dir", str(onnx_dir)])
 
     print(f"inference: Quora dev sentences, batch {args.batch_size}, {args.repeats} repeats x "
@@ -210,18 +239,26 @@ def speed(args) -> None:
         print(f"max |{name} - HF| head probabilities on one batch: {gap:.1e}")
     rows = []
     for name in names:
-        ratios = [ours[0] / theirs[0] for ours, theirs in zip(results[name], results["hf"])]
         probe = memory.get(name)
-        rows.append([NAMES[name], f"{statistics.median(r[0] for r in results[name]):.1f}",
-                     f"{statistics.median(r[1] for r in results[name]):.0f}",
-                     f"{statistics.median(ratios):.2f}x",
+        rows.append([NAMES[name], name,
+                     f"{statistics.median(r['sentences/s'] for r in results[name]):.1f}",
+                     f"{statistics.median(r['tokens/s'] for r in results[name]):.0f}",
+                     *(f"{statistics.median(paired_ratios(results, name, hf, 'sentences/s')):.2f}x"
+                       for hf in ("hf", "hf-sorted")),
                      f"{probe['peak_mb']:.0f}" if probe else "-",
                      f"{probe['growth_mb']:.0f}" if probe else "-"])
     print()
-    print(markdown_table(["contender", "sentences/s", "real tokens/s", "vs HF (median ratio)",
-                          "peak RSS MiB", "encoding RSS MiB"], rows))
-    print("\ngoal: fp32 >= 2x, int8 / ONNX >= 4x HF\n")
-    speeds = {name: statistics.median(r[1] for r in results[name]) for name in ("fp32", "bf16")}
+    print(markdown_table(["contender", "name", "sentences/s", "real tokens/s",
+                          "vs hf (median ratio)", "vs hf-sorted (median ratio)", "peak RSS MiB",
+                          "encoding RSS MiB"], rows))
+    print(f"\nratios are medians of {args.repeats} paired repeats; goal: fp32 >= 2x, "
+          "int8 / ONNX >= 4x HF\n")
+    print("mtbert fp32's gain over HF as commonly run, step by step:\n")
+    print(decomposition(results, [
+        ("hf", ""), ("hf-sorted", "batch plan: length-sorted batches, chunk tokenized at once"),
+        ("fp32", "encoder: real tokens only + mtbert's kernels")], "sentences/s") + "\n")
+    speeds = {name: statistics.median(r["tokens/s"] for r in results[name])
+              for name in ("fp32", "bf16")}
     length = sum(real_tokens[1:]) / (args.repeats * chunk)
     print("\n".join(gemm_limit_lines(contenders["fp32"].model.encoder.config, length, False,
                                      speeds)))

@@ -1,28 +1,37 @@
-"""Training throughput: mtbert in fp32 and bf16 vs `transformers.BertModel`, same weights and
-sentences.
+"""Training throughput: mtbert in fp32 and bf16 vs `transformers.BertModel` as commonly run
+and with mtbert's batch plan, same weights and sentences; the gain split into its parts.
 
     python benchmarks/bench_train.py [--batch-size 32] [--repeats 5] [--steps 10] [--warmup 2]
         [--naive] [--optimizer own|torch] [--threads N] [--backbone DIR] [--data-dir DIR]
         [--no-memory] [--smoke]
 
-Both models load the same checkpoint (the embedded all-MiniLM-L6-v2 by default) and train on
-the same shuffled SST train sentences: forward, a linear head on the pooled [CLS] vector,
-cross-entropy, backward, AdamW step, dropout on. They run in one process in alternating blocks
-of `--steps` steps (the order flips every repeat), after `--warmup` untimed steps each.
+Every contender loads the same checkpoint (the embedded all-MiniLM-L6-v2 by default) and
+trains on the same shuffled SST train sentences: forward, a linear head on the pooled [CLS]
+vector, cross-entropy, backward, AdamW step, dropout on. They run in one process in
+alternating blocks of `--steps` steps (the order flips every repeat), after `--warmup` untimed
+steps each. Each contender differs from the one before it in one thing:
 
-- mtbert: sentences tokenized once up front (that time is printed, not counted), batches from
-  `bucketed_batches` (shuffled length buckets), `collate` pads to each batch's longest row.
-- HF: `BertTokenizerFast(..., padding=True)` on every random batch of the same sentences, as a
-  typical user writes it (the tokenizer call is timed); `--naive` adds HF with
+- `hf`, HF as commonly run: `BertTokenizerFast(..., padding=True)` on every random batch of
+  the sentences (the tokenizer call is timed), `torch.optim.AdamW`; `--naive` adds HF with
   `padding="max_length"` (128).
-- mtbert bf16: the same under bf16 autocast (`train.precision: bf16`), weights and optimizer
-  fp32.
-- `--optimizer own` (default): mtbert steps `mtbert.optim.AdamW`, HF the default
-  `torch.optim.AdamW`; `--optimizer torch`: both use `torch.optim.AdamW`.
+- `hf-plan`, HF with mtbert's batch plan: the sentences tokenized once up front by HF's
+  tokenizer (not timed), the very row lists of mtbert's `bucketed_batches` (shuffled length
+  buckets: what `Trainer(group_by_length=True)` gives), each batch padded to its longest row
+  by `collate` (as `DataCollatorWithPadding` does), `torch.optim.AdamW`.
+- `hf-plan-adamw`: the same with `mtbert.optim.AdamW` (only with `--optimizer own`).
+- `mtbert` (fp32): its own tokenizer up front (time printed, not counted), the same batches,
+  the same optimizer; its encoder computes real tokens only.
+- `mtbert-bf16`: the same under bf16 autocast (`train.precision: bf16`), weights and
+  optimizer fp32.
+- `--optimizer own` (default): mtbert steps `mtbert.optim.AdamW`; `--optimizer torch`: mtbert
+  too steps `torch.optim.AdamW`, and `hf-plan-adamw` is left out. HF as commonly run always
+  steps `torch.optim.AdamW`.
 
-Throughput counts real (non-pad) tokens. The ratios are medians over repeats of the paired
-ratios mtbert / HF (padding=True) and mtbert bf16 / mtbert fp32. The GEMM-bound limit is this
-machine's measured matmul FLOP/s over the matrix-product FLOPs per token
+Throughput counts real (non-pad) tokens. Ratios are medians over repeats of paired ratios
+(two contenders in the same repeat). The decomposition multiplies the median ratio of each
+contender to the one before it, from HF as commonly run to mtbert fp32: a product of
+medians, so it equals the median overall ratio only approximately. The GEMM-bound limit is
+this machine's measured matmul FLOP/s over the matrix-product FLOPs per token
 (`matmul_flops_per_token`). Peak memory is measured apart, in a child process per
 contender (mtbert's never imports transformers) that runs three steps on the batch of the
 longest sentences. Peak RSS is the child's high-water mark (Linux VmHWM, loading included);
@@ -238,11 +247,24 @@ class MtbertTraining:
         return batch.real_tokens(), batch.input_ids.numel()
 
 
+def hf_split(tokenizer, texts: list[str], max_length: int) -> EncodedSplit:
+    """`texts` tokenized at once by a `transformers` tokenizer, truncated, unpadded: batches
+    of it are padded to their longest row by `collate` (labels stay with the caller)."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return EncodedSplit([str(i) for i in range(len(texts))], None, encoded["input_ids"],
+                        encoded["token_type_ids"], None)
+
+
 class HfTraining:
-    """What a typical transformers user writes: tokenize each batch, pad, train."""
+    """`transformers.BertModel` and the linear head on its [CLS] pooler. Not `pretokenized`:
+    what a typical transformers user writes, each batch tokenized and padded (`padding`) in
+    the loop. `pretokenized`: the sentences tokenized once up front (not timed), each batch
+    padded to its longest row by `collate`, as `Trainer(group_by_length=True)` with
+    `DataCollatorWithPadding` feeds them."""
 
     def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module,
-                 padding: str | bool):
+                 padding: str | bool = True, pretokenized: bool = False,
+                 optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW):
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -251,14 +273,22 @@ class HfTraining:
         self.tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
         self.texts, self.labels = texts, torch.tensor(labels).long()
         self.padding, self.max_length = padding, args.max_length
+        self.split = hf_split(self.tokenizer, texts, args.max_length) if pretokenized else None
         self.head = copy.deepcopy(head)
         params = [*self.model.parameters(), *self.head.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self.optimizer = optimizer(params, lr=args.lr, weight_decay=0.01)
+
+    def inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.split is None:
+            return dict(self.tokenizer([self.texts[i] for i in rows], padding=self.padding,
+                                       truncation=True, max_length=self.max_length,
+                                       return_tensors="pt"))
+        batch = collate(self.split, rows, self.tokenizer.pad_token_id)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "token_type_ids": batch.token_type_ids}
 
     def step(self, rows: np.ndarray) -> tuple[int, int]:
-        inputs = self.tokenizer([self.texts[i] for i in rows], padding=self.padding,
-                                truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+        inputs = self.inputs(rows)
         pooled = self.model(**inputs).pooler_output
         loss = F.cross_entropy(self.head(pooled), self.labels[torch.from_numpy(rows)])
         loss.backward()
@@ -270,8 +300,7 @@ class HfTraining:
 @torch.no_grad()
 def pooled_gap(ours: MtbertTraining, theirs: HfTraining, rows: np.ndarray) -> float:
     """Max |pooled mtbert - pooled HF| on one batch in eval mode: are the weights the same?"""
-    inputs = theirs.tokenizer([theirs.texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=theirs.max_length, return_tensors="pt")
+    inputs = theirs.inputs(rows)
     ours.encoder.eval(), theirs.model.eval()
     gap = (ours.encoder(inputs["input_ids"], inputs["attention_mask"],
                         inputs["token_type_ids"])[1] - theirs.model(**inputs).pooler_output)
@@ -290,7 +319,68 @@ def timed_block(trainer, batches: list[np.ndarray]) -> dict[str, float]:
             "padding": 1 - real / padded}
 
 
+# ---------------------------------------------------------------- paired ratios, shared
+
+
+def paired_ratios(results: dict[str, list[dict]], a: str, b: str, key: str) -> list[float]:
+    """a / b in each repeat (the two ran in the same repeat, on the same or a same-sized
+    share of the sentences)."""
+    return [x[key] / y[key] for x, y in zip(results[a], results[b])]
+
+
+def ratio_cells(ratios: list[float]) -> list[str]:
+    return [f"{statistics.median(ratios):.2f}x", ", ".join(f"{r:.2f}" for r in ratios)]
+
+
+def decomposition(results: dict[str, list[dict]], chain: list[tuple[str, str]],
+                  key: str) -> str:
+    """The gain of the chain's last contender over its first, split into steps: each step is
+    the median paired ratio of a contender to the one before it, which differs in one thing
+    (`chain`: (contender, what it changes), the first the baseline). The product of the
+    steps' medians is printed beside the median of the overall paired ratios: they agree
+    only approximately."""
+    rows, product = [], 1.0
+    for step, ((before, _), (after, change)) in enumerate(zip(chain, chain[1:])):
+        ratios = paired_ratios(results, after, before, key)
+        product *= statistics.median(ratios)
+        rows.append([f"({chr(ord('a') + step)}) {change}", f"{after} / {before}",
+                     *ratio_cells(ratios)])
+    first, last = chain[0][0], chain[-1][0]
+    rows.append(["product of the steps' medians", "", f"{product:.2f}x", ""])
+    rows.append(["overall", f"{last} / {first}",
+                 *ratio_cells(paired_ratios(results, last, first, key))])
+    return markdown_table(["step", "ratio", "median paired ratio", "per repeat"], rows)
+
+
 # ---------------------------------------------------------------- main
+
+
+def contenders(args) -> dict[str, str]:
+    """Name -> row label; mtbert fp32 and the HF contenders before it form the chain of the
+    decomposition, each differing from the one before in one thing."""
+    own = args.optimizer == "own"
+    names = {"hf": "HF, as commonly run (random batches tokenized in the loop, padding=True, "
+                   "torch AdamW)",
+             "hf-plan": "HF, same batch plan, pre-tokenized (torch AdamW)"}
+    if own:
+        names["hf-plan-adamw"] = "HF, same batch plan, pre-tokenized, mtbert's AdamW"
+    names["mtbert"] = ("mtbert fp32 (same batch plan, pre-tokenized, "
+                       f"{'mtbert' if own else 'torch'} AdamW)")
+    names["mtbert-bf16"] = "mtbert bf16 autocast (same batches)"
+    if args.naive:
+        names["hf-max-length"] = (f"HF, as commonly run with padding=max_length "
+                                  f"{args.max_length}")
+    return names
+
+
+def build(name: str, folder: Path, texts: list[str], labels: list, args, head: nn.Module):
+    if name.startswith("mtbert"):
+        return MtbertTraining(folder, texts, labels, args, head,
+                              "bf16" if name == "mtbert-bf16" else "fp32")
+    return HfTraining(folder, texts, labels, args, head,
+                      padding="max_length" if name == "hf-max-length" else True,
+                      pretokenized=name.startswith("hf-plan"),
+                      optimizer=AdamW if name == "hf-plan-adamw" else torch.optim.AdamW)
 
 
 def main() -> None:
@@ -311,32 +401,26 @@ def main() -> None:
     hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
     head = nn.Linear(hidden, 5)
 
-    names = ["mtbert", "mtbert-bf16", "hf"] + (["hf-max-length"] if args.naive else [])
+    names = contenders(args)
     if args.memory_probe:
         lengths = [len(ids) for ids in Tokenizer.from_folder(folder, args.max_length)
                    .encode(texts)[0]]
         longest = np.argsort(lengths, kind="stable")[-args.batch_size:]
-        trainer = MtbertTraining(folder, texts, labels, args, head,
-                                 "bf16" if args.memory_probe == "mtbert-bf16" else "fp32") \
-            if args.memory_probe.startswith("mtbert") else HfTraining(
-                folder, texts, labels, args, head,
-                "max_length" if args.memory_probe == "hf-max-length" else True)
+        trainer = build(args.memory_probe, folder, texts, labels, args, head)
         probe = MemoryProbe()
         for _ in range(3):
             trainer.step(longest)
         return probe.report()
 
-    mtbert = MtbertTraining(folder, texts, labels, args, head)
-    trainers = {"mtbert": mtbert,
-                "mtbert-bf16": MtbertTraining(folder, texts, labels, args, head, "bf16"),
-                "hf": HfTraining(folder, texts, labels, args, head, True)}
-    if args.naive:
-        trainers["hf-max-length"] = HfTraining(folder, texts, labels, args, head, "max_length")
+    trainers = {name: build(name, folder, texts, labels, args, head) for name in names}
+    mtbert, hf = trainers["mtbert"], trainers["hf"]
     ours_plan = mtbert.plan(args.batch_size, args.seed)
     theirs_plan = np.array_split(np.arange(len(texts)), args.warmup + args.repeats * args.steps)
-    plans = {name: ours_plan if name.startswith("mtbert") else theirs_plan for name in trainers}
+    plans = {name: theirs_plan if name in ("hf", "hf-max-length") else ours_plan
+             for name in trainers}
 
-    gap = pooled_gap(mtbert, trainers["hf"], theirs_plan[0])
+    gap = pooled_gap(mtbert, hf, theirs_plan[0])
+    same_ids = trainers["hf-plan"].split.token_ids == mtbert.split.token_ids
     for name, trainer in trainers.items():
         timed_block(trainer, plans[name][:args.warmup])
     results = {name: [] for name in trainers}
@@ -346,12 +430,8 @@ def main() -> None:
         for name in order:
             block = plans[name][start:start + args.steps]
             results[name].append(timed_block(trainers[name], block))
-    memory = {} if args.no_memory else memory_probes(names)
+    memory = {} if args.no_memory else memory_probes(list(names))
 
-    labels_by_name = {"mtbert": "mtbert (bucketed, dynamic padding)",
-                      "mtbert-bf16": "mtbert bf16 autocast (same batches)",
-                      "hf": "HF BertModel (padding=True)",
-                      "hf-max-length": f"HF BertModel (padding=max_length {args.max_length})"}
     rows = []
     for name, runs in results.items():
         cells = [f"{statistics.median(r[key] for r in runs):.1f}"
@@ -359,28 +439,29 @@ def main() -> None:
         cells.append(f"{statistics.median(r['padding'] for r in runs):.0%}")
         probe = memory.get(name)
         cells += [f"{probe['peak_mb']:.0f}", f"{probe['growth_mb']:.0f}"] if probe else ["-", "-"]
-        rows.append([labels_by_name[name], *cells])
-    ratios = [a["tokens/s"] / b["tokens/s"] for a, b in zip(results["mtbert"], results["hf"])]
-    bf16 = [a["tokens/s"] / b["tokens/s"]
-            for a, b in zip(results["mtbert-bf16"], results["mtbert"])]
-    optimizer = ("mtbert.optim.AdamW (mtbert), torch.optim.AdamW (HF)"
-                 if args.optimizer == "own" else "torch.optim.AdamW (both)")
+        rows.append([names[name], name, *cells])
     print(f"training: SST train, batch {args.batch_size}, {args.repeats} repeats x "
           f"{args.steps} steps after {args.warmup} warm-up steps, "
           f"threads {torch.get_num_threads()}")
-    attention = trainers["hf"].model.config._attn_implementation
-    print(f"backbone: {folder}\noptimizer: {optimizer}; HF attention: {attention}")
+    print(f"backbone: {folder}\nHF attention: {hf.model.config._attn_implementation}")
     print(f"same weights: max |pooled mtbert - pooled HF| = {gap:.1e} on one batch (eval mode)")
+    print(f"same token ids from HF's tokenizer and mtbert's: {'yes' if same_ids else 'NO'}")
     print(f"mtbert tokenized {len(texts)} sentences up front in {mtbert.tokenize_s:.2f} s "
           "(not in its timing)\n")
-    print(markdown_table(["contender", "real tokens/s", "sentences/s", "padding",
+    print(markdown_table(["contender", "name", "real tokens/s", "sentences/s", "padding",
                           "peak RSS MiB", "training RSS MiB"], rows))
-    print(f"\nratio mtbert / HF (padding=True), real tokens/s, median of {args.repeats} paired "
-          f"repeats: {statistics.median(ratios):.2f}x  (per repeat: "
-          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
-    print(f"ratio mtbert bf16 / mtbert fp32, real tokens/s, median of {args.repeats} paired "
-          f"repeats: {statistics.median(bf16):.2f}x  (per repeat: "
-          + ", ".join(f"{r:.2f}" for r in bf16) + ")\n")
+    print(f"\nratios of real tokens/s, median of {args.repeats} paired repeats:\n")
+    print(markdown_table(["ratio", "median", "per repeat"], [
+        [f"mtbert / {name}", *ratio_cells(paired_ratios(results, "mtbert", name, "tokens/s"))]
+        for name in names if name.startswith("hf")]
+        + [["mtbert-bf16 / mtbert", *ratio_cells(paired_ratios(
+            results, "mtbert-bf16", "mtbert", "tokens/s"))]]))
+    chain = [("hf", ""), ("hf-plan", "batch plan + pre-tokenization")]
+    if "hf-plan-adamw" in names:
+        chain.append(("hf-plan-adamw", "optimizer: mtbert's AdamW for torch's"))
+    chain.append(("mtbert", "encoder: real tokens only + mtbert's kernels"))
+    print("\nmtbert fp32's gain over HF as commonly run, step by step (bf16 apart, above):\n")
+    print(decomposition(results, chain, "tokens/s") + "\n")
     speeds = {precision: statistics.median(r["tokens/s"] for r in results[name])
               for precision, name in (("fp32", "mtbert"), ("bf16", "mtbert-bf16"))}
     print("\n".join(gemm_limit_lines(mtbert.encoder.config,

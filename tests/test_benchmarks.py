@@ -1,7 +1,9 @@
 """Each benchmark script's `--smoke` mode runs end to end on the tiny backbone and data."""
 
 import json
+import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 from mtbert.training import Trainer
 
-from conftest import tiny_config
+from conftest import WORDS, tiny_config, write_tsv
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -27,23 +29,75 @@ def tiny(tiny_backbone, tiny_data):
     return ["--backbone", tiny_backbone, "--data-dir", tiny_data]
 
 
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    """The cells of the Markdown rows of `out` whose first cell starts with `first_cell`."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def ratio(cell: str) -> float:
+    return float(cell.rstrip("x"))
+
+
+def check_decomposition(out: str, steps: list[str]) -> None:
+    """The step rows name `steps` in order, and their printed product is the product of the
+    printed step medians (to the rounding of two decimals)."""
+    rows = table_rows(out, "(")
+    assert [row[0] for row in rows] == steps
+    product = ratio(table_rows(out, "product of the steps' medians")[0][2])
+    expected = math.prod(ratio(row[2]) for row in rows)
+    assert abs(product - expected) <= 0.01 * len(rows) * max(1.0, expected)
+    assert table_rows(out, "overall")
+
+
 def test_bench_train_smoke(tiny):
     pytest.importorskip("transformers")
     out = run("bench_train.py", "--smoke", "--max-length", 32, *tiny)
-    assert "| mtbert (bucketed, dynamic padding) |" in out
-    assert "| mtbert bf16 autocast (same batches) |" in out
-    assert "ratio mtbert bf16 / mtbert fp32" in out
+    contenders = {row[1]: row[0] for row in table_rows(out, "") if len(row) == 7}
+    del contenders["name"]  # the header
+    assert set(contenders) == {"hf", "hf-plan", "hf-plan-adamw", "mtbert", "mtbert-bf16"}
+    assert contenders["hf"].startswith("HF, as commonly run")
+    assert contenders["hf-plan"] == "HF, same batch plan, pre-tokenized (torch AdamW)"
+    assert "same token ids from HF's tokenizer and mtbert's: yes" in out
+    for name in ("hf", "hf-plan", "hf-plan-adamw"):
+        assert table_rows(out, f"mtbert / {name} |")
+    assert table_rows(out, "mtbert-bf16 / mtbert |")
+    check_decomposition(out, ["(a) batch plan + pre-tokenization",
+                              "(b) optimizer: mtbert's AdamW for torch's",
+                              "(c) encoder: real tokens only + mtbert's kernels"])
     assert re.search(r"fp32: matmul \d+ GFLOP/s -> limit \d+ tokens/s; reached", out)
-    assert "| HF BertModel (padding=True) |" in out
-    assert "ratio mtbert / HF" in out
     assert "| - |" not in out  # the memory probes filled their columns
 
 
-def test_bench_infer_smoke(tiny):
+def test_bench_train_same_optimizer(tiny):
+    """With torch's AdamW on both sides there is no optimizer step to measure."""
     pytest.importorskip("transformers")
-    out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32, *tiny)
-    for contender in ("HF BertModel", "mtbert fp32", "mtbert int8"):
+    out = run("bench_train.py", "--smoke", "--no-memory", "--optimizer", "torch",
+              "--max-length", 32, *tiny)
+    assert "| mtbert fp32 (same batch plan, pre-tokenized, torch AdamW) | mtbert |" in out
+    assert "hf-plan-adamw" not in out
+    check_decomposition(out, ["(a) batch plan + pre-tokenization",
+                              "(b) encoder: real tokens only + mtbert's kernels"])
+
+
+def test_bench_infer_smoke(tiny_backbone, tiny_data, tmp_path):
+    pytest.importorskip("transformers")
+    # Quora sentences of 1 to 8 words, so that sorting by length reorders every batch
+    shutil.copytree(tiny_data, tmp_path, dirs_exist_ok=True)
+    sentences = [" ".join(WORDS[i % 7:i % 7 + 1 + (5 * i) % 8]) for i in range(64)]
+    write_tsv(tmp_path / "quora-dev.csv", ["id", "sentence1", "sentence2", "is_duplicate"],
+              [[f"q{i}", a, b, 0.0] for i, (a, b) in enumerate(zip(sentences, sentences[1:]))])
+    out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32,
+              "--backbone", tiny_backbone, "--data-dir", tmp_path)
+    for contender in ("HF, as commonly run", "HF, same sorted batches", "mtbert fp32",
+                      "mtbert int8"):
         assert f"| {contender}" in out
+    # the sorted batches reorder rows; the probabilities come back in the texts' order
+    gap = re.search(r"max \|hf-sorted - HF\| head probabilities on one batch: (\S+)", out)
+    assert float(gap.group(1)) < 1e-5
+    check_decomposition(out, [
+        "(a) batch plan: length-sorted batches, chunk tokenized at once",
+        "(b) encoder: real tokens only + mtbert's kernels"])
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
