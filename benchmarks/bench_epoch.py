@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_train import gemm_limit_lines
+from bench_train import gemm_limit_lines, markdown_table
 
 from mtbert.config import load_config
 from mtbert.cpu import configure_process
@@ -114,8 +114,7 @@ def main() -> None:
                for runs in blocks.values())),
             ("steps/s", *(f"{steps / sum(s for _, s in runs):.2f}" for runs in blocks.values())),
             ("real tokens/s", *(f"{speed[name]:.0f}" for name in blocks))]
-    print("| quantity | " + " | ".join(blocks) + " |\n|---|" + "---|" * len(blocks))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print(markdown_table(["quantity", *blocks], [list(row) for row in rows]))
     base = args.precisions[0]
     for name in args.precisions[1:]:
         ratios = [(t / s) / (tb / sb) for (t, s), (tb, sb) in zip(blocks[name], blocks[base])]
@@ -142,15 +141,16 @@ def profile_split(trainer: Trainer, steps: int) -> tuple[float, dict[str, float]
 
 def profile_lines(trainers: dict[str, Trainer], steps: int, target: float = 1.8) -> list[str]:
     split = {name: profile_split(trainer, steps) for name, trainer in trainers.items()}
-    lines = [f"profile: {steps} more steps per precision, self CPU time per step "
-             "(torch.profiler; it adds its own overhead to every operator)", "",
-             "| precision | matrix products | everything else | largest others |",
-             "|---|---|---|---|"]
+    rows = []
     for name, (products, others) in split.items():
         rest = sum(others.values())
         top = sorted(others.items(), key=lambda item: -item[1])[:6]
-        lines.append(f"| {name} | {products:.1f} ms ({products / (products + rest):.0%}) | "
-                     f"{rest:.1f} ms | " + ", ".join(f"{op} {ms:.1f}" for op, ms in top) + " |")
+        rows.append([name, f"{products:.1f} ms ({products / (products + rest):.0%})",
+                     f"{rest:.1f} ms", ", ".join(f"{op} {ms:.1f}" for op, ms in top)])
+    lines = [f"profile: {steps} more steps per precision, self CPU time per step "
+             "(torch.profiler; it adds its own overhead to every operator)", "",
+             markdown_table(["precision", "matrix products", "everything else",
+                             "largest others"], rows)]
     if {"fp32", "bf16"} <= split.keys():
         (f_products, f_others), (b_products, b_others) = split["fp32"], split["bf16"]
         fp32_step, b_rest = f_products + sum(f_others.values()), sum(b_others.values())
