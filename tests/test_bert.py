@@ -227,27 +227,37 @@ class TestBadCheckpoints:
         assert error.value.__cause__ is None
 
 
-def test_attention_with_dropout_is_sdpa_with_the_same_dropout_draws():
-    """The CPU training path computes what `scaled_dot_product_attention` does, masks and
-    dropout draws included (the generator is reset before each)."""
+def test_attention_with_dropout_is_sdpa_math_with_the_dropout_mask():
+    """The CPU training path computes what `scaled_dot_product_attention` does, masks
+    included, with `dropout`'s mask on the attention weights (the generator is reset before
+    each); without dropout it is SDPA itself."""
     import torch.nn.functional as F
 
-    from mtbert.model.bert import attention_with_dropout
+    from mtbert.model.bert import attention_with_dropout, dropout
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 7, 4, requires_grad=True) for _ in range(3))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6]).bool()[:, None, None, :]
+
+    def reference():
+        weights = F.scaled_dot_product_attention(q, k, torch.eye(7).expand(3, 2, 7, 7),
+                                                 attn_mask=mask)  # softmax of the scores
+        keep = dropout(torch.ones(3, 2, 7, 7), 0.3)  # drawn as `attention_with_dropout` does
+        return (weights * keep) @ v
+
     results = []
-    for attend in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                          dropout_p=0.3),
-                   lambda: attention_with_dropout(q, k, v, mask, 0.3)):
+    for attend in (reference, lambda: attention_with_dropout(q, k, v, mask, 0.3)):
         torch.manual_seed(1)
         y = attend()
         grads = torch.autograd.grad((y * torch.arange(4.0)).sum(), (q, k, v))
         results.append((y, *grads))
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    assert (results[0][0] == 0).any()  # dropout did drop weights
+    torch.manual_seed(1)
+    assert not torch.equal(attention_with_dropout(q, k, v, mask, 0.3),
+                           attention_with_dropout(q, k, v, mask, 0.0))  # dropout did drop
+    torch.testing.assert_close(attention_with_dropout(q, k, v, mask, 0.0),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def test_rows_rounded_up_give_the_same_outputs_and_gradients():

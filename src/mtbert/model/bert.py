@@ -79,15 +79,28 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gel
                "relu": F.relu}
 
 
-class Dropout(nn.Module):
+def dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout (Srivastava et al. 2014) with a cheaper mask on CPU.
 
-    `nn.Dropout` draws one Bernoulli number per element from the CPU generator, ~9% of a
+    `F.dropout` draws one Bernoulli number per element from the CPU generator, ~9% of a
     MiniLM training step here. This draws one 64-bit word per 4 elements and keeps an element
     when 15 of its 16 bits, read as an integer, are >= round(p * 2^15): the drop probability is
     p to within 2^-16. The mask comes from torch's global generator, so runs stay reproducible.
     Other devices use `F.dropout`.
     """
+    if p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    count = x.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()  # 63 random bits
+    draws = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF  # 15 bits each
+    keep = draws >= round(p * 2**15)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """`dropout` as a module: active in training mode only."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -96,15 +109,7 @@ class Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        count = x.numel()
-        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()  # 63 random bits
-        draws = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF  # 15 bits each
-        keep = draws >= round(self.p * 2**15)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return dropout(x, self.p) if self.training else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -184,20 +189,20 @@ class TokenLayout:
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                            dropout_p: float) -> Tensor:
-    """dropout(softmax(q k^T / sqrt(d), keys outside `mask` excluded)) v, as
-    `scaled_dot_product_attention` computes it, with the same dropout draws.
+    """dropout(softmax(q k^T / sqrt(d), keys outside `mask` excluded)) v: what
+    `scaled_dot_product_attention` computes, with `dropout`'s cheaper mask.
 
     On CPUs that function has no fused kernel with dropout and falls back to its generic
-    path, which also guards every (B, heads, T, T) score row against having all its keys
-    masked (isneginf, all, where over every score: a large share of attention's time once
-    the matrix products run in bf16). No row here can be: each sequence has a real token.
-    (B, heads, T, d) x 3 -> (B, heads, T, d).
+    path, which draws a Bernoulli number per score and guards every (B, heads, T, T) score
+    row against having all its keys masked (isneginf, all, where over every score: a large
+    share of attention's time once the matrix products run in bf16). No row here can be:
+    each sequence has a real token. (B, heads, T, d) x 3 -> (B, heads, T, d).
     """
     scores = q @ k.transpose(-1, -2)  # (B, heads, T, T)
     scores.mul_(q.shape[-1] ** -0.5)
     if mask is not None:
         scores.masked_fill_(mask.logical_not(), float("-inf"))
-    return F.dropout(scores.softmax(-1), dropout_p) @ v
+    return dropout(scores.softmax(-1), dropout_p) @ v
 
 
 class EncoderHooks(nn.Module):
