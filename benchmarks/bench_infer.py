@@ -18,6 +18,8 @@ tokenization is timed for all. Each repeat gives all contenders the same fresh c
 - `hf-sorted`, HF on mtbert's batch plan: the chunk tokenized at once by HF's tokenizer,
   the same `sorted_batches` as mtbert's, each padded to its longest row by `collate`
   (sentence-transformers' `encode` also sorts its input, by characters).
+- `hf-bf16`, the same with HF's weights in bf16 (`from_pretrained(...,
+  torch_dtype=torch.bfloat16)`, how transformers users run bf16): the peer of mtbert bf16.
 - mtbert fp32: the chunk tokenized at once, `sorted_batches` by length, `collate` padding
   (`evaluation.predict_outputs`). Sorting is within the chunk: more batches, less padding.
 - mtbert bf16: the same on `mtbert.inference.to_bf16(model)` (every weight bf16).
@@ -80,6 +82,7 @@ from mtbert.tokenizer import Tokenizer
 TASK = "sentence"
 NAMES = {"hf": "HF, as commonly run (batches in the chunk's order, padding=True)",
          "hf-sorted": "HF, same sorted batches, chunk tokenized at once",
+         "hf-bf16": "HF, same sorted batches, weights bf16",
          "fp32": "mtbert fp32 (sorted, dynamic padding)",
          "bf16": "mtbert bf16 (weights bf16)",
          "int8": "mtbert int8 (torch dynamic quantization)", "onnx": "mtbert ONNX Runtime fp32",
@@ -141,12 +144,13 @@ class HuggingFace:
     user, each batch tokenized with padding=True in the chunk's order. `sort`: the chunk
     tokenized at once, then mtbert's length-sorted batches padded by `collate`."""
 
-    def __init__(self, folder: Path, batch_size: int, max_length: int, sort: bool = False):
+    def __init__(self, folder: Path, batch_size: int, max_length: int, sort: bool = False,
+                 dtype: torch.dtype = torch.float32):
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        self.model = transformers.BertModel.from_pretrained(folder).eval()
+        self.model = transformers.BertModel.from_pretrained(folder, torch_dtype=dtype).eval()
         self.tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
         self.head = sentence_head(self.model.config.hidden_size)
         self.batch_size, self.max_length, self.sort = batch_size, max_length, sort
@@ -154,7 +158,7 @@ class HuggingFace:
     @torch.inference_mode()
     def probabilities(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         vectors = mean_pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
-        return self.head(vectors, None).predictions.softmax(-1)
+        return self.head(vectors.float(), None).predictions.softmax(-1)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         if self.sort:
@@ -176,10 +180,11 @@ class HuggingFace:
 
 
 def build(name: str, folder: Path, args, onnx_dir: Path | None):
-    """One contender: `hf`, `hf-sorted`, `fp32`, `bf16`, `int8`, `onnx` or `onnx-int8` (reads
-    ONNX_DIR/NAME.onnx)."""
+    """One contender: `hf`, `hf-sorted`, `hf-bf16`, `fp32`, `bf16`, `int8`, `onnx` or
+    `onnx-int8` (reads ONNX_DIR/NAME.onnx)."""
     if name.startswith("hf"):
-        return HuggingFace(folder, args.batch_size, args.max_length, sort=name == "hf-sorted")
+        return HuggingFace(folder, args.batch_size, args.max_length, sort=name != "hf",
+                           dtype=torch.bfloat16 if name == "hf-bf16" else torch.float32)
     model = sentence_model(folder)
     if name == "bf16":
         model = to_bf16(model)
@@ -196,8 +201,8 @@ def speed(args) -> None:
     texts = sample_texts("quora", args.data_dir or DEFAULT_DATA,
                          (args.repeats + 1) * chunk, args.seed)[0]
     use_onnx = args.onnx and onnx_available()
-    names = ["hf", "hf-sorted", "fp32", "bf16", "int8"] + (["onnx", "onnx-int8"] if use_onnx
-                                                           else [])
+    names = ["hf", "hf-sorted", "hf-bf16", "fp32", "bf16", "int8"]
+    names += ["onnx", "onnx-int8"] if use_onnx else []
     if args.memory_probe:
         contender = build(args.memory_probe, folder, args, args.onnx_dir)
         probe = MemoryProbe()
@@ -257,6 +262,10 @@ def speed(args) -> None:
     print(decomposition(results, [
         ("hf", ""), ("hf-sorted", "batch plan: length-sorted batches, chunk tokenized at once"),
         ("fp32", "encoder: real tokens only + mtbert's kernels")], "sentences/s") + "\n")
+    same_precision = paired_ratios(results, "bf16", "hf-bf16", "sentences/s")
+    print(f"mtbert bf16 / HF bf16 on the same sorted batches: "
+          f"{statistics.median(same_precision):.2f}x sentences/s (median of paired repeats; "
+          f"per repeat {', '.join(f'{r:.2f}' for r in same_precision)})\n")
     speeds = {name: statistics.median(r["tokens/s"] for r in results[name])
               for name in ("fp32", "bf16")}
     length = sum(real_tokens[1:]) / (args.repeats * chunk)

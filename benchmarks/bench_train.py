@@ -23,6 +23,9 @@ steps each. Each contender differs from the one before it in one thing:
   the same optimizer; its encoder computes real tokens only.
 - `mtbert-bf16`: the same under bf16 autocast (`train.precision: bf16`), weights and
   optimizer fp32.
+- `hf-plan-bf16`: the HF contender just before `mtbert` (same batch plan, pre-tokenized,
+  same optimizer) under the same bf16 autocast, as `Trainer(bf16=True)` trains on CPUs: the
+  peer of `mtbert-bf16`.
 - `--optimizer own` (default): mtbert steps `mtbert.optim.AdamW`; `--optimizer torch`: mtbert
   too steps `torch.optim.AdamW`, and `hf-plan-adamw` is left out. HF as commonly run always
   steps `torch.optim.AdamW`.
@@ -264,7 +267,8 @@ class HfTraining:
 
     def __init__(self, folder: Path, texts: list[str], labels: list, args, head: nn.Module,
                  padding: str | bool = True, pretokenized: bool = False,
-                 optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW):
+                 optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                 precision: str = "fp32"):
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -277,6 +281,7 @@ class HfTraining:
         self.head = copy.deepcopy(head)
         params = [*self.model.parameters(), *self.head.parameters()]
         self.optimizer = optimizer(params, lr=args.lr, weight_decay=0.01)
+        self.precision = precision
 
     def inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         if self.split is None:
@@ -289,8 +294,10 @@ class HfTraining:
 
     def step(self, rows: np.ndarray) -> tuple[int, int]:
         inputs = self.inputs(rows)
-        pooled = self.model(**inputs).pooler_output
-        loss = F.cross_entropy(self.head(pooled), self.labels[torch.from_numpy(rows)])
+        with autocast(torch.device("cpu"), self.precision):
+            pooled = self.model(**inputs).pooler_output
+            logits = self.head(pooled)
+        loss = F.cross_entropy(logits.float(), self.labels[torch.from_numpy(rows)])
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -367,20 +374,30 @@ def contenders(args) -> dict[str, str]:
     names["mtbert"] = ("mtbert fp32 (same batch plan, pre-tokenized, "
                        f"{'mtbert' if own else 'torch'} AdamW)")
     names["mtbert-bf16"] = "mtbert bf16 autocast (same batches)"
+    names["hf-plan-bf16"] = (f"HF, same batch plan, pre-tokenized, "
+                             f"{'mtbert' if own else 'torch'} AdamW, bf16 autocast")
     if args.naive:
         names["hf-max-length"] = (f"HF, as commonly run with padding=max_length "
                                   f"{args.max_length}")
     return names
 
 
+def chain_end_hf(names: dict[str, str]) -> str:
+    """The HF contender just before mtbert fp32: same batch plan, same optimizer."""
+    return "hf-plan-adamw" if "hf-plan-adamw" in names else "hf-plan"
+
+
 def build(name: str, folder: Path, texts: list[str], labels: list, args, head: nn.Module):
     if name.startswith("mtbert"):
         return MtbertTraining(folder, texts, labels, args, head,
                               "bf16" if name == "mtbert-bf16" else "fp32")
+    own_optimizer = name == "hf-plan-adamw" or (name == "hf-plan-bf16"
+                                                and args.optimizer == "own")
     return HfTraining(folder, texts, labels, args, head,
                       padding="max_length" if name == "hf-max-length" else True,
                       pretokenized=name.startswith("hf-plan"),
-                      optimizer=AdamW if name == "hf-plan-adamw" else torch.optim.AdamW)
+                      optimizer=AdamW if own_optimizer else torch.optim.AdamW,
+                      precision="bf16" if name.endswith("-bf16") else "fp32")
 
 
 def main() -> None:
@@ -453,11 +470,12 @@ def main() -> None:
     print(f"\nratios of real tokens/s, median of {args.repeats} paired repeats:\n")
     print(markdown_table(["ratio", "median", "per repeat"], [
         [f"mtbert / {name}", *ratio_cells(paired_ratios(results, "mtbert", name, "tokens/s"))]
-        for name in names if name.startswith("hf")]
-        + [["mtbert-bf16 / mtbert", *ratio_cells(paired_ratios(
-            results, "mtbert-bf16", "mtbert", "tokens/s"))]]))
+        for name in names if name.startswith("hf") and not name.endswith("-bf16")]
+        + [[f"{a} / {b}", *ratio_cells(paired_ratios(results, a, b, "tokens/s"))]
+           for a, b in (("mtbert-bf16", "mtbert"), ("mtbert-bf16", "hf-plan-bf16"),
+                        ("hf-plan-bf16", chain_end_hf(names)))]))
     chain = [("hf", ""), ("hf-plan", "batch plan + pre-tokenization")]
-    if "hf-plan-adamw" in names:
+    if chain_end_hf(names) == "hf-plan-adamw":
         chain.append(("hf-plan-adamw", "optimizer: mtbert's AdamW for torch's"))
     chain.append(("mtbert", "encoder: real tokens only + mtbert's kernels"))
     print("\nmtbert fp32's gain over HF as commonly run, step by step (bf16 apart, above):\n")

@@ -55,13 +55,17 @@ def test_bench_train_smoke(tiny):
     out = run("bench_train.py", "--smoke", "--max-length", 32, *tiny)
     contenders = {row[1]: row[0] for row in table_rows(out, "") if len(row) == 7}
     del contenders["name"]  # the header
-    assert set(contenders) == {"hf", "hf-plan", "hf-plan-adamw", "mtbert", "mtbert-bf16"}
+    assert set(contenders) == {"hf", "hf-plan", "hf-plan-adamw", "mtbert", "mtbert-bf16",
+                               "hf-plan-bf16"}
+    assert contenders["hf-plan-bf16"].endswith("mtbert AdamW, bf16 autocast")
     assert contenders["hf"].startswith("HF, as commonly run")
     assert contenders["hf-plan"] == "HF, same batch plan, pre-tokenized (torch AdamW)"
     assert "same token ids from HF's tokenizer and mtbert's: yes" in out
     for name in ("hf", "hf-plan", "hf-plan-adamw"):
         assert table_rows(out, f"mtbert / {name} |")
-    assert table_rows(out, "mtbert-bf16 / mtbert |")
+    for bf16_ratio in ("mtbert-bf16 / mtbert |", "mtbert-bf16 / hf-plan-bf16 |",
+                       "hf-plan-bf16 / hf-plan-adamw |"):
+        assert table_rows(out, bf16_ratio)
     check_decomposition(out, ["(a) batch plan + pre-tokenization",
                               "(b) optimizer: mtbert's AdamW for torch's",
                               "(c) encoder: real tokens only + mtbert's kernels"])
@@ -76,6 +80,7 @@ def test_bench_train_same_optimizer(tiny):
               "--max-length", 32, *tiny)
     assert "| mtbert fp32 (same batch plan, pre-tokenized, torch AdamW) | mtbert |" in out
     assert "hf-plan-adamw" not in out
+    assert table_rows(out, "hf-plan-bf16 / hf-plan |")
     check_decomposition(out, ["(a) batch plan + pre-tokenization",
                               "(b) encoder: real tokens only + mtbert's kernels"])
 
@@ -90,8 +95,9 @@ def test_bench_infer_smoke(tiny_backbone, tiny_data, tmp_path):
     out = run("bench_infer.py", "--smoke", "--no-memory", "--max-length", 32,
               "--backbone", tiny_backbone, "--data-dir", tmp_path)
     for contender in ("HF, as commonly run", "HF, same sorted batches", "mtbert fp32",
-                      "mtbert int8"):
+                      "HF, same sorted batches, weights bf16", "mtbert bf16", "mtbert int8"):
         assert f"| {contender}" in out
+    assert re.search(r"mtbert bf16 / HF bf16 on the same sorted batches: \d+\.\d+x", out)
     # the sorted batches reorder rows; the probabilities come back in the texts' order
     gap = re.search(r"max \|hf-sorted - HF\| head probabilities on one batch: (\S+)", out)
     assert float(gap.group(1)) < 1e-5
