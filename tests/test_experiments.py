@@ -381,8 +381,28 @@ def test_ablate_single_task_rows_delta_m_intervals_and_no_op_flag(tmp_path, tiny
     assert rows["other"]["same_first_losses_as_baseline"] == "False"
     table = (out / "results.md").read_text()
     assert "Δ overall vs base [95% CI]" in table and "Δm% vs single-task [95% CI]" in table
-    assert "| twin ⚠ same first-step losses as the baseline |" in table
+    assert rows["twin"]["identical_to_baseline"] == "True"
+    assert "| twin ⚠ identical to the baseline |" in table
     assert "sst vs alone (points)" in table
+
+
+def test_a_row_that_starts_like_the_baseline_but_ends_elsewhere_is_told_apart():
+    """DWA's first epochs weight every task 1, as the summed baseline does: its first steps'
+    losses equal the baseline's, but it acts later, so it is not flagged as identical."""
+    from mtbert.experiments.ablation import Row, compare
+
+    def row(name, first, dev):
+        return Row(name, 1, {}, 0.0, 0.0, 10, {}, "b", {"sst": {}},
+                   by_seed={0: {"sst": dev, "overall": dev}}, first_losses=first)
+
+    baseline, late, twin, other = (row("base", [{"loss": 1.0}], 0.5),
+                                   row("late", [{"loss": 1.0}], 0.6),
+                                   row("twin", [{"loss": 1.0}], 0.5),
+                                   row("other", [{"loss": 0.9}], 0.5))
+    compare([baseline, late, twin, other])
+    assert (late.same_as_baseline, late.identical_to_baseline) == (True, False)
+    assert (twin.same_as_baseline, twin.identical_to_baseline) == (True, True)
+    assert (other.same_as_baseline, other.identical_to_baseline) == (False, False)
 
 
 def test_ablate_merged_rows_and_a_student_of_the_single_task_runs(tmp_path, tiny_backbone,

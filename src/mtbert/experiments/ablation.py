@@ -419,7 +419,8 @@ class Row:
     vs_baseline: Interval | None = None
     delta_m: Interval | None = None
     task_gains: dict[str, Interval] = field(default_factory=dict)  # points vs single-task
-    same_as_baseline: bool = False
+    same_as_baseline: bool = False  # the same per-step losses over the first steps
+    identical_to_baseline: bool = False  # that, and every shared seed's dev scores too
 
 
 @dataclass
@@ -504,6 +505,8 @@ def compare(rows: list[Row]) -> None:
                 [row.by_seed[k]["overall"] - baseline.by_seed[k]["overall"] for k in seeds])
             row.same_as_baseline = bool(row.first_losses) and (
                 row.first_losses == baseline.first_losses)
+            row.identical_to_baseline = row.same_as_baseline and all(
+                row.by_seed[k] == baseline.by_seed[k] for k in seeds)
         tasks = [t for t in row.tasks if t in single]
         seeds = [k for k in sorted(row.by_seed)
                  if all(k in single[t].by_seed and t in row.by_seed[k] for t in tasks)]
@@ -560,7 +563,8 @@ def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
                  for c in cols]
         params = (f"{format_count(row.parameters['total'])} / "
                   f"{format_count(row.parameters['task_specific'])}")
-        name = row.config + (" ⚠ same first-step losses as the baseline"
+        name = row.config + (" ⚠ identical to the baseline" if row.identical_to_baseline
+                             else " ⚠ same first-step losses as the baseline"
                              if row.same_as_baseline else "")
         versus = row.vs_baseline.format() if row.vs_baseline else "–"
         gain = row.delta_m.format(scale=100, digits=2) if row.delta_m else "–"
@@ -604,7 +608,8 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
         fields += [f"{col.task}_mean", f"{col.task}_std"]
     fields += ["overall_vs_baseline", "overall_vs_baseline_low", "overall_vs_baseline_high",
                "delta_m_percent", "delta_m_percent_low", "delta_m_percent_high",
-               "same_first_losses_as_baseline", "wall_time_s", "train_time_s", "steps"]
+               "same_first_losses_as_baseline", "identical_to_baseline", "wall_time_s",
+               "train_time_s", "steps"]
     fields += [f"examples_{task}" for task in dict.fromkeys(
         t for row in rows for t in row.examples_seen)]
     fields += [f"params_{key}" for key in dict.fromkeys(k for row in rows for k in row.parameters)]
@@ -616,6 +621,7 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
             record = {"config": row.config, "seeds": row.seeds,
                       "single_task_of": row.single_task_of or "",
                       "same_first_losses_as_baseline": row.same_as_baseline,
+                      "identical_to_baseline": row.identical_to_baseline,
                       "wall_time_s": round(row.wall_time_s, 2),
                       "train_time_s": round(row.train_time_s, 2), "steps": row.steps,
                       "backbone": row.backbone,
@@ -650,9 +656,12 @@ def _markdown(rows: Sequence[Row], cols: Sequence[Column], budget: str,
                       "budget and seeds), in points, with its 95% interval over seeds:", "",
                   gains]
     if any(row.same_as_baseline for row in rows):
-        lines += ["", "⚠ marks a row whose per-step losses over the first "
-                      f"{FIRST_LOSSES_STEPS} steps equal the baseline's: the technique did "
-                      "not act there."]
+        lines += ["", "⚠ same first-step losses: the row's per-step losses over the first "
+                      f"{FIRST_LOSSES_STEPS} steps equal the baseline's, so the technique did "
+                      "not act in those steps; it may act later (DWA keeps equal weights "
+                      "until two epochs have ended), and then its dev scores differ. "
+                      "⚠ identical: those losses and every seed's dev scores equal the "
+                      "baseline's: the technique did not act at all."]
     if needs_quora_note(rows):
         lines += ["", QUORA_NOTE]
     if failed:
