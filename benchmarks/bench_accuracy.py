@@ -26,6 +26,10 @@ Every model is reported under two checkpoint rules, each the same for every row:
   score of its (possibly sub-sampled, `train.max_eval_examples`) dev evaluation, then the
   chosen model is scored on the whole dev sets.
 
+(a) trains in fp32, as transformers does on CPU unless told otherwise; (b) and (c) in what
+`train.precision` resolves to (bf16 under `auto` on CPUs with fast bf16), printed from each
+run's run.json: the wall times compare defaults; `bench_train.py` compares speed like for like.
+
 All read the same examples through mtbert's readers and score with the same metrics. Each
 finished model's result is kept in OUT/results.json as soon as it is known, so an interrupted
 run resumes where it stopped (`--fresh` starts over). `--smoke`: a handful of examples, one
@@ -247,6 +251,11 @@ def train_mtbert(config, run_dir: Path, args, predictions: bool) -> dict:
             "run_dir": str(run_dir), "overrides": mtbert_overrides(args)}
 
 
+def run_precision(run_dir: Path) -> str:
+    """The precision `train.precision` resolved to in a run, as its run.json records it."""
+    return json.loads((run_dir / "run.json").read_text())["precision"]
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -344,7 +353,13 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"(a): {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max length "
           f"{args.max_length}, steps {steps}")
-    print(f"(b), (c): {args.config} {' '.join(results['mtbert']['overrides'])}\n")
+    mtbert_runs = [results["mtbert"], *(results[f"mtbert-only/{n}"] for n in TASKS)]
+    precisions = sorted({run_precision(Path(run["run_dir"])) for run in mtbert_runs})
+    print(f"(b), (c): {args.config} {' '.join(results['mtbert']['overrides'])}; "
+          f"precision {', '.join(precisions)} (run.json)")
+    print(f"(a) trains in fp32 (transformers' default on CPU), (b) and (c) in "
+          f"{', '.join(precisions)}: training wall times compare the defaults, not like for "
+          f"like (that is bench_train.py)\n")
     text = "\n\n".join(table(results, rule) for rule in RULES)
     print(text)
     print(f"\n*{QUORA_NOTE.removeprefix('note: ')}")

@@ -172,6 +172,10 @@ def test_bench_accuracy_smoke_and_resume(tiny, tmp_path):
         results[f"hf-cls/{task}"]["parameters"] for task in tasks)
     assert ratio < 0.5
     assert (out_dir / "mtbert" / "predictions" / "sst-dev-output.csv").is_file()
+    # each side's precision is named, mtbert's as its run recorded it
+    precision = json.loads((out_dir / "mtbert" / "run.json").read_text())["precision"]
+    assert f"precision {precision} (run.json)" in out
+    assert "(a) trains in fp32" in out
     # a second run finds every result and trains nothing: the same tables come back
     again = run("bench_accuracy.py", "--smoke", "--out", out_dir, *tiny)
     assert again.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
