@@ -52,7 +52,7 @@ from bench_train import markdown_table
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtbert.checkpoint import RunLock, write_json_atomically
+from mtbert.checkpoint import RunLock, load_json, write_json_atomically
 from mtbert.cli import QUORA_NOTE
 from mtbert.config import TaskConfig, load_config
 from mtbert.cpu import configure_process
@@ -253,7 +253,7 @@ def train_mtbert(config, run_dir: Path, args, predictions: bool) -> dict:
 
 def run_precision(run_dir: Path) -> str:
     """The precision `train.precision` resolved to in a run, as its run.json records it."""
-    return json.loads((run_dir / "run.json").read_text())["precision"]
+    return load_json(run_dir / "run.json")["precision"]
 
 
 # ---------------------------------------------------------------- table
