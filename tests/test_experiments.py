@@ -405,6 +405,26 @@ def test_a_row_that_starts_like_the_baseline_but_ends_elsewhere_is_told_apart():
     assert (other.same_as_baseline, other.identical_to_baseline) == (False, False)
 
 
+def test_a_row_on_other_tasks_is_not_compared_by_overall_score():
+    """Overall averages the tasks a config trains: an STS-only row's overall ((r + 1) / 2)
+    against a three-task baseline's is no comparison; its STS gain over STS alone is."""
+    from mtbert.experiments.ablation import Column, Row, compare, markdown_table
+
+    def row(name, tasks, dev, single_task_of=None):
+        return Row(name, 2, {}, 0.0, 0.0, 10, {"total": 1, "task_specific": 1}, "b",
+                   {t: {} for t in tasks}, by_seed={k: dev for k in (0, 1)},
+                   single_task_of=single_task_of)
+
+    baseline = row("base", ("sst", "sts"), {"sst": 0.4, "sts": 0.8, "overall": 0.65})
+    sts_only = row("sts-loss", ("sts",), {"sts": 0.85, "overall": 0.925})
+    alone = row("base-only-sts", ("sts",), {"sts": 0.82, "overall": 0.91}, "base")
+    compare([baseline, sts_only, alone])
+    assert sts_only.vs_baseline is None and sts_only.other_tasks
+    assert sts_only.task_gains["sts"].mean == pytest.approx(0.03)
+    table = markdown_table([baseline, sts_only, alone], [Column("overall", "Overall Dev")])
+    assert "– (other tasks)" in table.splitlines()[3]
+
+
 def test_ablate_merged_rows_and_a_student_of_the_single_task_runs(tmp_path, tiny_backbone,
                                                                   tiny_data, capsys):
     base = tiny_yaml(tmp_path, "base", tiny_backbone, max_steps=3)

@@ -78,7 +78,9 @@ STD_NOTE = ("Scores are the best dev scores of each run (model selection on the 
 COMPARISON_NOTE = (
     "Δ overall: the row's overall dev score minus the baseline's (the first configuration) on "
     "the same seeds, mean over seeds with a 95% Student-t interval; `tie` marks an interval "
-    "that holds 0 (a difference inside the seed noise). Δm%: the mean over tasks of the "
+    "that holds 0 (a difference inside the seed noise); `other tasks`: the row trains other "
+    "tasks than the baseline, so its overall score is not comparable (read its tasks' gains "
+    "over the single-task rows instead). Δm%: the mean over tasks of the "
     "relative gain over the same task trained alone with the same recipe, budget and seed "
     "(Maninis et al. 2019), in percent, with its interval over seeds. Steps / examples seen: "
     "optimizer steps and the training examples drawn from each task, mean over seeds.")
@@ -421,6 +423,7 @@ class Row:
     task_gains: dict[str, Interval] = field(default_factory=dict)  # points vs single-task
     same_as_baseline: bool = False  # the same per-step losses over the first steps
     identical_to_baseline: bool = False  # that, and every shared seed's dev scores too
+    other_tasks: bool = False  # trains other tasks than the baseline: overall not comparable
 
 
 @dataclass
@@ -500,7 +503,10 @@ def compare(rows: list[Row]) -> None:
     single = {task: row for row in rows if row.single_task_of for task in row.tasks}
     for row in multitask:
         seeds = sorted(row.by_seed.keys() & baseline.by_seed.keys())
-        if row is not baseline and seeds:
+        # Overall scores average over the tasks a config trains: comparable only when the
+        # row trains the baseline's tasks (a one-task row is read by its task's gain).
+        row.other_tasks = row.tasks.keys() != baseline.tasks.keys()
+        if row is not baseline and seeds and not row.other_tasks:
             row.vs_baseline = paired_interval(
                 [row.by_seed[k]["overall"] - baseline.by_seed[k]["overall"] for k in seeds])
             row.same_as_baseline = bool(row.first_losses) and (
@@ -566,7 +572,8 @@ def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
         name = row.config + (" ⚠ identical to the baseline" if row.identical_to_baseline
                              else " ⚠ same first-step losses as the baseline"
                              if row.same_as_baseline else "")
-        versus = row.vs_baseline.format() if row.vs_baseline else "–"
+        versus = (row.vs_baseline.format() if row.vs_baseline
+                  else "– (other tasks)" if row.other_tasks else "–")
         gain = row.delta_m.format(scale=100, digits=2) if row.delta_m else "–"
         lines.append("| " + " | ".join([name, *cells, versus, gain, format_compute(row),
                                         str(row.seeds), format_seconds(row.wall_time_s),
@@ -608,7 +615,8 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
         fields += [f"{col.task}_mean", f"{col.task}_std"]
     fields += ["overall_vs_baseline", "overall_vs_baseline_low", "overall_vs_baseline_high",
                "delta_m_percent", "delta_m_percent_low", "delta_m_percent_high",
-               "same_first_losses_as_baseline", "identical_to_baseline", "wall_time_s",
+               "same_first_losses_as_baseline", "identical_to_baseline",
+               "other_tasks_than_baseline", "wall_time_s",
                "train_time_s", "steps"]
     fields += [f"examples_{task}" for task in dict.fromkeys(
         t for row in rows for t in row.examples_seen)]
@@ -622,6 +630,7 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
                       "single_task_of": row.single_task_of or "",
                       "same_first_losses_as_baseline": row.same_as_baseline,
                       "identical_to_baseline": row.identical_to_baseline,
+                      "other_tasks_than_baseline": row.other_tasks,
                       "wall_time_s": round(row.wall_time_s, 2),
                       "train_time_s": round(row.train_time_s, 2), "steps": row.steps,
                       "backbone": row.backbone,
