@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add the config's tasks to RUN's model: RUN's encoder, tasks and "
                             "conditioning stay frozen (their outputs unchanged); only the new "
                             "tasks' heads and adapters train")
+    train.add_argument("--finetune", metavar="TASK",
+                       help="with --from: fine-tune RUN's task TASK alone, encoder included "
+                            "(two-stage MT-DNN); the config gives the training settings")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="train on N processes of this machine under DDP (runs torchrun "
                             "--standalone --nproc-per-node N); batch sizes are per process. "
@@ -223,9 +226,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
-        if args.config or args.run_dir or args.overwrite or args.from_run or others:
+        if (args.config or args.run_dir or args.overwrite or args.from_run or args.finetune
+                or others):
             raise ConfigError("--resume takes the run's own config; drop --config, --run-dir, "
-                              "--overwrite, --from and overrides other than "
+                              "--overwrite, --from, --finetune and overrides other than "
                               f"{', '.join(RESUME_OVERRIDES)}")
         run_dir = args.resume
         if not (run_dir / "config.yaml").is_file():
@@ -233,9 +237,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
         config = load_config(args.config, args.overrides, args.data_dir)
+        if args.finetune is not None and args.from_run is None:
+            raise ConfigError("--finetune TASK fine-tunes a task of a trained run: give --from "
+                              "RUN too")
         if args.from_run is not None:
             from mtbert.adapting import config_from_run
-            config = config_from_run(args.from_run, config)
+            config = config_from_run(args.from_run, config, args.finetune)
         run_dir = args.run_dir or Path("runs") / config.name
     _train(config, run_dir, args.resume is not None, args.overwrite)
 
