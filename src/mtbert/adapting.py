@@ -27,13 +27,14 @@ def config_from_run(run: str | Path, new: ExperimentConfig,
                     finetune: str | None = None) -> ExperimentConfig:
     """The experiment of `train --from RUN`: RUN's model (backbone, conditioning) and tasks,
     then `new`'s tasks; `new`'s training settings; encoder frozen. With `finetune`: RUN's
-    model and its task `finetune` alone (`new`'s tasks are not read), nothing frozen."""
+    model and its task `finetune` alone (`new`'s tasks are not read), nothing frozen, the
+    name NAME-TASK."""
     from mtbert.model_folder import model_folder
 
     base = load_config(model_folder(run) / "experiment.yaml")
     if finetune is not None:
         config = dataclasses.replace(
-            new, model=base.model, tasks=[base.task(finetune)],
+            new, name=f"{new.name}-{finetune}", model=base.model, tasks=[base.task(finetune)],
             adapt=dataclasses.replace(new.adapt, from_run=str(run), finetune=finetune))
         validate(config)
         return config

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "tasks' heads and adapters train")
     train.add_argument("--finetune", metavar="TASK",
                        help="with --from: fine-tune RUN's task TASK alone, encoder included "
-                            "(two-stage MT-DNN); the config gives the training settings")
+                            "(two-stage MT-DNN), into runs/NAME-TASK; training settings: "
+                            "--config, else RUN's own, and the overrides")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="train on N processes of this machine under DDP (runs torchrun "
                             "--standalone --nproc-per-node N); batch sizes are per process. "
@@ -236,10 +237,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml)")
         config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
+        if args.finetune is not None:
+            if args.from_run is None:
+                raise ConfigError("--finetune TASK fine-tunes a task of a trained run: give "
+                                  "--from RUN too")
+            if args.config is None:  # RUN's own training settings, overrides on top
+                from mtbert.model_folder import model_folder
+                args.config = model_folder(args.from_run) / "experiment.yaml"
         config = load_config(args.config, args.overrides, args.data_dir)
-        if args.finetune is not None and args.from_run is None:
-            raise ConfigError("--finetune TASK fine-tunes a task of a trained run: give --from "
-                              "RUN too")
         if args.from_run is not None:
             from mtbert.adapting import config_from_run
             config = config_from_run(args.from_run, config, args.finetune)
