@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from mtbert.config import ConfigError, ExperimentConfig, TaskConfig
 from mtbert.data.batching import encode_split
 from mtbert.data.readers import DataError, Example, ReadReport, iter_examples
+from mtbert.data.tasks import file_layout
 from mtbert.evaluation import head_outputs, map_batches, output_probabilities, to_predictions
 from mtbert.model.heads import is_siamese
 from mtbert.model.multitask import MultitaskModel
@@ -187,10 +188,12 @@ class Model:
         """Predict every row of a CSV/TSV/JSONL file ("-": standard input) into `output`
         ("-": standard output), `chunk_rows` rows at a time, so memory stays constant.
 
-        Columns are found by name (default: the task's `text_columns` and `id_column`; rows
-        without an id column get their 0-based row index). Malformed rows are skipped and
-        logged with file:line. A file `output` is written under a temporary name and
-        renamed when complete, so an error leaves any earlier file in place.
+        The file is read as the task's own files are (their quoting; field names for files
+        without a header line, as GLUE's CoLA). Columns are found by name (default: the
+        task's `text_columns` and `id_column`; rows without an id column get their 0-based
+        row index). Malformed rows are skipped and logged with file:line. A file `output`
+        is written under a temporary name and renamed when complete, so an error leaves any
+        earlier file in place.
         """
         config = self._task(task)
         columns = list(text_columns or config.text_columns)
@@ -199,7 +202,8 @@ class Model:
             raise ConfigError(f"task {task!r} takes {kind} text column, got {columns}")
         report = ReadReport(Path(str(source)), [], [])
         examples = iter_examples(source, columns, None, id_column=id_column or config.id_column,
-                                 file_format=input_format, report=report)
+                                 file_format=input_format, report=report,
+                                 **file_layout(config))
         start = time.perf_counter()
         rows = 0
         fmt = _output_format(output, output_format)

@@ -55,11 +55,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
                 max_examples: int | None = None) -> dict[str, dict]:
-    """For each task with a labelled dev split: {"outputs", "labels", "score"} or {"error"}."""
+    """For each task with a labelled dev split: {"outputs", "labels", "predicted", "total",
+    "scores" (metric -> value)} or {"error"}."""
     from mtbert.data.batching import encode_split
     from mtbert.data.readers import DataError
     from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
-    from mtbert.evaluation import head_outputs, metric, output_probabilities, to_predictions
+    from mtbert.evaluation import (
+        head_outputs,
+        metric_values,
+        output_probabilities,
+        to_predictions,
+    )
     from mtbert.model.heads import is_siamese
 
     found = {}
@@ -82,7 +88,7 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
         labels, predicted = encoded.labels.numpy(), to_predictions(task, raw).numpy()
         found[name] = {"outputs": output_probabilities(task, raw).numpy(), "labels": labels,
                        "predicted": predicted, "total": total,
-                       "score": metric(task, predicted, labels)}
+                       "scores": metric_values(task, predicted, labels)}
     return found
 
 
@@ -254,6 +260,7 @@ def _read_json(path: Path) -> dict:
 def write_report(run_dir: str | Path, data_dir: str | None = None,
                  max_examples: int | None = None) -> Path:
     """Render `run_dir/report.html` (plots in `run_dir/plots/`); returns the page's path."""
+    from mtbert.evaluation import score_columns
     from mtbert.model_folder import load_model
 
     run_dir = Path(run_dir)
@@ -280,9 +287,10 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         dev = best.get("dev", {})
         parts.append(f"<p>Best model: step {best.get('step')} (selected on the overall dev "
                      f"score).</p>")
+        what = dict(score_columns(model.tasks))
         parts.append(_table(["task", "metric", "best dev score"],
-                            [[n, model.tasks[n].metric if n in model.tasks else "mean",
-                              f"{v:.4f}"] for n, v in dev.items()]))
+                            [[n.split("/")[0], what.get(n, "mean"), f"{v:.4f}"]
+                             for n, v in dev.items()]))
     parts.append('<h3 id="run-time">Run time</h3>')
     time_rows = []
     if records:
@@ -351,8 +359,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
             continue
         labels, out = found["labels"], found["outputs"]
         of = "" if len(labels) == found["total"] else f" (a seeded subsample of {found['total']})"
-        parts.append(f"<p>{len(labels)} dev examples{of}; {task.metric} "
-                     f"{found['score']:.4f}.</p>")
+        scores = ", ".join(f"{m} {v:.4f}" for m, v in found["scores"].items())
+        parts.append(f"<p>{len(labels)} dev examples{of}; {scores}.</p>")
         if task.kind == "classification":
             predicted = found["predicted"]
             path = plots / f"confusion_{slug}.png"
@@ -370,7 +378,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         else:
             path = plots / f"scatter_{slug}.png"
             plot_scatter(labels, out, task.label_range, path,
-                         f"{name}: predicted vs gold ({task.metric} {found['score']:.3f})")
+                         f"{name}: predicted vs gold ("
+                         + ", ".join(f"{m} {v:.3f}" for m, v in found["scores"].items()) + ")")
             parts.append(f'<h4 id="scatter-{slug}">Predicted vs gold scatter</h4>')
             parts.append(_image(path, run_dir, f"{name} predicted vs gold"))
 
