@@ -4,12 +4,14 @@ score, `predict` on an official-format file, and the Hugging Face anchor's smoke
 import csv
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from mtbert.cli import main
 from mtbert.config import ConfigError, TaskConfig, load_config
@@ -269,3 +271,27 @@ def test_bench_glue_hf_smoke(tiny_backbone, glue_dir, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"cola/1", "cola/2", "wnli/2"} <= results.keys()
     assert results["mrpc/1"]["steps"] == 1
+
+
+def test_report_shows_each_metric_and_the_task_score(glue_run):
+    from mtbert.experiments.report import write_report
+
+    page = write_report(glue_run).read_text(encoding="utf-8")
+    assert "<td>mrpc</td><td>mean(f1, accuracy)</td>" in page
+    assert "<td>mrpc</td><td>f1</td>" in page
+    assert re.search(r"dev examples; pearson -?\d\.\d{4}, spearman -?\d\.\d{4}", page)
+
+
+def test_model_card_lists_each_metric_of_a_task():
+    from mtbert.export import model_card
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "glue"
+                         / "small-tasks.yaml")
+    dev = {"cola": 0.4, "mrpc": 0.8, "mrpc/f1": 0.85, "mrpc/accuracy": 0.75, "overall": 0.6}
+    card = model_card(config, {"dev": dev, "step": 3}, "hf", "out")
+    front = yaml.safe_load(card.split("---")[1])
+    found = {r["task"]["name"]: r["metrics"] for r in front["model-index"][0]["results"]}
+    assert found == {"cola": [{"type": "matthews", "value": 0.4, "name": "dev matthews"}],
+                     "mrpc": [{"type": "f1", "value": 0.85, "name": "dev f1"},
+                              {"type": "accuracy", "value": 0.75, "name": "dev accuracy"}]}
+    assert "as they are (the GLUE score)" in card
