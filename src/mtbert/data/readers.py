@@ -1,8 +1,8 @@
 """Readers for the task data files: delimited text (TSV/CSV) and JSON lines.
 
-Columns are found by header name (or, in a file without a header, by the names given to its
-fields in order), malformed rows are skipped (and logged) unless reading
-strictly, and any file content, however broken, either reads or raises :class:`DataError`.
+Columns are found by header name (in a file without a header, by the names given to its
+fields in order), malformed rows are skipped (and logged) unless reading strictly, and any
+file content, however broken, either reads or raises :class:`DataError`.
 """
 
 from __future__ import annotations
