@@ -781,7 +781,7 @@ def _write_per_seed_csv(path: Path, results: dict[str, list[dict]],
             seen = run.get("examples_seen", {})
             writer.writerow({
                 "config": run["config"], "seed_index": run.get("seed_index", 0),
-                "seed": run["seed"], "selection": run.get("selection", ""),
+                "seed": run.get("seed", ""), "selection": run.get("selection", ""),
                 "steps": run["steps"], **{f"examples_{t}": n for t, n in seen.items()},
                 **{c.task: round(run["dev"][c.task], 6) for c in cols if c.task in run["dev"]},
                 "train_time_s": run.get("train_time_s", ""),
