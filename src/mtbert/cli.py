@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "finished runs that lack one)")
     ablate.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars for each run trained")
+    ablate.add_argument("--plan", action="store_true",
+                        help="train nothing: print each row's steps and examples per task "
+                             "under the budget (single-task rows: also the old rule's)")
 
     merge = commands.add_parser(
         "merge", help="merge runs fine-tuned from the same backbone into one multitask model",
@@ -389,10 +392,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from mtbert.experiments.ablation import AblationError, run_ablation
+    from mtbert.experiments.ablation import AblationError, plan_runs, plan_table, run_ablation
 
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
     overrides = [i for i in args.items if i not in configs]
+    if args.plan:
+        print(plan_table(plan_runs(configs, args.budget, args.seeds, args.out, args.data_dir,
+                                   overrides, args.single_task, args.merge)))
+        return
     configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,

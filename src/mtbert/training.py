@@ -46,7 +46,7 @@ from mtbert.config import (
     to_dict,
 )
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
-from mtbert.data.sampling import build_sampler
+from mtbert.data.sampling import build_sampler, optimizer_steps
 from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
 from mtbert.distillation import build_distillation
 from mtbert.distributed import (
@@ -69,6 +69,7 @@ from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.precision import autocast, resolve_precision
+from mtbert.provenance import code_version
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,8 @@ class Trainer:
             train.sampler, {n: len(d.train) for n, d in trained.items()},
             {n: s.global_batch_size for n, s in self.streams.items()}, train.seed,
             epochs=train.epochs, **train.sampler_options)
-        micro_steps = math.ceil(train.epochs * self.sampler.steps_per_epoch())
-        self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
-        if train.max_steps is not None:
-            self.total_steps = min(self.total_steps, train.max_steps)
+        self.total_steps = optimizer_steps(self.sampler, train.epochs, train.grad_accumulation,
+                                           train.max_steps)
         self.sampler.fit_schedule(self.total_steps * train.grad_accumulation)
         context = TaskContext(tuple(names), {n: d.config.kind for n, d in trained.items()},
                               {n: d.config.weight for n, d in trained.items()}, train.seed)
@@ -256,6 +255,7 @@ class Trainer:
         ddp_averages = not self.combiner.averages_across_ranks
         logged: dict[str, float] = {}
         counts = {"tokens": 0}
+        backward_loss = 0.0  # what the technique changes: the loss actually back-propagated
         for micro in range(train.grad_accumulation):
             micro_step = self.state.step * train.grad_accumulation + micro
             batches: dict[str, Batch] = {
@@ -278,8 +278,10 @@ class Trainer:
                 # The weighting sees the tasks' own losses; the micro-step's share of the
                 # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
                 terms = self.weighting(losses, model.last_shared_parameters())
+                backward_loss += sum(terms.values()).item() / train.grad_accumulation
                 self.combiner.backward({t: term / train.grad_accumulation
                                         for t, term in terms.items()}, shared, other)
+        logged["backward_loss"] = backward_loss
         average_gradients(list(self.weighting.parameters())
                           + ([] if ddp_averages else model.task_parameters()))
         logged = reduce_values(logged)  # every rank logs, and skips, the same
@@ -352,7 +354,8 @@ class Trainer:
             save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
                                                  "total_steps": self.total_steps,
                                                  "world_size": self.world.size,
-                                                 "precision": self.precision})
+                                                 "precision": self.precision,
+                                                 "code": code_version()})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()
