@@ -1,0 +1,120 @@
+"""Which tasks help which: TAG's look-ahead affinity, data maps, the measured transfer matrix
+and task grouping, on the tiny backbone and data."""
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtbert.config import ConfigError
+from mtbert.data.batching import collate
+from mtbert.lookahead import lookahead_affinity
+from mtbert.training import Trainer
+
+from conftest import tiny_config
+
+
+def first_batches(trainer: Trainer) -> dict:
+    return {name: collate(data.train, list(range(8)), trainer.tokenizer.pad_id)
+            for name, data in trainer.data.items()}
+
+
+def test_lookahead_affinity_equals_a_step_taken_by_hand(tmp_path, tiny_backbone, tiny_data):
+    """Z_{i->j} = 1 - L_j(encoder stepped on i) / L_j(now), with the step applied by hand to a
+    copy of the model: encoder only, plain gradient, no dropout."""
+    trainer = Trainer(tiny_config(tiny_backbone, tiny_data, "model.hidden_dropout=0.3"),
+                      tmp_path / "run")
+    batches = first_batches(trainer)
+    lr = 0.05
+
+    def loss_of(model, task):
+        return trainer.losses[task](model(task, batches[task]), batches[task].labels, 0)[0]
+
+    trainer.model.train()
+    before = copy.deepcopy(trainer.model.state_dict())
+    measured = lookahead_affinity(trainer.model, batches,
+                                  lambda t, out, b: trainer.losses[t](out, b.labels, 0)[0], lr)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.model.training  # back in the mode it was in
+
+    for source in batches:
+        model = copy.deepcopy(trainer.model).eval()
+        loss_of(model, source).backward()
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        unstepped = copy.deepcopy(trainer.model).eval()
+        for target in batches:
+            with torch.no_grad():
+                expected = 1 - loss_of(model, target).item() / loss_of(unstepped, target).item()
+            assert measured[source][target] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    # A step on a task's own loss lowers it (lr small enough for a descent step).
+    assert all(measured[t][t] > 0 for t in batches)
+
+
+def test_affinity_logging_leaves_training_unchanged_and_logs_every_pair(
+        tmp_path, tiny_backbone, tiny_data):
+    """With dropout on: the look-ahead must not draw from the training random stream."""
+    plain = tiny_config(tiny_backbone, tiny_data, "model.hidden_dropout=0.2", max_steps=4,
+                        epochs=1)
+    measured = tiny_config(tiny_backbone, tiny_data, "model.hidden_dropout=0.2",
+                           "train.affinity_every=2", max_steps=4, epochs=1)
+    a = Trainer(plain, tmp_path / "a")  # each seeds the global generator; fit before the next
+    a.fit()
+    b = Trainer(measured, tmp_path / "b")
+    b.fit()
+    assert a.state.first_losses == b.state.first_losses
+    assert b.state.affinity_steps == 2  # steps 0 and 2
+    record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    tasks = ["sst", "quora", "sts"]
+    assert sorted(record["affinity"]) == sorted(tasks)
+    assert all(sorted(row) == sorted(tasks) for row in record["affinity"].values())
+    assert "affinity" not in (tmp_path / "a" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("override", ["train.sampler=proportional", "tasks=[sst]"])
+def test_affinity_needs_every_task_in_each_step(tiny_backbone, tiny_data, override):
+    with pytest.raises(ConfigError, match="train.affinity_every"):
+        tiny_config(tiny_backbone, tiny_data, "train.affinity_every=5", override)
+
+
+# ---------------------------------------------------------------- data maps
+
+
+def test_data_maps_hold_mean_and_std_of_the_gold_probability_over_passes(
+        tmp_path, tiny_backbone, tiny_data, monkeypatch):
+    """Two epochs over sst's 64 examples: each example is drawn twice, and its row holds the
+    mean and population std of the two gold-label probabilities its training passes gave."""
+    from mtbert.data_maps import DataMaps, read_data_map
+
+    seen: dict[int, list[float]] = {}
+    record = DataMaps.record
+
+    def spy(self, task, predictions, labels, rows):
+        if task == "sst":
+            p = predictions.detach().float().softmax(-1)
+            for row, label, probs in zip(rows.tolist(), labels.tolist(), p):
+                seen.setdefault(row, []).append(float(probs[int(label)]))
+        record(self, task, predictions, labels, rows)
+
+    monkeypatch.setattr(DataMaps, "record", spy)
+    config = tiny_config(tiny_backbone, tiny_data, "train.data_maps=true", tasks="[sst, sts]",
+                         epochs=2)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    folder = tmp_path / "run" / "data_maps"
+    assert sorted(p.name for p in folder.iterdir()) == ["sst.csv"]  # sts: regression, no map
+    columns = read_data_map(folder / "sst.csv")
+    assert len(columns["row"]) == 64 and set(columns["passes"]) == {2.0}
+    for row, confidence, variability in zip(columns["row"], columns["confidence"],
+                                            columns["variability"]):
+        probs = seen[int(row)]
+        assert confidence == pytest.approx(np.mean(probs), abs=1e-6)
+        assert variability == pytest.approx(np.std(probs), abs=1e-6)
+    with open(folder / "sst.csv") as f:
+        assert next(csv.reader(f)) == ["row", "confidence", "variability", "correctness",
+                                       "passes"]
