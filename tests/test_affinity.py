@@ -118,3 +118,49 @@ def test_data_maps_hold_mean_and_std_of_the_gold_probability_over_passes(
     with open(folder / "sst.csv") as f:
         assert next(csv.reader(f)) == ["row", "confidence", "variability", "correctness",
                                        "passes"]
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def test_partitions_are_every_set_partition_once():
+    from mtbert.experiments.affinity import partitions
+
+    def stirling(n, k):  # S(n, k): partitions of n items into k non-empty groups
+        if n == k:
+            return 1
+        if k in (0, n + 1) or n == 0:
+            return 0
+        return k * stirling(n - 1, k) + stirling(n - 1, k - 1)
+
+    items = list("abcde")
+    for k in range(1, 6):
+        found = [frozenset(frozenset(g) for g in p) for p in partitions(items, k)]
+        assert len(found) == len(set(found)) == stirling(5, k)
+        assert all(sorted(x for g in p for x in g) == items for p in found)
+
+
+def test_grouping_picks_the_best_partition_of_a_given_matrix():
+    """a and b help each other, c and d help each other, every cross pair hurts: the best
+    two groups are {a, b} and {c, d}."""
+    from mtbert.experiments.affinity import best_partition, group_score
+
+    tasks = ["a", "c", "b", "d"]
+    helps = {frozenset("ab"): 2.0, frozenset("cd"): 1.0}
+    affinity = {s: {t: helps.get(frozenset((s, t)), -1.0) for t in tasks if t != s}
+                for s in tasks}
+    assert sorted(map(sorted, best_partition(tasks, affinity, 2))) == [["a", "b"], ["c", "d"]]
+    assert group_score([["a", "b"], ["c", "d"]], affinity) == 6.0
+    assert best_partition(tasks, affinity, 1) == [tasks]
+    # A fifth task that helps a and b a lot and hurts c and d: joins {a, b} among 2 groups,
+    # stays alone among 3 (its own loss, -1 from a and b, weighs less than a lone group's 0).
+    affinity["e"] = {"a": 4.0, "b": 4.0, "c": -1.0, "d": -1.0}
+    for t in tasks:
+        affinity[t]["e"] = -1.0
+    five = [*tasks, "e"]
+    assert sorted(map(sorted, best_partition(five, affinity, 2))) == [["a", "b", "e"],
+                                                                      ["c", "d"]]
+    assert sorted(map(sorted, best_partition(five, affinity, 3))) == [["a", "b"], ["c", "d"],
+                                                                      ["e"]]
+    with pytest.raises(ConfigError, match="--groups"):
+        best_partition(tasks, affinity, 5)
