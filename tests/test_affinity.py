@@ -164,3 +164,83 @@ def test_grouping_picks_the_best_partition_of_a_given_matrix():
                                                                       ["e"]]
     with pytest.raises(ConfigError, match="--groups"):
         best_partition(tasks, affinity, 5)
+
+
+# ---------------------------------------------------------------- the measured matrix
+
+
+def affinity_yaml(folder, backbone, max_steps=2):
+    path = folder / "three.yaml"
+    path.write_text(
+        f"model: {{backbone: {backbone}, max_length: 32}}\n"
+        "tasks: [sst, quora, sts]\n"
+        "train: {epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_ratio: 0.0, eval_batch_size: 64, "
+        f"precision: fp32, max_steps: {'null' if max_steps is None else max_steps}}}\n")
+    return path
+
+
+def test_a_pair_trains_under_the_budget_rule_of_the_ablation_harness(tmp_path, tiny_backbone,
+                                                                     tiny_data):
+    """Every pair row is the harness's plan of CONFIG's own recipe (budget caps, seeds) on
+    two tasks: its `train` settings are those `mtbert ablate CONFIG` gives CONFIG."""
+    from mtbert.experiments.ablation import plan_runs
+    from mtbert.experiments.affinity import plan_configs
+
+    path = affinity_yaml(tmp_path, tiny_backbone, max_steps=None)
+    out = tmp_path / "affinity"
+    files = plan_configs(path, out, str(tiny_data))
+    assert [f.stem for f in files] == ["three", "sst.quora", "sst.sts", "quora.sts"]
+    planned = plan_runs(files, "small", 2, out, str(tiny_data), single_task=True)
+    harness = plan_runs([path], "small", 2, tmp_path / "ablate", str(tiny_data),
+                        single_task=True)
+    for run in planned:
+        (reference,) = [r for r in harness if r.seed_index == run.seed_index
+                        and r.single_task_of is None]
+        expected = copy.deepcopy(reference.config.train)
+        expected.affinity_every = 10 if run.name == "three" else None  # all tasks: look-ahead
+        assert run.config.train == expected
+        assert run.config.train.max_steps == 60 and run.config.train.train_fraction == 0.1
+        tasks = {t.name: t for t in reference.config.tasks}
+        assert all(t == tasks[t.name] for t in run.config.tasks)
+    alone = {r.name for r in planned if r.single_task_of}
+    assert alone == {"three-only-sst", "three-only-quora", "three-only-sts"}
+
+
+def test_affinity_command_writes_both_matrices_groups_and_heat_maps(tmp_path, tiny_backbone,
+                                                                   tiny_data, capsys):
+    from scipy import stats
+
+    from mtbert.cli import main
+    from mtbert.experiments.report import read_metrics
+
+    path = affinity_yaml(tmp_path, tiny_backbone)
+    out = tmp_path / "affinity"
+    argv = ["affinity", str(path), "--budget", "full", "--seeds", "2", "--every", "1",
+            "--out", str(out), "--data-dir", str(tiny_data), "--no-report"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "## Measured transfer" in printed and "## Groups chosen from the estimate" in printed
+    table = (out / "affinity.md").read_text()
+    assert table.startswith(f"<!-- mtbert {' '.join(argv)} -->")
+    assert "†" not in table  # round robin, 2 steps: each task drew 32 examples everywhere
+
+    def dev(name, k):
+        return json.loads((out / name / f"seed-{k}" / "result.json").read_text())["dev"]
+
+    saved = json.loads((out / "affinity.json").read_text())
+    gain = np.mean([dev("quora.sts", k)["sts"] - dev("three-only-sts", k)["sts"]
+                    for k in (0, 1)])
+    assert saved["measured"]["quora"]["sts"] == pytest.approx(gain, abs=1e-9)
+    z = np.mean([read_metrics(out / "three" / f"seed-{k}")[-1]["affinity"]["sst"]["quora"]
+                 for k in (0, 1)])
+    assert saved["estimate"]["sst"]["quora"] == pytest.approx(z)
+    ordered = [(s, t) for s in saved["tasks"] for t in saved["tasks"] if s != t]
+    rho = stats.spearmanr([saved["estimate"][s][t] for s, t in ordered],
+                          [saved["measured"][s][t] for s, t in ordered])[0]
+    assert saved["spearman"] == pytest.approx(rho, nan_ok=True)
+    assert set(saved["groups"]) == {"measured", "estimate"}
+    for partition in saved["groups"].values():
+        assert sorted(t for g in partition for t in g) == sorted(saved["tasks"])
+        assert len(partition) == 2
+    for name in ("affinity-measured.png", "affinity-estimate.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

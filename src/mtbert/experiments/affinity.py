@@ -377,7 +377,8 @@ def heat_map(path: Path, tasks: Sequence[str], matrix: Matrix, title: str,
     image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit)
     for i, j in itertools.product(range(len(tasks)), repeat=2):
         if np.isfinite(values[i, j]):
-            ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(values[i, j]) > 0.6 * limit else "black")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("target")
