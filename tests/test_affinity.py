@@ -11,6 +11,7 @@ import torch
 
 from mtbert.config import ConfigError
 from mtbert.data.batching import collate
+from mtbert.experiments.report import write_report
 from mtbert.lookahead import lookahead_affinity
 from mtbert.training import Trainer
 
@@ -118,6 +119,9 @@ def test_data_maps_hold_mean_and_std_of_the_gold_probability_over_passes(
     with open(folder / "sst.csv") as f:
         assert next(csv.reader(f)) == ["row", "confidence", "variability", "correctness",
                                        "passes"]
+    page = write_report(tmp_path / "run").read_text()
+    assert 'id="data-maps"' in page and "64 training examples, drawn 2 to 2 times" in page
+    assert (tmp_path / "run" / "plots" / "data_map_sst.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- grouping
