@@ -119,6 +119,11 @@ def test_data_maps_hold_mean_and_std_of_the_gold_probability_over_passes(
     with open(folder / "sst.csv") as f:
         assert next(csv.reader(f)) == ["row", "confidence", "variability", "correctness",
                                        "passes"]
+    trainer.save_training_state()  # the sums go on after a resume
+    resumed = Trainer(config, tmp_path / "run")
+    resumed.resume()
+    saved = trainer.data_maps.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.data_maps.state_dict().items())
     page = write_report(tmp_path / "run").read_text()
     assert 'id="data-maps"' in page and "64 training examples, drawn 2 to 2 times" in page
     assert (tmp_path / "run" / "plots" / "data_map_sst.png").read_bytes()[:4] == b"\x89PNG"
