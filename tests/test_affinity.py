@@ -178,41 +178,57 @@ def test_grouping_picks_the_best_partition_of_a_given_matrix():
 # ---------------------------------------------------------------- the measured matrix
 
 
-def affinity_yaml(folder, backbone, max_steps=2):
+def affinity_yaml(folder, backbone, max_steps=2, train=""):
     path = folder / "three.yaml"
     path.write_text(
         f"model: {{backbone: {backbone}, max_length: 32}}\n"
         "tasks: [sst, quora, sts]\n"
         "train: {epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_ratio: 0.0, eval_batch_size: 64, "
-        f"precision: fp32, max_steps: {'null' if max_steps is None else max_steps}}}\n")
+        f"precision: fp32, max_steps: {'null' if max_steps is None else max_steps}{train}}}\n")
     return path
 
 
+@pytest.mark.parametrize("budget", ["small", "full"])
 def test_a_pair_trains_under_the_budget_rule_of_the_ablation_harness(tmp_path, tiny_backbone,
-                                                                     tiny_data):
-    """Every pair row is the harness's plan of CONFIG's own recipe (budget caps, seeds) on
-    two tasks: its `train` settings are those `mtbert ablate CONFIG` gives CONFIG."""
-    from mtbert.experiments.ablation import plan_runs
+                                                                     tiny_data, budget):
+    """Every pair row is the harness's plan of CONFIG's own recipe under the budget, and each
+    of its tasks draws as many batches as CONFIG and the single-task rows draw of it, even
+    where its own epochs are shorter: sst's batches of 4 make CONFIG's epoch 16 steps, quora
+    and sts alone take 4."""
+    from mtbert.experiments.ablation import plan_runs, train_sizes
     from mtbert.experiments.affinity import plan_configs
+    from mtbert.experiments.budgets import planned_draws
 
-    path = affinity_yaml(tmp_path, tiny_backbone, max_steps=None)
+    path = affinity_yaml(tmp_path, tiny_backbone, max_steps=None, train=", epochs: 2")
     out = tmp_path / "affinity"
-    files = plan_configs(path, out, str(tiny_data))
+    overrides = ["tasks.sst.batch_size=4"]
+    files = plan_configs(path, out, str(tiny_data), overrides, budget=budget)
     assert [f.stem for f in files] == ["three", "sst.quora", "sst.sts", "quora.sts"]
-    planned = plan_runs(files, "small", 2, out, str(tiny_data), single_task=True)
-    harness = plan_runs([path], "small", 2, tmp_path / "ablate", str(tiny_data),
+    planned = plan_runs(files, budget, 2, out, str(tiny_data), single_task=True)
+    harness = plan_runs([path], budget, 2, tmp_path / "ablate", str(tiny_data), overrides,
                         single_task=True)
+    assert {r.name for r in planned if r.single_task_of} == {
+        "three-only-sst", "three-only-quora", "three-only-sts"}
+
+    def draws(run):
+        return planned_draws(run.config, train_sizes(run.config))[1]
+
     for run in planned:
+        # A single-task row is the harness's own; a pair is compared with CONFIG's row.
         (reference,) = [r for r in harness if r.seed_index == run.seed_index
-                        and r.single_task_of is None]
-        expected = copy.deepcopy(reference.config.train)
-        expected.affinity_every = 10 if run.name == "three" else None  # all tasks: look-ahead
-        assert run.config.train == expected
-        assert run.config.train.max_steps == 60 and run.config.train.train_fraction == 0.1
+                        and r.name == (run.name if run.single_task_of else "three")]
+        expected = draws(reference)
+        assert draws(run) == {t: expected[t] for t in draws(run)}
+        ours, theirs = copy.deepcopy(run.config.train), copy.deepcopy(reference.config.train)
+        for train in (ours, theirs):  # what a pair may differ in: its length, no look-ahead
+            train.max_steps = train.epochs = train.affinity_every = None
+        assert ours == theirs
         tasks = {t.name: t for t in reference.config.tasks}
         assert all(t == tasks[t.name] for t in run.config.tasks)
-    alone = {r.name for r in planned if r.single_task_of}
-    assert alone == {"three-only-sst", "three-only-quora", "three-only-sts"}
+        if budget == "small":
+            assert run.config.train.max_steps <= 60 and run.config.train.train_fraction == 0.1
+    (pair,) = [r for r in planned if r.name == "quora.sts" and r.seed_index == 0]
+    assert pair.config.train.epochs > 2  # past its own epochs, to draw the baseline's batches
 
 
 def test_affinity_command_writes_both_matrices_groups_and_heat_maps(tmp_path, tiny_backbone,

@@ -8,9 +8,12 @@ also train alone. So every pair, every task alone and all tasks together train u
 budget rule (`budgets.py`), seeds and selection as any ablation table, and the gain of target
 t from source s is the pair row's gain on t over t alone: the harness's per-task gain, a mean
 over seeds with its 95% Student-t interval (`ablation.paired_interval`). A pair trained
-together serves both directions: (s -> t) reads its t column, (t -> s) its s column. A cell
-is marked † when the pair drew another number of t's training examples than t alone did
-(the budget caps steps, and a pair's epoch is its larger task's).
+together serves both directions: (s -> t) reads its t column, (t -> s) its s column. Each
+pair takes the optimizer steps CONFIG takes under the budget, past its own epochs if need be
+(`budgets.match_steps`; a pair's epoch is its larger task's): under round robin each of its
+tasks draws CONFIG's batches of it, as the single-task rows do (`budgets.match_draws`), so
+with the same seed pair, all tasks and alone see the same examples of t. A cell is marked †
+should the pair still have drawn another number of t's examples than t alone.
 
 **Estimated.** CONFIG's all-tasks row trains with `train.affinity_every` (default 10): TAG's
 look-ahead affinity Z_{s->t} (Fifty et al. 2021; `mtbert/lookahead.py`), averaged over the
@@ -54,8 +57,15 @@ from mtbert.experiments.ablation import (
     format_seconds,
     paired_interval,
     run_ablation,
+    train_sizes,
 )
-from mtbert.experiments.budgets import describe
+from mtbert.experiments.budgets import (
+    budget_max_steps,
+    describe,
+    get_budget,
+    match_steps,
+    planned_draws,
+)
 from mtbert.experiments.report import read_metrics
 
 MAX_PARTITION_TASKS = 12  # Bell(12) = 4.2M partitions; more tasks need TAG's heuristics
@@ -91,16 +101,24 @@ def write_config(config: ExperimentConfig, folder: Path, origin: Path) -> Path:
 
 def plan_configs(config_file: str | Path, out: Path, data_dir: str | None = None,
                  overrides: Sequence[str] = (), affinity_every: int = 10,
-                 groups: Sequence[Sequence[str]] = ()) -> list[Path]:
+                 groups: Sequence[Sequence[str]] = (), budget: str = "small") -> list[Path]:
     """Config files of the rows: CONFIG with the look-ahead (the baseline, first), each pair,
-    then each of `groups` that is not already a row."""
+    then each of `groups` that is not already a row. Each pair or group takes the optimizer
+    steps the baseline takes under `budget` (round robin: each of its tasks draws the
+    baseline's batches of it, as the single-task rows do; `budgets.match_steps`)."""
     config_file = Path(config_file)
-    base = load_config(config_file, [*overrides, f"train.affinity_every={affinity_every}"],
-                       data_dir)
+    look_ahead = [*overrides, f"train.affinity_every={affinity_every}"]
+    base = load_config(config_file, look_ahead, data_dir)
     base.name = config_name(config_file, overrides, base)
     tasks = [t.name for t in base.tasks]
     if len(tasks) < 2:
         raise ConfigError(f"{config_file}: affinity needs two or more tasks, got {tasks}")
+    spec = get_budget(budget)
+    budgeted = load_config(config_file, [*spec.overrides, *look_ahead], data_dir)
+    cap = budget_max_steps(spec, budgeted)
+    budgeted.train.max_steps = cap
+    sizes = train_sizes(budgeted)
+    steps, _ = planned_draws(budgeted, sizes)
     folder = out / CONFIGS
     files = [write_config(base, folder, config_file)]
     # Two tasks: the pair is CONFIG itself.
@@ -108,8 +126,12 @@ def plan_configs(config_file: str | Path, out: Path, data_dir: str | None = None
     for group in groups:
         if 1 < len(group) < len(tasks) and set(group) not in subsets:
             subsets.append(set(group))
-    files += [write_config(subset_config(base, subset), folder, config_file)
-              for subset in subsets]
+    for subset in subsets:
+        matched = subset_config(budgeted, subset)
+        match_steps(matched, {t: sizes[t] for t in subset}, steps)
+        config = subset_config(base, subset)
+        config.train.max_steps, config.train.epochs = steps, matched.train.epochs
+        files.append(write_config(config, folder, config_file))
     return files
 
 
@@ -241,7 +263,8 @@ def run_affinity(config_file: str | Path, budget: str = "small", seeds: int = 3,
     start = time.perf_counter()
 
     def ablate(chosen: Sequence[Sequence[str]] = ()):
-        files = plan_configs(config_file, out, data_dir, overrides, affinity_every, chosen)
+        files = plan_configs(config_file, out, data_dir, overrides, affinity_every, chosen,
+                             budget)
         outcome = run_ablation(files, budget, seeds, out, data_dir, report=report,
                                single_task=True)
         return files[0].stem, outcome
