@@ -177,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train nothing: print each row's steps and examples per task "
                              "under the budget (single-task rows: also the old rule's)")
 
+    affinity = commands.add_parser(
+        "affinity", help="which tasks help which: measured pairwise transfer, TAG's one-run "
+                         "estimate, task groups",
+        description="Train every pair of CONFIG's tasks, each task alone and all together "
+                    "(the ablation harness, same budget rule and seeds) into OUT; the "
+                    "all-tasks runs log TAG's look-ahead affinity. Then choose task groups "
+                    "from both matrices, train them, and write OUT/affinity.md, "
+                    "OUT/affinity-measured.png and OUT/affinity-estimate.png "
+                    "(see mtbert.experiments.affinity).")
+    affinity.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
+                          help="one experiment YAML and overrides")
+    affinity.add_argument("--budget", default="small", help="as for ablate (default: small)")
+    affinity.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
+    affinity.add_argument("--every", type=int, default=10, metavar="N",
+                          help="look-ahead affinity every N steps of the all-tasks runs "
+                               "(train.affinity_every; default: 10)")
+    affinity.add_argument("--groups", type=int, default=2, metavar="K",
+                          help="partition the tasks into K groups (default: 2)")
+    affinity.add_argument("--out", type=Path, default=Path("runs/affinity"),
+                          help="output folder (default: runs/affinity)")
+    affinity.add_argument("--data-dir", help="folder with the task files (default: config)")
+    affinity.add_argument("--no-report", dest="report", action="store_false",
+                          help="skip each run's report.html")
+
     merge = commands.add_parser(
         "merge", help="merge runs fine-tuned from the same backbone into one multitask model",
         description="Merge the runs' encoders (average, task arithmetic or TIES) and keep "
@@ -414,6 +438,24 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             + "; ".join(f"{run.run_dir}: {message}" for run, message in outcome.failed))
 
 
+def cmd_affinity(args: argparse.Namespace) -> None:
+    from mtbert.experiments.ablation import AblationError
+    from mtbert.experiments.affinity import run_affinity
+
+    configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
+    if len(configs) != 1:
+        raise ConfigError(f"affinity: name one config file, got {configs or 'none'}")
+    configure_process()
+    outcome = run_affinity(configs[0], args.budget, args.seeds, args.out, args.data_dir,
+                           [i for i in args.items if i not in configs], args.every,
+                           args.groups, args.report, "mtbert " + " ".join(args.argv))
+    print(outcome.files["md"].read_text(encoding="utf-8"))
+    print(f"results: {', '.join(str(p) for p in outcome.files.values())}")
+    if outcome.failed:
+        raise AblationError(f"{len(outcome.failed)} runs failed (traceback in their error.txt; "
+                            "re-run the command to retry them): " + "; ".join(outcome.failed))
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from mtbert.merging import merge_runs
 
@@ -437,7 +479,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "ablate": cmd_ablate, "report": cmd_report, "serve": cmd_serve, "export": cmd_export,
-            "data": cmd_data, "merge": cmd_merge, "distill": cmd_distill}
+            "data": cmd_data, "merge": cmd_merge, "distill": cmd_distill,
+            "affinity": cmd_affinity}
 
 
 def main(argv: list[str] | None = None) -> int:

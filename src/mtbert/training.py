@@ -48,6 +48,8 @@ from mtbert.config import (
 from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
 from mtbert.data.sampling import build_sampler, optimizer_steps
 from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
+from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
+from mtbert.data_maps import DataMaps
 from mtbert.distillation import build_distillation
 from mtbert.distributed import (
     average_gradients,
@@ -55,12 +57,14 @@ from mtbert.distributed import (
     gather_objects,
     gather_shards,
     gradient_sync,
+    mean_across_ranks,
     reduce_values,
     run_on_main,
     shard_rows,
     step_forward,
 )
 from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
+from mtbert.lookahead import add_affinity, lookahead_affinity, mean_affinity, mean_over_ranks
 from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
 from mtbert.model.heads import is_siamese
@@ -150,6 +154,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     examples_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
     first_losses: list[dict] = field(default_factory=list)  # per-step losses, first steps
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # sums of Z (TAG)
+    affinity_steps: int = 0  # look-ahead measurements summed in `affinity`
 
 
 FIRST_LOSSES_STEPS = 20  # how many steps `TrainState.first_losses` keeps (no-op detection)
@@ -184,6 +190,9 @@ class Trainer:
         if self.world.active:  # the same model everywhere, but each rank its own dropout
             torch.manual_seed(train.seed + self.world.rank)
         self.losses = {name: TaskLoss(t.config) for name, t in trained.items()}
+        self.data_maps = DataMaps({n: d.config for n, d in trained.items()},
+                                  {n: len(d.train) for n, d in trained.items()}
+                                  ) if train.data_maps else None
         self.distillation = build_distillation(
             config.distill, {n: d.config for n, d in trained.items()},
             {n: d.train for n, d in trained.items()}, self.tokenizer.pad_id,
@@ -262,6 +271,8 @@ class Trainer:
                 task: self.streams[task].next().to(self.device)
                 for task in self.sampler.tasks_for_step(micro_step)}
             last = micro == train.grad_accumulation - 1
+            if micro == 0 and train.affinity_every and self.state.step % train.affinity_every == 0:
+                self._measure_affinity(batches)
             with gradient_sync(self.forward, ddp_averages and last):
                 with autocast(self.device, self.precision):
                     outputs = self.forward(batches)
@@ -274,6 +285,9 @@ class Trainer:
                                                      batch.rows, self.state.step / self.total_steps)
                     parts.update(taught)
                     losses[task] = loss
+                    if self.data_maps is not None:
+                        self.data_maps.record(task, outputs[task].predictions, batch.labels,
+                                              batch.rows)
                     logged.update({f"{task}/{k}": v for k, v in parts.items()})
                 # The weighting sees the tasks' own losses; the micro-step's share of the
                 # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
@@ -308,6 +322,15 @@ class Trainer:
         self.state.step += 1
         logged["tokens"] = tokens
         return logged
+
+    def _measure_affinity(self, batches: dict[str, Batch]) -> None:
+        """TAG's look-ahead affinity on this step's batches (lookahead.py), summed."""
+        measured = lookahead_affinity(
+            self.model, batches,
+            lambda task, output, batch: self.losses[task](output, batch.labels, self.epoch)[0],
+            self.config.train.lr)
+        add_affinity(self.state.affinity, mean_over_ranks(measured))
+        self.state.affinity_steps += 1
 
     def _skip_bad_step(self) -> None:
         self.weighting.after_skipped_step()
@@ -385,6 +408,8 @@ class Trainer:
                     self.save_training_state()
         finally:
             bar.close()
+        if self.data_maps is not None:
+            self._write_data_maps()
         no_dev = self.state.best_record < 0 and not any(d.dev for d in self.data.values())
         if no_dev and self.world.is_main:
             log.info("no task has dev data: best/ is the model of the last step")
@@ -399,6 +424,8 @@ class Trainer:
             "elapsed_s": round(elapsed, 1), "train": dict(running), "dev": scores,
             "weights": self.weighting.weights(), "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.state.skipped_steps}
+        if self.state.affinity_steps:
+            record["affinity"] = mean_affinity(self.state.affinity, self.state.affinity_steps)
         self.state.history.append(record)
         if self.world.is_main:
             with open(self.metrics_file, "a", encoding="utf-8") as f:
@@ -415,6 +442,14 @@ class Trainer:
                            {"dev": scores, "step": self.state.step})
         if self.config.adapt.keep_task_best:
             self._keep_task_best(scores)
+
+    def _write_data_maps(self) -> None:
+        """`RUN_DIR/data_maps/TASK.csv`; under DDP each rank saw its own examples: summed."""
+        if self.world.active:
+            for value in self.data_maps.state_dict().values():
+                value.copy_(mean_across_ranks(value) * self.world.size)
+        if self.world.is_main:
+            self.data_maps.write(self.run_dir / DATA_MAPS_FOLDER)
 
     def _keep_task_best(self, scores: dict[str, float]) -> None:
         """`best-tasks/TASK/`: the model at the task's own best dev score, which may come at
@@ -454,6 +489,8 @@ class Trainer:
             save_tensors(tmp / "model.safetensors", self.model.state_dict())
             save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
+            if self.data_maps is not None:
+                save_tensors(tmp / "data_maps.safetensors", self.data_maps.state_dict())
             for rank, states in enumerate(rng):
                 save_tensors(tmp / rng_file(rank), states)
             save_json(tmp / "state.json", {
@@ -535,6 +572,8 @@ class Trainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(self.scheduler.last_epoch)
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
+        if self.data_maps is not None:
+            self.data_maps.load_state_dict(load_tensors(folder / "data_maps.safetensors"))
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
             self.streams[name].load_state_dict(position)

@@ -229,6 +229,7 @@ def single_task_configs(config: ExperimentConfig, equal_examples: bool = False
         single.tasks = [copy.deepcopy(task)]
         single.train.weighting, single.train.weighting_options = "sum", {}
         single.train.combiner = "sum"
+        single.train.affinity_every = None  # one task: no other task to measure against
         if equal_examples:
             match_draws(single, sizes[task.name], batches[task.name])
         validate(single)

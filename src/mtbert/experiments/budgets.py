@@ -101,10 +101,19 @@ def planned_draws(config: ExperimentConfig, task_sizes: dict[str, int]
 def match_draws(alone: ExperimentConfig, size: int, batches: int) -> None:
     """Make the one-task config `alone` (of `size` training examples) draw `batches` batches
     of its task: that many micro-steps, more epochs than its own when they are too few."""
-    train = alone.train
-    per_epoch = _sampler(alone, {alone.tasks[0].name: size}).steps_per_epoch()
-    train.max_steps = math.ceil(batches / train.grad_accumulation)
-    train.epochs = max(train.epochs, train.max_steps * train.grad_accumulation / per_epoch)
+    match_steps(alone, {alone.tasks[0].name: size},
+                math.ceil(batches / alone.train.grad_accumulation))
+
+
+def match_steps(config: ExperimentConfig, task_sizes: dict[str, int], steps: int) -> None:
+    """Make `config` (tasks of `task_sizes` training examples) take `steps` optimizer steps,
+    more epochs than its own when they are too few. Under round robin each task then draws
+    `steps x grad_accumulation` batches: a subset of a round-robin baseline's tasks draws the
+    baseline's batches of each (`experiments/affinity.py`)."""
+    train = config.train
+    per_epoch = _sampler(config, task_sizes).steps_per_epoch()
+    train.max_steps = steps
+    train.epochs = max(train.epochs, steps * train.grad_accumulation / per_epoch)
 
 
 def _sampler(config: ExperimentConfig, task_sizes: dict[str, int]) -> TaskSampler:

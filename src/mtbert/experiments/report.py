@@ -2,7 +2,8 @@
 
 The page shows the resolved config, the training loss and dev metric curves from
 `metrics.jsonl` (and, for mixture-of-experts encoders, a tasks x experts heat map of expert
-load per layer), the run time and parameter counts, and plots of the best model's dev outputs:
+load per layer; with `train.data_maps`, each classification task's data map), the run time and
+parameter counts, and plots of the best model's dev outputs:
 a confusion matrix per classification task, a histogram of the predicted probability by gold
 class per binary classification task, and predicted-vs-gold scatter per regression task. The
 dev outputs are computed on the dev examples the run was scored on (the run's
@@ -190,6 +191,23 @@ def plot_scatter(labels: np.ndarray, scores: np.ndarray, label_range, path: Path
     _save(fig, path)
 
 
+def plot_data_map(columns: dict[str, list[float]], path: Path, title: str) -> None:
+    """Swayamdipta et al. 2020's map: variability (x) against confidence (y), coloured by
+    correctness, one point per training example."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    points = ax.scatter(columns["variability"], columns["confidence"], c=columns["correctness"],
+                        cmap="viridis", vmin=0, vmax=1, s=6,
+                        alpha=0.4 if len(columns["row"]) > 500 else 0.8)
+    ax.set_xlabel("variability (std of the gold-label probability)")
+    ax.set_ylabel("confidence (mean gold-label probability)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.colorbar(points, ax=ax, label="correctness")
+    _save(fig, path)
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -254,6 +272,8 @@ def _read_json(path: Path) -> dict:
 def write_report(run_dir: str | Path, data_dir: str | None = None,
                  max_examples: int | None = None) -> Path:
     """Render `run_dir/report.html` (plots in `run_dir/plots/`); returns the page's path."""
+    from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
+    from mtbert.data_maps import read_data_map
     from mtbert.model_folder import load_model
 
     run_dir = Path(run_dir)
@@ -338,6 +358,24 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
     if varying and plot_curves(records, "weights", path, "loss weights", "weight"):
         parts.append('<h3 id="loss-weights">Loss weights</h3>')
         parts.append(_image(path, run_dir, "loss weights"))
+
+    maps = sorted((run_dir / DATA_MAPS_FOLDER).glob("*.csv"))
+    if maps:
+        parts.append('<h2 id="data-maps">Data maps</h2>')
+        parts.append("<p>Per training example (<code>train.data_maps</code>; Swayamdipta et "
+                     "al. 2020): the mean (confidence) and standard deviation (variability) "
+                     "of the probability its training passes gave the gold label, and the "
+                     "share of passes that predicted it (correctness). High confidence: easy "
+                     "to learn; high variability: ambiguous; low confidence and variability: "
+                     "hard to learn, or mislabelled.</p>")
+    for csv_file in maps:
+        columns = read_data_map(csv_file)
+        passes = columns["passes"]
+        path = plots / f"data_map_{_slug(csv_file.stem)}.png"
+        plot_data_map(columns, path, f"{csv_file.stem}: data map")
+        parts.append(f"<h3>{html.escape(csv_file.stem)}</h3><p>{len(passes)} training "
+                     f"examples, drawn {min(passes):.0f} to {max(passes):.0f} times.</p>")
+        parts.append(_image(path, run_dir, f"{csv_file.stem} data map"))
 
     # Dev outputs of the best model.
     parts.append('<h2 id="dev-outputs">Dev outputs of the best model</h2>')
