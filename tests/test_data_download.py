@@ -38,7 +38,7 @@ def test_check_lists_malformed_rows_and_accepts_a_usable_folder(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"{folder / 'ids-sst-dev.csv'}:3: empty 'sentence'" in out
     assert "ids-sst-train.csv: 2 rows, 0 malformed (the standard file has 8544)" in out
-    assert "3 task files ok" in out
+    assert "3 task files readable" in out and "3 of them are not the standard files" in out
 
 
 @pytest.mark.parametrize("breakage, message", [
