@@ -147,7 +147,8 @@ class FileCheck:
 
 def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCheck]:
     """Read every file of the preset `tasks` (default: all) in `folder` as training would
-    (columns by name, labels checked); malformed rows are listed, not fatal."""
+    (columns by name, labels checked) and compare it with the standard file's sha256 in
+    `FILES`; malformed rows and files other than the standard ones are listed, not fatal."""
     folder = Path(folder)
     results = []
     for preset in tasks or PRESETS:
