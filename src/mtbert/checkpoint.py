@@ -61,7 +61,8 @@ def claim_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite:
     An output that is, or holds, one of the command's `inputs` (compared by resolved path)
     is refused even with `overwrite`: replacing it would delete what the command reads. An
     existing output that is not empty (names in `ignore` aside) is refused unless
-    `overwrite`; writers then keep it until the new one is complete (`write_checkpoint`).
+    `overwrite`; a folder then replaced through `write_checkpoint` stays until the new one is
+    complete.
     """
     path = Path(path)
     target = path.resolve()
