@@ -217,6 +217,13 @@ class ExperimentConfig:
                 return task
         raise ConfigError(f"no task named {name!r}; tasks: {[t.name for t in self.tasks]}")
 
+    def input_paths(self) -> list[Path]:
+        """The local files and folders a run of this config reads (data folder, backbone
+        when it is a path, `--from` run, teachers): what no output may replace."""
+        named = [self.data_dir, self.model.backbone, self.adapt.from_run,
+                 *self.distill.teachers.values()]
+        return [Path(p).expanduser() for p in named if p and Path(p).expanduser().exists()]
+
 
 # ---------------------------------------------------------------- dict -> dataclass, checked
 

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from mtbert.adapting import adapt_model
 from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
+    LOCK_FILE,
     CorruptCheckpointError,
     RunFolderError,
     RunLock,
+    claim_output,
     clear_run,
     holds_run,
     load_json,
@@ -623,14 +625,15 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
     `run_dir/predictions`.
 
     The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
-    holds another run, unless `overwrite` clears it first.
+    is not empty, unless `overwrite` (which clears a run it holds first), and always one that
+    is or holds what the config reads (`checkpoint.claim_output`).
     Under DDP every rank trains; rank 0 alone holds the lock, scores the best model and
     writes the predictions (the other ranks return an empty table and their model).
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as stack:
-        run_on_main(lambda: _claim_run_folder(stack, run_dir, resume, overwrite))
+        run_on_main(lambda: _claim_run_folder(stack, run_dir, config, resume, overwrite))
         start = time.perf_counter()
         trainer = Trainer(config, run_dir)
         if resume:
@@ -645,9 +648,13 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
     return table, seconds, model
 
 
-def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, resume: bool,
-                      overwrite: bool) -> None:
-    """Lock `run_dir` until `stack` closes; a new run needs it free of other runs."""
+def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, config: ExperimentConfig,
+                      resume: bool, overwrite: bool) -> None:
+    """Lock `run_dir` until `stack` closes; a new run needs it empty or `overwrite`, and
+    never one that is or holds an input of `config`."""
+    if not resume:  # before the lock leaves a file; one holding a run gets --resume offered
+        claim_output(run_dir, config.input_paths(), overwrite or bool(holds_run(run_dir)),
+                     ignore=[LOCK_FILE])
     stack.enter_context(RunLock(run_dir))
     found = holds_run(run_dir)
     if found and not resume:
