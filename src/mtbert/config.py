@@ -172,6 +172,9 @@ class TrainConfig:
     # auto: bf16 autocast where the device has fast bf16 (CUDA with bf16, CPUs with AVX512-BF16
     # or AMX), fp32 elsewhere (see precision.py); weights, optimizer and losses stay fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # every N optimizer steps, log TAG's look-ahead inter-task affinity (see lookahead.py)
+    affinity_every: int | None = None
+    data_maps: bool = False  # per-example confidence and variability (see data_maps.py)
 
 
 @dataclass
@@ -227,6 +230,13 @@ class ExperimentConfig:
             if task.name == name:
                 return task
         raise ConfigError(f"no task named {name!r}; tasks: {[t.name for t in self.tasks]}")
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders a run of this config reads (data folder, backbone
+        when it is a path, `--from` run, teachers): what no output may replace."""
+        named = [self.data_dir, self.model.backbone, self.adapt.from_run,
+                 *self.distill.teachers.values()]
+        return [Path(p).expanduser() for p in named if p and Path(p).expanduser().exists()]
 
 
 # ---------------------------------------------------------------- dict -> dataclass, checked
@@ -531,6 +541,10 @@ def _check_techniques(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
                           f"every step; train.sampler {train.sampler!r} draws one task per "
                           "step (use round_robin)")
+    if train.affinity_every is not None and (not several or config.adapt.freeze_encoder):
+        raise ConfigError("train.affinity_every: the look-ahead affinity steps the shared "
+                          "encoder on each task's batch of a step; it needs two or more tasks, "
+                          "train.sampler: round_robin, and an encoder that trains")
     for key, name, technique in (("train.weighting", train.weighting, weighting),
                                  ("train.combiner", train.combiner, combiner)):
         if config.adapt.freeze_encoder and technique.needs_encoder_gradients:
@@ -611,6 +625,7 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("train.checkpoint_every", train.checkpoint_every, at_least(1), ">= 1"),
         ("train.keep_checkpoints", train.keep_checkpoints, at_least(1), ">= 1"),
         ("train.threads", train.threads, at_least(1), ">= 1"),
+        ("train.affinity_every", train.affinity_every, at_least(1), ">= 1"),
         ("model.max_length", model.max_length, at_least(MIN_MAX_LENGTH),
          f">= {MIN_MAX_LENGTH} ([CLS] a [SEP] b [SEP] needs room for text)"),
         ("model.hidden_dropout", model.hidden_dropout, fraction, "in [0, 1)"),

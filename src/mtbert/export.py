@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from mtbert.api import task_info
-from mtbert.checkpoint import load_json, save_json, save_tensors, write_checkpoint
+from mtbert.checkpoint import claim_output, load_json, save_json, save_tensors, write_checkpoint
 from mtbert.config import ExperimentConfig, TaskConfig
 from mtbert.data.batching import collate, encode_split
 from mtbert.data.readers import Example
@@ -74,13 +74,17 @@ class Exported:
 
 
 def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = None,
-           task: str | None = None) -> Exported:
-    """Write the model of `run` (a run, its `best/`, or a model folder) to `out` in `fmt`."""
+           task: str | None = None, overwrite: bool = False) -> Exported:
+    """Write the model of `run` (a run, its `best/`, or a model folder) to `out` in `fmt`;
+    an existing `out` as `checkpoint.claim_output` allows (`overwrite`)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
+    out = claim_output(out, [run, model_folder(run)], overwrite)
     model, tokenizer, config = load_model(run)
+    if task is not None and task not in model.tasks:
+        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     foldable = isinstance(model.conditioning, LowRankAdapters)
     moe = bool(experts_of(model.encoder))
     if quantize and fmt != "onnx" or task and fmt != "onnx" and not (moe or foldable):
@@ -90,7 +94,6 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
     metrics = load_json(model_folder(run) / "metrics.json")
     if moe:
         model, config = _dense_task_path(model, config, task)
-    out = Path(out)
     if fmt == "onnx":
         return _export_onnx(model, tokenizer, config, metrics, out, quantize, task)
     if task is not None and isinstance(model.conditioning, LowRankAdapters):
@@ -126,9 +129,8 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
 
 def folded(model: MultitaskModel, config: ExperimentConfig, task: str
            ) -> tuple[MultitaskModel, ExperimentConfig]:
-    """`task` alone, its low-rank adapters folded into a plain encoder's weights."""
-    if task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
+    """`task` (one of the model's) alone, its low-rank adapters folded into a plain encoder's
+    weights."""
     config = dataclasses.replace(
         config, tasks=[config.task(task)],
         model=dataclasses.replace(config.model, conditioning=None, conditioning_options={}))
@@ -147,8 +149,6 @@ def _dense_task_path(model: MultitaskModel, config: ExperimentConfig, task: str 
                  "encoder with --task NAME")
     if task is None:
         raise ExportError(not_plain)
-    if task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     try:
         encoder = extract_task_encoder(model.encoder, model.routing, task)
     except ValueError as error:
@@ -203,8 +203,6 @@ def _export_onnx(model: MultitaskModel, tokenizer: Tokenizer, config: Experiment
                  metrics: dict, out: Path, quantize: str | None, task: str | None) -> Exported:
     from mtbert.inference import export_onnx
 
-    if task is not None and task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     names = [task] if task else list(model.tasks)
     differences = {}
 

@@ -74,6 +74,7 @@ class _Schema:
     id_column: str
     num_classes: int | None
     label_range: tuple[float, float] | None
+    id_required: bool = False
     label_names: tuple[str, ...] = ()  # a label equal to one of these reads as its index
 
     def __post_init__(self) -> None:
@@ -91,7 +92,8 @@ class _Schema:
     @property
     def required_columns(self) -> tuple[str, ...]:
         label = () if self.label_column is None else (self.label_column,)
-        return self.text_columns + label
+        named_id = (self.id_column,) if self.id_required else ()
+        return self.text_columns + label + named_id
 
     def check_label(self, label: float) -> None:
         """Raise _InvalidLabel if the label is not one of the declared classes or in range."""
@@ -137,18 +139,25 @@ def read_examples(
     is data). A label equal to one of ``label_names`` reads as that name's index.
     """
     schema = _schema(text_columns, label_column, id_column, num_classes, label_range,
-                     label_names)
+                     label_names=label_names)
     path = Path(path)
     report = ReadReport(path=path, examples=[], skipped=[])
     report.examples.extend(_stream(path, schema, file_format, strict, report, quoting, columns))
     _log_outcome(report)
-    rows = len(report.examples) + len(report.skipped)
-    if max_skipped_share is not None and len(report.skipped) > max_skipped_share * rows:
-        first_line, reason = report.skipped[0]
-        raise DataError(
-            f"{path}: {len(report.skipped)} of {rows} rows are malformed (more than "
-            f"{max_skipped_share:.0%}); first at line {first_line}: {reason}")
+    if max_skipped_share is not None:
+        check_skipped_share(report, len(report.examples), max_skipped_share)
     return report
+
+
+def check_skipped_share(report: ReadReport, read: int, max_share: float) -> None:
+    """Raise DataError when more than `max_share` of the rows (`read` examples plus the
+    skipped ones), or all of them, were malformed."""
+    rows = read + len(report.skipped)
+    if report.skipped and (not read or len(report.skipped) > max_share * rows):
+        first_line, reason = report.skipped[0]
+        share = "all of them" if not read else f"more than {max_share:.0%}"
+        raise DataError(f"{report.path}: {len(report.skipped)} of {rows} rows are malformed "
+                        f"({share}); first at line {first_line}: {reason}")
 
 
 def iter_examples(
@@ -160,13 +169,15 @@ def iter_examples(
     strict: bool = False,
     file_format: str | None = None,
     report: ReadReport | None = None,
+    id_required: bool = False,
     quoting: str = "minimal",
     columns: Sequence[str] | None = None,
 ) -> Iterator[Example]:
     """The examples of a file one at a time, as `read_examples` reads them, in constant
     memory; `path` "-" reads standard input. Skipped rows are logged with file:line and
-    appended to `report.skipped` when a report is given."""
-    schema = _schema(text_columns, label_column, id_column, None, None)
+    appended to `report.skipped` when a report is given. `id_required`: a file without
+    `id_column` is an error (a row without it, malformed) instead of numbered rows."""
+    schema = _schema(text_columns, label_column, id_column, None, None, id_required)
     path = STDIN if str(path) == "-" else Path(path)
     yield from _stream(path, schema, file_format, strict,
                        report or ReadReport(path=path, examples=[], skipped=[]), quoting,
@@ -175,11 +186,11 @@ def iter_examples(
 
 def _schema(text_columns: Sequence[str], label_column: str | None, id_column: str,
             num_classes: int | None, label_range: tuple[float, float] | None,
-            label_names: Sequence[str] = ()) -> _Schema:
+            id_required: bool = False, label_names: Sequence[str] = ()) -> _Schema:
     if isinstance(text_columns, str):
         raise ValueError("text_columns must be a sequence of column names, not a str")
     return _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range,
-                   tuple(label_names))
+                   id_required, tuple(label_names))
 
 
 def _stream(path: Path, schema: _Schema, file_format: str | None, strict: bool,
@@ -254,15 +265,16 @@ def _delimited_source(
     delimiter = _pick_delimiter(file_format, header_line)
     records = _csv_records(itertools.chain([header_line], lines), delimiter, path, quoting)
     if columns is not None:
-        return records, partial(_fields_by_name,
-                                positions=_column_positions(list(columns), schema, path))
-    header = next(records, None)
-    if header is None:
-        raise DataError(f"{path}: file is empty")
-    if isinstance(header[1], _MalformedRow):
-        raise DataError(f"{path}:{header[0]}: header: {header[1]}")
-    positions = _column_positions(header[1], schema, path)
-    return records, partial(_fields_by_name, positions=positions)
+        names = list(columns)
+    else:
+        header = next(records, None)
+        if header is None:
+            raise DataError(f"{path}: file is empty")
+        if isinstance(header[1], _MalformedRow):
+            raise DataError(f"{path}:{header[0]}: header: {header[1]}")
+        names = header[1]
+    positions = _column_positions(names, schema, path)
+    return records, partial(_fields_by_name, positions=positions, width=len(names))
 
 
 def _pick_delimiter(file_format: str | None, header_line: str) -> str:
@@ -312,13 +324,16 @@ def _column_positions(header: list[str], schema: _Schema, path: Path) -> dict[st
 
 
 def _fields_by_name(
-    fields: list[str] | _MalformedRow, positions: Mapping[str, int]
+    fields: list[str] | _MalformedRow, positions: Mapping[str, int], width: int
 ) -> dict[str, str]:
     if isinstance(fields, _MalformedRow):
         raise fields
     needed = max(positions.values()) + 1
     if len(fields) < needed:
         raise _MalformedRow(f"row has {len(fields)} fields, needs at least {needed}")
+    if len(fields) > width:  # e.g. an unquoted comma in a text: its fields would shift
+        raise _MalformedRow(f"row has {len(fields)} fields, the header {width} (a delimiter "
+                            "inside an unquoted text?)")
     return {column: fields[index] for column, index in positions.items()}
 
 
@@ -367,7 +382,7 @@ def _examples(
 
 def _build_example(values: Mapping[str, object], schema: _Schema, row_index: int) -> Example:
     example = Example(
-        id=_read_id(values, schema.id_column, row_index),
+        id=_read_id(values, schema.id_column, row_index, schema.id_required),
         texts=tuple(_read_text(values, column) for column in schema.text_columns),
         label=None if schema.label_column is None
         else _read_label(values, schema.label_column, schema.label_names),
@@ -377,8 +392,9 @@ def _build_example(values: Mapping[str, object], schema: _Schema, row_index: int
     return example
 
 
-def _read_id(values: Mapping[str, object], column: str, row_index: int) -> str:
-    if column not in values:
+def _read_id(values: Mapping[str, object], column: str, row_index: int,
+             required: bool = False) -> str:
+    if column not in values and not required:
         return str(row_index)
     value = values[column]
     if isinstance(value, int) and not isinstance(value, bool):
