@@ -41,6 +41,7 @@ from mtbert.data.readers import (
     check_skipped_share,
     iter_examples,
 )
+from mtbert.data.tasks import file_layout
 from mtbert.evaluation import head_outputs, map_batches, output_probabilities, to_predictions
 from mtbert.model.heads import is_siamese
 from mtbert.model.multitask import MultitaskModel
@@ -202,12 +203,13 @@ class Model:
         """Predict every row of a CSV/TSV/JSONL file ("-": standard input) into `output`
         ("-": standard output), `chunk_rows` rows at a time, so memory stays constant.
 
-        Columns are found by name (default: the task's `text_columns` and `id_column`; rows
-        without the task's id column get their 0-based row index; an `id_column` given must
-        exist). Malformed rows are skipped and logged with file:line; more than the run's
-        `max_skipped_share` of them is an error. A file `output` (never `source`) is written
-        under a temporary name and renamed when complete, so an error leaves any earlier
-        file in place.
+        The file is read as the task's own files are (their quoting; field names for files
+        without a header line, as GLUE's CoLA). Columns are found by name (default: the
+        task's `text_columns` and `id_column`; rows without the task's id column get their
+        0-based row index; an `id_column` given must exist). Malformed rows are skipped and
+        logged with file:line; more than the run's `max_skipped_share` of them is an error. A
+        file `output` (never `source`) is written under a temporary name and renamed when
+        complete, so an error leaves any earlier file in place.
         """
         config = self._task(task)
         columns = list(text_columns or config.text_columns)
@@ -221,7 +223,8 @@ class Model:
         report = ReadReport(Path(str(source)), [], [])
         examples = iter_examples(source, columns, None, id_column=id_column or config.id_column,
                                  file_format=input_format, report=report,
-                                 id_required=id_column is not None)
+                                 id_required=id_column is not None,
+                                 **file_layout(config))
         start = time.perf_counter()
         rows = 0
         with _output(output) as stream, tqdm(desc=f"predict {task}", unit=" rows",

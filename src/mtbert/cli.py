@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--splits", nargs="+", default=["dev", "test"])
     predict.add_argument("--out", type=Path, help="folder (default: RUN_DIR/predictions)")
     predict.add_argument("--task", help="the task to predict (file mode)")
-    predict.add_argument("--input", help="CSV/TSV/JSONL file with a header, or - (stdin)")
+    predict.add_argument("--input", help="CSV/TSV/JSONL file, or - (stdin), read as the "
+                                          "task's files are (header or not, quoting)")
     predict.add_argument("--output", default="-", help="file (.jsonl/.csv/.tsv; an existing "
                                                        "one is replaced, never --input) or - "
                                                        "(stdout, default)")

@@ -77,13 +77,16 @@ class AuxiliaryMnrlConfig:
 
 @dataclass
 class TaskConfig:
-    """One task: its data, input kind, output kind, head, loss and metric."""
+    """One task: its data, input kind, output kind, head, loss and metric(s)."""
 
     name: str = ""
     preset: str | None = None
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
     label_column: str | None = None
-    id_column: str = "id"
+    id_column: str = "id"  # a file without it: ids are the 0-based row numbers
+    # Files without a header line: their fields' names, in order (the first line is data).
+    columns: list[str] | None = None
+    quoting: Literal["minimal", "none"] = "minimal"  # none: a quote is text (GLUE's files)
     kind: Literal["classification", "regression"] = "classification"
     num_classes: int | None = None
     label_names: list[str] | None = None  # class names, index order; None: "0", "1", ...
@@ -91,7 +94,9 @@ class TaskConfig:
     train_file: str | None = None
     dev_file: str | None = None
     test_file: str | None = None
-    metric: Literal["accuracy", "pearson", "spearman"] = "accuracy"
+    # A name in evaluation.METRICS, or a list of them: the task's score is their mean (GLUE
+    # scores MRPC by F1 and accuracy, STS-B by Pearson and Spearman); each is also reported.
+    metric: str | list[str] = "accuracy"
     prediction_column: str = "Predicted_Label"
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: str | None = None  # None: cross_entropy / bce / mse by kind
@@ -103,6 +108,11 @@ class TaskConfig:
     @property
     def is_pair(self) -> bool:
         return len(self.text_columns) == 2
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics whose mean is the task's score."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
 
 @dataclass
@@ -206,6 +216,10 @@ class ExperimentConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The overall dev score (model selection, tables) is the mean of the task scores with
+    # correlation-like metrics mapped from [-1, 1] to (r + 1) / 2 (`normalised`, CS224N's
+    # overall score), or as they are (`mean`: the GLUE score).
+    overall_score: Literal["normalised", "mean"] = "normalised"
     strict_data: bool = False  # malformed rows are errors instead of skipped rows
     max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
@@ -464,6 +478,14 @@ def validate(config: ExperimentConfig) -> None:
                               f"task ({task.num_classes} classes), got {_short(task.label_names)}")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
+        if task.columns is not None:
+            unnamed = [c for c in (*task.text_columns, task.label_column)
+                       if c is not None and c not in task.columns]
+            if unnamed:
+                raise ConfigError(f"{where}.columns: names the fields of a file without a "
+                                  f"header, and lacks {', '.join(map(repr, unnamed))}; "
+                                  f"columns: {_short(task.columns)}")
+        _check_metrics(where, task)
     for key, value, ok, requirement in _bounds(config):
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
@@ -471,6 +493,24 @@ def validate(config: ExperimentConfig) -> None:
     for task in config.distill.teachers:
         if task not in names:
             raise ConfigError(f"distill.teachers.{task}: no task of that name; tasks: {names}")
+
+
+def _check_metrics(where: str, task: TaskConfig) -> None:
+    from mtbert.metrics import METRICS
+
+    if not task.metrics or len(set(task.metrics)) != len(task.metrics):
+        raise ConfigError(f"{where}.metric: one metric, or a list of different ones; got "
+                          f"{_short(task.metric)}")
+    metrics = [_registered(f"{where}.metric", name, METRICS) for name in task.metrics]
+    for name, metric in zip(task.metrics, metrics):
+        if metric.task_kind != task.kind or (metric.binary and task.num_classes != 2):
+            binary = "binary " if metric.binary else ""
+            raise ConfigError(f"{where}.metric: {name!r} scores {binary}{metric.task_kind} "
+                              f"tasks, not this {task.kind} task")
+    if len({metric.low for metric in metrics}) > 1:
+        raise ConfigError(f"{where}.metric: the task's score is the mean of its metrics, so "
+                          f"they must share a range; {task.metrics} do not (correlations "
+                          "span [-1, 1])")
 
 
 def _registered(key: str, name: str, registry: dict) -> Any:

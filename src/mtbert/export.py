@@ -295,7 +295,7 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
             {"task": {"type": _task_type(t), "name": t.name},
              "dataset": {"name": t.preset or t.name, "type": t.preset or t.name,
                          "split": "dev"},
-             "metrics": [{"type": t.metric, "value": dev[t.name], "name": f"dev {t.metric}"}]}
+             "metrics": _card_metrics(t, dev)}
             for t in config.tasks if t.name in dev]}],
     }
     train, model = config.train, config.model
@@ -326,7 +326,9 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         "|---|---|---|---|---|\n" + "\n".join(_task_row(t) for t in config.tasks),
         f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')} "
         "(`metrics.json`): " + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
-        + ". Overall is the mean of the task metrics, correlations r counted as (r + 1) / 2."
+        + ". A task with several metrics scores their mean. Overall is the mean of the task "
+        + ("scores as they are (the GLUE score)." if config.overall_score == "mean" else
+           "scores, correlation-like ones (r) counted as (r + 1) / 2.")
         + selection,
         "## Training recipe\n\n" + "\n".join(recipe),
         "## Intended use and limits\n\nResearch and teaching: sentence-level sentiment, "
@@ -346,6 +348,13 @@ _QUORA_CAVEAT = (
     "\n\n**Quora caveat**: the backbone, all-MiniLM-L6-v2, was pre-trained on paraphrase data "
     "that includes Quora duplicate questions (QQP), so the Quora score is not a clean measure "
     "of what multitask fine-tuning added.")
+
+
+def _card_metrics(task: TaskConfig, dev: dict) -> list[dict]:
+    """The task's dev metrics as model-index entries: its metric, or each of its several."""
+    keys = [task.name] if len(task.metrics) == 1 else [f"{task.name}/{m}" for m in task.metrics]
+    return [{"type": metric, "value": dev[key], "name": f"dev {metric}"}
+            for key, metric in zip(keys, task.metrics) if key in dev]
 
 
 def _task_type(task: TaskConfig) -> str:

@@ -65,7 +65,7 @@ from mtbert.distributed import (
     shard_rows,
     step_forward,
 )
-from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
+from mtbert.evaluation import evaluate_splits, overall_score, predict, task_scores
 from mtbert.lookahead import add_affinity, lookahead_affinity, mean_affinity, mean_over_ranks
 from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
@@ -361,8 +361,8 @@ class Trainer:
             predictions = predict(self.model, name, shard,
                                   self.config.train.eval_batch_size, self.tokenizer.pad_id)
             predictions = gather_shards(predictions, len(encoded))
-            scores[name] = metric(data.config, predictions, encoded.labels.numpy())
-        scores["overall"] = overall_score(self.model.tasks, scores)
+            scores.update(task_scores(data.config, predictions, encoded.labels.numpy()))
+        scores["overall"] = overall_score(self.model.tasks, scores, self.config.overall_score)
         return scores
 
     # ------------------------------------------------------------ the loop
@@ -457,7 +457,8 @@ class Trainer:
         """`best-tasks/TASK/`: the model at the task's own best dev score, which may come at
         another step than the overall best (a student can be assembled from them)."""
         for task, score in scores.items():
-            if task == "overall" or not score > self.state.task_best.get(task, -math.inf):
+            if task not in self.model.tasks or not score > self.state.task_best.get(
+                    task, -math.inf):  # "overall", "mrpc/f1": not task scores
                 continue
             self.state.task_best[task] = score
             if self.world.is_main:

@@ -26,6 +26,12 @@ def split_file(task: TaskConfig, split: str, data_dir: str | Path) -> Path | Non
     return path if path.is_absolute() else Path(data_dir) / path
 
 
+def file_layout(task: TaskConfig) -> dict:
+    """How the task's files are written (`read_examples` / `iter_examples` keywords): their
+    quoting, and the names of their fields when they have no header line."""
+    return {"quoting": task.quoting, "columns": task.columns}
+
+
 def read_split(task: TaskConfig, split: str, data_dir: str | Path, strict: bool = False,
                max_skipped_share: float | None = None) -> list[Example] | None:
     """Examples of one split, or None when the task has no file for it.
@@ -44,7 +50,8 @@ def read_split(task: TaskConfig, split: str, data_dir: str | Path, strict: bool 
         id_column=task.id_column,
         num_classes=task.num_classes if task.kind == "classification" else None,
         label_range=tuple(task.label_range) if task.kind == "regression" else None,
-        strict=strict, max_skipped_share=max_skipped_share)
+        label_names=task.label_names or (), strict=strict, max_skipped_share=max_skipped_share,
+        **file_layout(task))
     return report.examples
 
 

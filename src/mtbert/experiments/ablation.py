@@ -64,6 +64,7 @@ from mtbert.config import (
 from mtbert.data.tasks import read_split, subsample
 from mtbert.experiments.budgets import budget_max_steps, get_budget, match_draws, planned_draws
 from mtbert.merging import METHODS as MERGE_METHODS
+from mtbert.metrics import METRICS
 from mtbert.provenance import code_version
 from mtbert.training import FIRST_LOSSES_STEPS, TrainingError
 
@@ -74,8 +75,8 @@ SINGLE_TASK_TEACHERS = "single-task"  # distill.teachers value: the baseline's s
 DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
 
 # How the reports name the tasks in their tables; any other task is shown by its own name.
-DISPLAY_NAMES = {"sst": "SST", "quora": "Paraphrase", "sts": "STS"}
-METRIC_NAMES = {"accuracy": "Acc", "pearson": "Corr", "spearman": "Spearman Corr"}
+DISPLAY_NAMES = {"sst": "SST", "quora": "Paraphrase", "sts": "STS", "cola": "CoLA",
+                 "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "wnli": "WNLI", "sst2": "SST-2"}
 QUORA_TASKS = ("quora",)
 QUORA_NOTE = ("Quora scores of the all-MiniLM-L6-v2 backbone are not clean: it was pre-trained "
               "on paraphrase data that includes Quora duplicates.")
@@ -83,9 +84,11 @@ SELECTION = "last"  # every row's scores: its last step's (a merged model's one 
 STD_NOTE = ("Scores are each run's dev scores at its last step, the one selection rule of "
             "every row (no checkpoint is chosen on the dev examples the rows are scored on), "
             "as mean ± sample standard deviation (n − 1) over seeds; with one seed the "
-            "value is shown alone. Correlations are Pearson's r (not normalised); Overall Dev "
-            "is the mean of the task metrics with correlations mapped to (r + 1) / 2, over the "
-            "tasks the config trains.")
+            "value is shown alone. Correlations are Pearson's r (not normalised); a task with "
+            "several metrics scores their mean (GLUE's rule; its `mean` column). Overall Dev "
+            "is the mean of the task scores over the tasks the config trains, correlation-like "
+            "ones (Pearson, Spearman, MCC) mapped to (r + 1) / 2, or as they are where the "
+            "config sets `overall_score: mean` (the GLUE score).")
 COMPARISON_NOTE = (
     "Δ overall: the row's overall dev score minus the baseline's (the first configuration) on "
     "the same seeds, mean over seeds with a 95% Student-t interval; `tie` marks an interval "
@@ -438,16 +441,27 @@ class Column:
 
 
 def columns(results: dict[str, list[dict]]) -> list[Column]:
-    """A column per task present in any result (first seen first), then overall."""
+    """A column per task present in any result (first seen first; a task with several
+    metrics has one per metric, then one for their mean, its score), then overall."""
     found: dict[str, dict] = {}
     for runs in results.values():
         for run in runs:
             for name, info in run["tasks"].items():
                 found.setdefault(name, info)
-    cols = [Column(name, f"{display_name(name, info)} Dev "
-                         f"{METRIC_NAMES.get(info['metric'], info['metric'])}")
-            for name, info in found.items()]
+    cols = []
+    for name, info in found.items():
+        metrics = [info["metric"]] if isinstance(info["metric"], str) else info["metric"]
+        task = f"{display_name(name, info)} Dev"
+        if len(metrics) > 1:
+            cols += [Column(f"{name}/{m}", f"{task} {metric_name(m)}") for m in metrics]
+            cols.append(Column(name, f"{task} mean"))
+        else:
+            cols.append(Column(name, f"{task} {metric_name(metrics[0])}"))
     return [*cols, Column("overall", "Overall Dev")]
+
+
+def metric_name(metric: str) -> str:
+    return METRICS[metric].short if metric in METRICS else metric
 
 
 def display_name(task: str, info: dict) -> str:

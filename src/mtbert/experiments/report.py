@@ -57,11 +57,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
                 max_examples: int | None = None) -> dict[str, dict]:
-    """For each task with a labelled dev split: {"outputs", "labels", "score"} or {"error"}."""
+    """For each task with a labelled dev split: {"outputs", "labels", "predicted", "total",
+    "scores" (metric -> value)} or {"error"}."""
     from mtbert.data.batching import encode_split
     from mtbert.data.readers import DataError
     from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
-    from mtbert.evaluation import head_outputs, metric, output_probabilities, to_predictions
+    from mtbert.evaluation import (
+        head_outputs,
+        metric_values,
+        output_probabilities,
+        to_predictions,
+    )
     from mtbert.model.heads import is_siamese
 
     found = {}
@@ -84,7 +90,7 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
         labels, predicted = encoded.labels.numpy(), to_predictions(task, raw).numpy()
         found[name] = {"outputs": output_probabilities(task, raw).numpy(), "labels": labels,
                        "predicted": predicted, "total": total,
-                       "score": metric(task, predicted, labels)}
+                       "scores": metric_values(task, predicted, labels)}
     return found
 
 
@@ -278,6 +284,7 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
     `overwrite` (`checkpoint.claim_output`); the old one stays until the new one is whole."""
     from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
     from mtbert.data_maps import read_data_map
+    from mtbert.evaluation import score_columns
     from mtbert.model_folder import load_model
 
     run_dir = Path(run_dir)
@@ -301,9 +308,10 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         dev = best.get("dev", {})
         parts.append(f"<p>Best model: step {best.get('step')} (selected on the overall dev "
                      f"score).</p>")
+        what = dict(score_columns(model.tasks))
         parts.append(_table(["task", "metric", "best dev score"],
-                            [[n, model.tasks[n].metric if n in model.tasks else "mean",
-                              f"{v:.4f}"] for n, v in dev.items()]))
+                            [[n.split("/")[0], what.get(n, "mean"), f"{v:.4f}"]
+                             for n, v in dev.items()]))
     parts.append('<h3 id="run-time">Run time</h3>')
     time_rows = []
     if records:
@@ -392,8 +400,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
             labels, out = found["labels"], found["outputs"]
             of = ("" if len(labels) == found["total"]
                   else f" (a seeded subsample of {found['total']})")
-            parts.append(f"<p>{len(labels)} dev examples{of}; {task.metric} "
-                         f"{found['score']:.4f}.</p>")
+            scores = ", ".join(f"{m} {v:.4f}" for m, v in found["scores"].items())
+            parts.append(f"<p>{len(labels)} dev examples{of}; {scores}.</p>")
             if task.kind == "classification":
                 predicted = found["predicted"]
                 path = plots / f"confusion_{slug}.png"
@@ -411,7 +419,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
             else:
                 path = plots / f"scatter_{slug}.png"
                 plot_scatter(labels, out, task.label_range, path,
-                             f"{name}: predicted vs gold ({task.metric} {found['score']:.3f})")
+                             f"{name}: predicted vs gold (" + ", ".join(
+                                 f"{m} {v:.3f}" for m, v in found["scores"].items()) + ")")
                 parts.append(f'<h4 id="scatter-{slug}">Predicted vs gold scatter</h4>')
                 parts.append(_image(path, f"{name} predicted vs gold"))
 
