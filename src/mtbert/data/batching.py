@@ -27,7 +27,7 @@ from mtbert.tokenizer import Text, Tokenizer
 BUCKET_BATCHES = 50
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenRows:
     """Rows of token ids and token type ids: row r is `lengths[r]` values from position
     `starts[r]` of the chunks laid end to end (one chunk in memory; one per record batch of a
