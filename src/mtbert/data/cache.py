@@ -204,11 +204,12 @@ def _write_entry(folder: Path, report: ReadReport, tokenizer: Tokenizer,
         with pa.OSFile(str(folder / "tokens.arrow"), "wb") as sink, \
                 pa.ipc.new_file(sink, schema) as writer:
             for start in range(0, len(texts), CHUNK_ROWS):
-                ids, types = tokenizer.encode(texts[start:start + CHUNK_ROWS])
-                writer.write_batch(pa.record_batch([pa.array(ids, schema.field(0).type),
-                                                    pa.array(types, schema.field(1).type)],
-                                                   schema=schema))
-                bar.update(len(ids))
+                rows = TokenRows.from_lists(*tokenizer.encode(texts[start:start + CHUNK_ROWS]))
+                offsets = pa.array(np.append(rows.starts, rows.lengths.sum()).astype(np.int32))
+                writer.write_batch(pa.record_batch(
+                    [pa.ListArray.from_arrays(offsets, rows.ids[0]),
+                     pa.ListArray.from_arrays(offsets, rows.types[0])], schema=schema))
+                bar.update(len(rows))
     summary = {"path": str(report.path), "rows": len(report.examples),
                "token_rows": len(texts), "skipped": len(report.skipped),
                "skipped_rows": report.skipped[:SKIPS_KEPT]}
