@@ -224,3 +224,10 @@ def test_a_subset_is_the_split_of_its_examples(tmp_path, tokenizer):
     rows = np.array([30, 2, 17, 5, 9, 22])
     expected = encode_split([examples[r] for r in rows], tokenizer, True)
     assert_same_split(split.subset(rows), expected, tokenizer.pad_id)
+
+
+def test_an_unusable_cache_folder_is_one_sentence(tmp_path, tokenizer):
+    data = write_pairs(tmp_path / "pairs.csv")
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(OSError, match="as the token cache .* set MTBERT_CACHE or the config's"):
+        cached_split(data, OPTIONS, tokenizer, True, tmp_path / "file" / "cache")

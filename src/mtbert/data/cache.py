@@ -72,8 +72,7 @@ def cached_split(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool,
     entry = root / f"{path.stem}-{entry_key(path, options, tokenizer, siamese)}"
     split = open_entry(entry, path)
     if split is None:
-        root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f"{entry.name}.lock"):  # another process may have built it
+        with _locked(root, entry.name):  # another process may have built it meanwhile
             split = open_entry(entry, path) or _build(entry, path, options, tokenizer, siamese)
     return split
 
@@ -100,8 +99,14 @@ def _file_digest(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    with open(lock_file, "a+b") as handle:
+def _locked(root: Path, name: str) -> Iterator[None]:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / f"{name}.lock", "a+b")
+    except OSError as error:
+        raise OSError(f"cannot use {root} as the token cache ({error.strerror or error}); "
+                      "set MTBERT_CACHE or the config's cache_dir to a writable folder") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if the holder dies
         try:
             yield
