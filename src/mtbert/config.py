@@ -222,6 +222,7 @@ class ExperimentConfig:
     overall_score: Literal["normalised", "mean"] = "normalised"
     strict_data: bool = False  # malformed rows are errors instead of skipped rows
     max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
+    cache_dir: str | None = None  # token cache; None: $MTBERT_CACHE or ~/.cache/mtbert/tokens
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

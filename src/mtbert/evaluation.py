@@ -195,19 +195,18 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
     `limit` keeps the first `limit` examples of each split (quick checks). Returns
     {split: {task: score, ..., "overall": score}} for the labelled splits (`task_scores`).
     """
-    from mtbert.data.batching import encode_split
-    from mtbert.data.tasks import read_split
+    from mtbert.data.tasks import load_split
     from mtbert.model.heads import is_siamese
 
     table = {}
     for split in splits:
         scores = {}
         for name, task in model.tasks.items():
-            examples = read_split(task, split, config.data_dir, config.strict_data,
-                                  config.max_skipped_share)
-            if examples is None:
+            encoded = load_split(task, split, config, tokenizer, is_siamese(task))
+            if encoded is None:
                 continue
-            encoded = encode_split(examples[:limit], tokenizer, is_siamese(task))
+            if limit is not None and limit < len(encoded):
+                encoded = encoded.subset(np.arange(limit))
             predictions = predict(model, name, encoded, config.train.eval_batch_size,
                                   tokenizer.pad_id, progress)
             if predictions_dir is not None:

@@ -47,9 +47,9 @@ from mtbert.config import (
     dump_config,
     to_dict,
 )
-from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
+from mtbert.data.batching import Batch, EncodedSplit, TaskStream
 from mtbert.data.sampling import build_sampler, optimizer_steps
-from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
+from mtbert.data.tasks import EVAL_SAMPLE_SEED, load_split, subsample_split
 from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
 from mtbert.data_maps import DataMaps
 from mtbert.distillation import build_distillation
@@ -123,21 +123,18 @@ class TaskData:
 
 
 def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, TaskData]:
-    """Read and tokenize every task's train and dev files once."""
+    """Every task's train and dev splits, tokenized once into the token cache and mapped
+    from it (each run, seed and process reuses the cache)."""
     data = {}
     for task in config.tasks:
-        siamese = is_siamese(task)
-        train = read_split(task, "train", config.data_dir, config.strict_data,
-                           config.max_skipped_share)
-        dev = read_split(task, "dev", config.data_dir, config.strict_data,
-                         config.max_skipped_share)
-        train = subsample(train, config.train.max_train_examples, config.train.train_fraction,
-                          config.train.seed)
-        dev = subsample(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
-        data[task.name] = TaskData(
-            task, encode_split(train, tokenizer, siamese),
-            None if dev is None else encode_split(dev, tokenizer, siamese))
-        log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
+        train, dev = (load_split(task, split, config, tokenizer, is_siamese(task))
+                      for split in ("train", "dev"))
+        train = subsample_split(train, config.train.max_train_examples,
+                                config.train.train_fraction, config.train.seed)
+        dev = subsample_split(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
+        data[task.name] = TaskData(task, train, dev)
+        log.info("%s: %d train, %d dev examples", task.name, len(train),
+                 0 if dev is None else len(dev))
     return data
 
 
