@@ -68,7 +68,7 @@ from bench_train import (
 )
 
 from mtbert.config import HeadConfig, TaskConfig
-from mtbert.data.batching import EncodedSplit, collate, encode_split, sorted_batches
+from mtbert.data.batching import EncodedSplit, TokenRows, collate, encode_split, sorted_batches
 from mtbert.data.readers import read_examples
 from mtbert.data.tasks import read_split
 from mtbert.evaluation import metric, predict, predict_outputs
@@ -128,7 +128,8 @@ class Mtbert:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         ids, types = self.tokenizer.encode(texts)
-        split = EncodedSplit(list(map(str, range(len(texts)))), None, ids, types, None)
+        split = EncodedSplit(list(map(str, range(len(texts)))), None,
+                             TokenRows.from_lists(ids, types), None)
         pad = self.tokenizer.pad_id
         if self.onnx is None:
             return predict_outputs(self.model, TASK, split, self.batch_size, pad)

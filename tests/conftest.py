@@ -148,3 +148,14 @@ def wait_for_checkpoint(process, run_dir: Path, pattern: str, timeout: float = 3
         assert process.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory) -> Path:
+    """Tests (and the processes they start) tokenize into a cache of their own, not the
+    user's ~/.cache/mtbert/tokens."""
+    import os
+
+    folder = tmp_path_factory.mktemp("token-cache")
+    os.environ["MTBERT_CACHE"] = str(folder)
+    return folder

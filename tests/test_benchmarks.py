@@ -211,3 +211,12 @@ def test_bench_moe_smoke(tiny):
     for contender in ("dense", "MoE top-1", "MoE top-2"):
         assert f"| {contender} |" in out
     assert "MoE top-1 / dense training tokens/s per repeat" in out
+
+
+def test_bench_data_smoke(tiny_backbone, tmp_path):
+    out = run("bench_data.py", "--smoke", "--backbone", tiny_backbone, "--work", tmp_path,
+              "--max-length", 32)
+    rows = {row[1]: row for row in table_rows(out, "")}
+    assert rows["mtbert in memory (before)"][0].startswith("2,000")
+    assert float(rows["mtbert in memory (before)"][2].replace(",", "")) > 0  # rows/s
+    assert float(rows["mtbert token cache"][4]) > 0  # a warm first step was taken

@@ -37,8 +37,9 @@ def test_check_lists_malformed_rows_and_accepts_a_usable_folder(tmp_path, capsys
     assert main(["data", "check", str(folder), "--tasks", "sst"]) == 0
     out = capsys.readouterr().out
     assert f"{folder / 'ids-sst-dev.csv'}:3: empty 'sentence'" in out
-    assert "ids-sst-train.csv: 2 rows, 0 malformed (the standard file has 8544)" in out
-    assert "3 task files ok" in out
+    assert ("other ids-sst-train.csv: 2 rows, 0 malformed; not the standard file (its sha256 "
+            "differs; the standard file has 8544 rows)") in out
+    assert "3 task files readable" in out and "3 of them are not the standard files" in out
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -12,7 +12,13 @@ from mtbert.cli import main
 from mtbert.config import ConfigError, load_config
 from mtbert.evaluation import predict, predict_outputs
 from mtbert.experiments import ablation
-from mtbert.experiments.ablation import format_score, plan_runs, run_ablation, write_results
+from mtbert.experiments.ablation import (
+    format_count,
+    format_score,
+    plan_runs,
+    run_ablation,
+    write_results,
+)
 from mtbert.experiments.budgets import BUDGETS, get_budget
 from mtbert.experiments.report import write_report
 from mtbert.training import Trainer
@@ -393,12 +399,10 @@ def test_a_row_that_starts_like_the_baseline_but_ends_elsewhere_is_told_apart():
 
     def row(name, first, dev):
         return Row(name, 1, {}, 0.0, 0.0, 10, {}, "b", {"sst": {}},
-                   by_seed={0: {"sst": dev, "overall": dev}}, first_losses=first)
+                   by_seed={0: {"sst": dev, "overall": dev}}, first_objectives={0: first})
 
-    baseline, late, twin, other = (row("base", [{"loss": 1.0}], 0.5),
-                                   row("late", [{"loss": 1.0}], 0.6),
-                                   row("twin", [{"loss": 1.0}], 0.5),
-                                   row("other", [{"loss": 0.9}], 0.5))
+    baseline, late, twin, other = (row("base", [1.0], 0.5), row("late", [1.0], 0.6),
+                                   row("twin", [1.0], 0.5), row("other", [0.9], 0.5))
     compare([baseline, late, twin, other])
     assert (late.same_as_baseline, late.identical_to_baseline) == (True, False)
     assert (twin.same_as_baseline, twin.identical_to_baseline) == (True, True)
@@ -454,3 +458,101 @@ def test_ablate_merged_rows_and_a_student_of_the_single_task_runs(tmp_path, tiny
     assert {"base-merged-average", "base-merged-ties", "student"} <= rows
     with pytest.raises(ConfigError, match="--merge merges the single-task runs"):
         plan_runs([base], "full", 1, out, str(tiny_data), merges=["ties"])
+
+
+# ---------------------------------------------------------------- issue 39: equal evidence
+
+def test_single_task_rows_draw_the_examples_the_baseline_drew(tmp_path, tiny_backbone,
+                                                              tiny_data, capsys):
+    """Proportional sampling draws ~2 batches of each task in 6 steps; each task alone trains
+    its own epoch (4 batches) under the old rule, the baseline's draws under the new one."""
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, train="sampler: proportional",
+                     max_steps=6)
+    out = tmp_path / "ablation"
+    args = [str(base), "--single-task", "--seeds", "2", "--budget", "full", "--out", str(out),
+            "--data-dir", str(tiny_data)]
+    assert main(["ablate", *args, "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "| base-only-sst |" in plan and not any(out.rglob("result.json"))
+    assert main(["ablate", *args, "--no-report"]) == 0
+    capsys.readouterr()
+    joint = results_of(out, "base")
+    assert [r["examples_seen"] for r in joint] != [{t: 32 for t in ("sst", "quora", "sts")}] * 2
+    for task in ("sst", "quora", "sts"):
+        alone = results_of(out, f"base-only-{task}")
+        assert [r["examples_seen"] for r in alone] == [{task: r["examples_seen"][task]}
+                                                       for r in joint]
+        seen = np.mean([r["examples_seen"][task] for r in joint])
+        assert f"| base-only-{task} | 6" not in plan  # the plan's examples are the new rule's
+        assert f"{task} {format_count(round(seen))}" in plan
+
+
+def test_every_row_is_scored_at_its_last_step_by_one_stated_rule(tmp_path, tiny_backbone,
+                                                                 tiny_data):
+    """Several evaluations per run; the score is the last one's, whichever was best."""
+    config = tiny_yaml(tmp_path, "a", tiny_backbone, train="evals_per_epoch: 4", max_steps=4)
+    out = tmp_path / "ablation"
+    outcome = run_ablation([config], budget="full", seeds=2, out=out, data_dir=str(tiny_data),
+                           report=False)
+    for run in outcome.results["a"]:
+        records = [json.loads(line) for line in
+                   (out / "a" / f"seed-{run['seed_index']}" / "metrics.jsonl").open()]
+        assert len(records) == 4 and run["selection"] == "last"
+        assert run["dev"] == records[-1]["dev"] and run["dev_step"] == records[-1]["step"] == 4
+    assert "Selection, the same for every row: each run's dev scores at its last step." in (
+        out / "results.md").read_text()
+    older = dict(outcome.results["a"][0], config="b")
+    del older["selection"]  # a run of older code: best overall dev score on the scored sample
+    with pytest.raises(ablation.AblationError, match="different rules"):
+        write_results(tmp_path / "mixed", {**outcome.results, "b": [older]})
+
+
+def test_a_row_that_logs_one_more_key_but_backpropagates_the_same_is_flagged(tmp_path):
+    """BAM!'s student logs `teacher_loss`; with no effect its back-propagated loss is the
+    baseline's on every seed. A row that differs on one seed only did act."""
+    def result(name, dev, first):
+        return [{"config": name, "seed": k, "seed_index": k, "selection": "last", "steps": 3,
+                 "dev": {"sst": dev, "overall": dev}, "wall_time_s": 1.0, "backbone": "b",
+                 "tasks": {"sst": {"metric": "accuracy", "kind": "classification"}},
+                 "parameters": {"total": 1, "task_specific": 1},
+                 "first_losses": [{"sst/loss": loss, "backward_loss": loss, **extra}
+                                  for loss in first[k]]}
+                for k, extra in enumerate(({}, {}))]
+
+    same = {0: [1.0, 0.9], 1: [1.1, 1.0]}
+    student = result("student", 0.5, same)
+    for run in student:
+        run["first_losses"] = [{**step, "sst/teacher_loss": 0.3} for step in run["first_losses"]]
+    later = result("later", 0.5, {0: same[0], 1: [1.1, 0.95]})
+    write_results(tmp_path, {"base": result("base", 0.5, same), "student": student,
+                             "later": later})
+    with open(tmp_path / "results.csv") as f:
+        rows = {row["config"]: row for row in csv.DictReader(f)}
+    assert rows["student"]["identical_to_baseline"] == "True"
+    assert rows["later"]["same_first_losses_as_baseline"] == "False"
+    assert "| student ⚠ identical to the baseline |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_run_made_by_other_code_is_trained_again(tmp_path, tiny_backbone, tiny_data,
+                                                   monkeypatch):
+    config = tiny_yaml(tmp_path, "a", tiny_backbone)
+    out = tmp_path / "ablation"
+    run_ablation([config], budget="full", seeds=2, out=out, data_dir=str(tiny_data),
+                 report=False)
+    code = results_of(out, "a")[0]["code"]
+    assert code == ablation.code_version() and {"commit", "dirty", "torch"} <= code.keys()
+    assert json.loads((out / "a/seed-0/run.json").read_text())["code"] == code
+    assert results_of(out, "a")[0]["precision"] in ("fp32", "bf16")
+    stale = out / "a/seed-1/result.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()),
+                                 "code": {**code, "commit": "0" * 40, "source": "other"}}))
+    fitted = []
+    original_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: fitted.append(self.run_dir) or
+                        original_fit(self))
+    outcome = run_ablation([config], budget="full", seeds=2, out=out,
+                           data_dir=str(tiny_data), report=False)
+    assert fitted == [out / "a/seed-1"] and [r.seed_index for r in outcome.skipped] == [0]
+    assert results_of(out, "a")[1]["code"] == code
+    with open(out / "results-per-seed.csv") as f:
+        assert [row["source"] for row in csv.DictReader(f)] == [code["source"]] * 2

@@ -31,9 +31,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mtbert.checkpoint import claim_output
 from mtbert.config import ConfigError, ExperimentConfig, TaskConfig
 from mtbert.data.batching import encode_split
-from mtbert.data.readers import DataError, Example, ReadReport, iter_examples
+from mtbert.data.readers import (
+    DataError,
+    Example,
+    ReadReport,
+    check_skipped_share,
+    iter_examples,
+)
+from mtbert.data.tasks import file_layout
 from mtbert.evaluation import head_outputs, map_batches, output_probabilities, to_predictions
 from mtbert.model.heads import is_siamese
 from mtbert.model.multitask import MultitaskModel
@@ -101,6 +109,9 @@ def load(path: str | Path, quantize: str | None = None, device: str = "cpu",
         raise ConfigError("quantize='int8' keeps the rest of the model fp32; use dtype='fp32'")
     if quantize and torch.device(device).type != "cpu":
         raise ConfigError("quantize='int8' runs on the CPU only")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+            batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
     model, tokenizer, config = load_model(path)
     if quantize:
         from mtbert.inference import quantize_dynamic
@@ -141,6 +152,11 @@ class Model:
     def examples(self, task: str | None, inputs: Sequence[Input]) -> list[Example]:
         """`inputs` checked and stripped as `predict(task, ...)` takes them (`task=None`: single
         texts, as `encode` takes them); `InputError` names the first bad one."""
+        if isinstance(inputs, str):
+            fix = (f"predict({task!r}, [text])" if task else "encode([text])")
+            raise TypeError(f"inputs: expected a list of inputs, got the str {inputs!r:.40}, "
+                            f"whose characters would each be an input; for one text call "
+                            f"model.{fix}")
         config = None if task is None else self._task(task)
         return [Example(str(i), _texts(config, i, value), None)
                 for i, value in enumerate(inputs)]
@@ -187,22 +203,30 @@ class Model:
         """Predict every row of a CSV/TSV/JSONL file ("-": standard input) into `output`
         ("-": standard output), `chunk_rows` rows at a time, so memory stays constant.
 
-        Columns are found by name (default: the task's `text_columns` and `id_column`; rows
-        without an id column get their 0-based row index). Malformed rows are skipped and
-        logged with file:line. A file `output` is written under a temporary name and
-        renamed when complete, so an error leaves any earlier file in place.
+        The file is read as the task's own files are (their quoting; field names for files
+        without a header line, as GLUE's CoLA). Columns are found by name (default: the
+        task's `text_columns` and `id_column`; rows without the task's id column get their
+        0-based row index; an `id_column` given must exist). Malformed rows are skipped and
+        logged with file:line; more than the run's `max_skipped_share` of them is an error. A
+        file `output` (never `source`) is written under a temporary name and renamed when
+        complete, so an error leaves any earlier file in place.
         """
         config = self._task(task)
         columns = list(text_columns or config.text_columns)
         if len(columns) != len(config.text_columns):
             kind = "a pair of texts: two" if config.is_pair else "a single text: one"
             raise ConfigError(f"task {task!r} takes {kind} text column, got {columns}")
+        fmt = _output_format(output, output_format)
+        if str(output) != "-":
+            claim_output(output, [] if str(source) == "-" else [source], overwrite=True,
+                         folder=False)
         report = ReadReport(Path(str(source)), [], [])
         examples = iter_examples(source, columns, None, id_column=id_column or config.id_column,
-                                 file_format=input_format, report=report)
+                                 file_format=input_format, report=report,
+                                 id_required=id_column is not None,
+                                 **file_layout(config))
         start = time.perf_counter()
         rows = 0
-        fmt = _output_format(output, output_format)
         with _output(output) as stream, tqdm(desc=f"predict {task}", unit=" rows",
                                              file=sys.stderr, disable=not progress) as bar:
             write = _writer(fmt, stream, self.tasks[task], probabilities)
@@ -210,6 +234,7 @@ class Model:
                 write(chunk, self.predict_examples(config, chunk, batch_size))
                 rows += len(chunk)
                 bar.update(len(chunk))
+            check_skipped_share(report, rows, self.config.max_skipped_share)  # before renaming
         return FileReport(rows, report.skipped, time.perf_counter() - start)
 
     def _task(self, task: str) -> TaskConfig:
@@ -291,7 +316,11 @@ def _output(output: str | Path) -> Iterator[TextIO]:
     path = Path(output)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as stream:
+        stream = open(tmp, "w", encoding="utf-8", newline="")
+    except OSError as error:
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        with stream:
             yield stream
         os.replace(tmp, path)
     finally:

@@ -7,6 +7,8 @@ folder is renamed into place: a crash leaves either the old checkpoint or the ne
 half of one (a crash between the two renames leaves the old one as `.NAME.old`, which
 `recover_interrupted_writes` puts back). Loading checks the manifest and reports a truncated
 or altered file by name. `RunLock` keeps a second process out of a run folder in use.
+`claim_output` is the rule every command that writes a folder checks first: it never replaces
+what the user has unless told to, and never an input.
 """
 
 from __future__ import annotations
@@ -47,6 +49,47 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permissions); the previous one stands."""
 
 
+class OutputError(ValueError):
+    """An output path would replace an input or something the user has not agreed to lose."""
+
+
+def claim_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                 *, folder: bool = True, ignore: Iterable[str] = ()) -> Path:
+    """Check, before any work, that a command may write `path` (a folder, or a file when not
+    `folder`); returns `path`.
+
+    An output that is, or holds, one of the command's `inputs` (compared by resolved path)
+    is refused even with `overwrite`: replacing it would delete what the command reads. An
+    existing output that is not empty (names in `ignore` aside) is refused unless
+    `overwrite`; a folder then replaced through `write_checkpoint` stays until the new one is
+    complete.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for source in map(Path, inputs):
+        if source.resolve() == target:
+            raise OutputError(f"{path} is an input of this command ({source}); write the "
+                              "output elsewhere")
+        if source.resolve().is_relative_to(target):
+            raise OutputError(f"{path} holds {source}, an input of this command; write the "
+                              "output elsewhere")
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise OutputError(f"{path} is a folder; the output is a file (give a file name)")
+    if not folder and not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
+    ignored = set(ignore)
+    held = (sorted(p.name for p in path.iterdir() if p.name not in ignored) if path.is_dir()
+            else [path.name] if path.exists() else [])
+    if held and not overwrite:
+        what = "exists" if not folder else (
+            f"is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})")
+        raise OutputError(f"{path} {what}; give --overwrite to replace it, or choose another "
+                          "output")
+    return path
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,18 +106,35 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write_error(folder: Path, error: OSError) -> CheckpointWriteError:
+    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return CheckpointWriteError(f"cannot write {folder}: {reason}; the previous version (if "
+                                "any) is kept")
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the process's umask gives new
+    files (`mkdtemp` makes 0700 folders, safetensors 0600 files: unreadable to others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
-    """Atomically create or replace `folder` with what `writer(tmp_folder)` puts there."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    """Atomically create or replace `folder` with what `writer(tmp_folder)` puts there; files
+    and folders get the umask's usual permissions."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as error:
+        raise _write_error(folder, error) from None
     try:
         try:
             writer(tmp)
+            _umask_permissions(tmp)
         except OSError as error:
-            reason = "the disk is full" if error.errno == errno.ENOSPC else (
-                error.strerror or str(error))
-            raise CheckpointWriteError(f"cannot write {folder}: {reason}; the previous "
-                                       f"version (if any) is kept") from None
+            raise _write_error(folder, error) from None
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -93,6 +153,16 @@ def write_checkpoint(folder: Path, writer: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def written_whole(folder: Path) -> bool:
+    """Whether `folder` holds just what `write_checkpoint` wrote there: the files its manifest
+    lists and nothing else (a folder mtbert may rewrite without losing anything of yours)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(listed, dict) and {p.name for p in folder.iterdir()} == {*listed, MANIFEST}
 
 
 def verify_checkpoint(folder: Path, required: Iterable[str] = ()) -> None:
@@ -202,8 +272,13 @@ def save_json(path: Path, data: object) -> None:
 
 def write_json_atomically(path: Path, data: dict) -> None:
     """Replace `path` with `data` as JSON in one step: a crash leaves the old file or the new."""
+    write_text_atomically(path, json.dumps(data, indent=1))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a crash leaves the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
-    save_json(tmp, data)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

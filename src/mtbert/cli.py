@@ -19,6 +19,23 @@ QUORA_NOTE = ("note: the default backbone (all-MiniLM-L6-v2) was pre-trained on 
               "data that includes Quora duplicates; its Quora scores are not a clean measure.")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, checked before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} if it exists and is not empty (kept until the new "
+                             "one is complete; never an input of the command)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtbert", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,20 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--splits", nargs="+", default=["dev", "test"])
     predict.add_argument("--out", type=Path, help="folder (default: RUN_DIR/predictions)")
     predict.add_argument("--task", help="the task to predict (file mode)")
-    predict.add_argument("--input", help="CSV/TSV/JSONL file with a header, or - (stdin)")
-    predict.add_argument("--output", default="-", help="file (.jsonl/.csv/.tsv) or - (stdout, "
-                                                       "default)")
+    predict.add_argument("--input", help="CSV/TSV/JSONL file, or - (stdin), read as the "
+                                          "task's files are (header or not, quoting)")
+    predict.add_argument("--output", default="-", help="file (.jsonl/.csv/.tsv; an existing "
+                                                       "one is replaced, never --input) or - "
+                                                       "(stdout, default)")
     predict.add_argument("--format", dest="output_format", choices=["jsonl", "csv", "tsv"],
                          help="output format (default: by --output's suffix; jsonl on stdout)")
     predict.add_argument("--input-format", choices=["jsonl", "csv", "tsv"],
                          help="input format (default: by suffix, else sniffed)")
     predict.add_argument("--text-columns", nargs="+", metavar="COLUMN",
                          help="input text column(s) (default: the task's text_columns)")
-    predict.add_argument("--id-column", help="input id column (default: the task's; rows "
-                                             "without one are numbered from 0)")
+    predict.add_argument("--id-column", help="input id column, which must exist (default: the "
+                                             "task's if the file has it, else rows are "
+                                             "numbered from 0)")
     predict.add_argument("--probabilities", action="store_true",
                          help="also write each class's probability")
-    predict.add_argument("--batch-size", type=int, help="default: the run's eval_batch_size")
+    predict.add_argument("--batch-size", type=positive_int,
+                         help="default: the run's eval_batch_size")
     predict.add_argument("--quantize", choices=["int8"], help="int8 encoder (CPU)")
     predict.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                          help="weights and matrix products in bf16 (fast on CPUs with "
@@ -133,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=["int8"], help="onnx: int8 matrix products")
     export.add_argument("--task", help="onnx: this task only (default: every task); "
                         "a task-routed MoE: this task's dense path")
+    add_overwrite(export, "OUT")
 
     data = commands.add_parser("data", help="download the standard task files; check a folder")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -142,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"folder (default: {ExperimentConfig.data_dir})")
     download.add_argument("--mirror", metavar="URL",
                           help="base URL to fetch from instead of the public one (file:// works)")
+    add_overwrite(download, "task files in --dest that are not the standard ones")
     data_check = data_commands.add_parser(
         "check", help="read every task file as training would; list malformed rows")
     data_check.add_argument("folder", type=Path)
@@ -177,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
                              "finished runs that lack one)")
     ablate.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars for each run trained")
+    ablate.add_argument("--plan", action="store_true",
+                        help="train nothing: print each row's steps and examples per task "
+                             "under the budget (single-task rows: also the old rule's)")
+
+    affinity = commands.add_parser(
+        "affinity", help="which tasks help which: measured pairwise transfer, TAG's one-run "
+                         "estimate, task groups",
+        description="Train every pair of CONFIG's tasks, each task alone and all together "
+                    "(the ablation harness, same budget rule and seeds) into OUT; the "
+                    "all-tasks runs log TAG's look-ahead affinity. Then choose task groups "
+                    "from both matrices, train them, and write OUT/affinity.md, "
+                    "OUT/affinity-measured.png and OUT/affinity-estimate.png "
+                    "(see mtbert.experiments.affinity).")
+    affinity.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
+                          help="one experiment YAML and overrides")
+    affinity.add_argument("--budget", default="small", help="as for ablate (default: small)")
+    affinity.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
+    affinity.add_argument("--every", type=int, default=10, metavar="N",
+                          help="look-ahead affinity every N steps of the all-tasks runs "
+                               "(train.affinity_every; default: 10)")
+    affinity.add_argument("--groups", type=int, default=2, metavar="K",
+                          help="partition the tasks into K groups (default: 2)")
+    affinity.add_argument("--out", type=Path, default=Path("runs/affinity"),
+                          help="output folder (default: runs/affinity)")
+    affinity.add_argument("--data-dir", help="folder with the task files (default: config)")
+    affinity.add_argument("--no-report", dest="report", action="store_false",
+                          help="skip each run's report.html")
 
     merge = commands.add_parser(
         "merge", help="merge runs fine-tuned from the same backbone into one multitask model",
@@ -191,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--density", type=float, default=0.2,
                        help="ties: share of each task vector's entries kept (default: 0.2)")
     merge.add_argument("--out", type=Path, required=True, help="the merged model's folder")
+    add_overwrite(merge, "--out")
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html (plots, curves)")
     report.add_argument("run_dir", type=Path)
@@ -200,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the run was scored on, at most 5000)")
     report.add_argument("--tensorboard", action="store_true",
                         help="also write metrics.jsonl as TensorBoard scalars")
+    add_overwrite(report, "plots/ (and tensorboard/) holding files an earlier report did not "
+                          "write")
     return parser
 
 
@@ -374,7 +427,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from mtbert.export import export
 
-    exported = export(args.run_dir, args.out, args.export_format, args.quantize, args.task)
+    exported = export(args.run_dir, args.out, args.export_format, args.quantize, args.task,
+                      args.overwrite)
     for task, difference in exported.differences.items():
         print(f"{task}: max |ONNX - PyTorch| output difference {difference:.2e}")
     print(f"exported ({args.export_format}) to {exported.folder}; model card: "
@@ -386,7 +440,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     from mtbert.data.readers import DataError
 
     if args.data_command == "download":
-        for line in download(args.dest, args.mirror):
+        for line in download(args.dest, args.mirror, overwrite=args.overwrite):
             print(line)
         print(f"task files in {args.dest}")
         return
@@ -397,14 +451,23 @@ def cmd_data(args: argparse.Namespace) -> None:
     if problems:
         raise DataError(f"{len(problems)} of {len(results)} task files are missing or "
                         f"unreadable in {args.folder}: " + ", ".join(r.name for r in problems))
-    print(f"{len(results)} task files ok in {args.folder}")
+    others = [r.name for r in results if r.standard is False]
+    if others:
+        print(f"{len(results)} task files readable in {args.folder}; {len(others)} of them "
+              f"are not the standard files: {', '.join(others)}")
+    else:
+        print(f"{len(results)} task files ok in {args.folder}")
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from mtbert.experiments.ablation import AblationError, run_ablation
+    from mtbert.experiments.ablation import AblationError, plan_runs, plan_table, run_ablation
 
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
     overrides = [i for i in args.items if i not in configs]
+    if args.plan:
+        print(plan_table(plan_runs(configs, args.budget, args.seeds, args.out, args.data_dir,
+                                   overrides, args.single_task, args.merge)))
+        return
     configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,
@@ -419,12 +482,31 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             + "; ".join(f"{run.run_dir}: {message}" for run, message in outcome.failed))
 
 
+def cmd_affinity(args: argparse.Namespace) -> None:
+    from mtbert.experiments.ablation import AblationError
+    from mtbert.experiments.affinity import run_affinity
+
+    configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
+    if len(configs) != 1:
+        raise ConfigError(f"affinity: name one config file, got {configs or 'none'}")
+    configure_process()
+    outcome = run_affinity(configs[0], args.budget, args.seeds, args.out, args.data_dir,
+                           [i for i in args.items if i not in configs], args.every,
+                           args.groups, args.report, "mtbert " + " ".join(args.argv))
+    print(outcome.files["md"].read_text(encoding="utf-8"))
+    print(f"results: {', '.join(str(p) for p in outcome.files.values())}")
+    if outcome.failed:
+        raise AblationError(f"{len(outcome.failed)} runs failed (traceback in their error.txt; "
+                            "re-run the command to retry them): " + "; ".join(outcome.failed))
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from mtbert.merging import merge_runs
 
     if args.scale is not None and args.method == "average":
         raise ConfigError("--scale applies to task-arithmetic and ties, not average")
-    model = merge_runs(args.runs, args.method, args.out, args.scale, args.density)
+    model = merge_runs(args.runs, args.method, args.out, args.scale, args.density,
+                       args.overwrite)
     print(f"merged {len(args.runs)} runs ({args.method}) into {args.out}: tasks "
           f"{', '.join(model.tasks)}; score it with: mtbert evaluate {args.out}")
 
@@ -432,17 +514,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from mtbert.experiments.report import TensorBoardUnavailable, write_report, write_tensorboard
 
-    print(f"report: {write_report(args.run_dir, args.data_dir, args.max_examples)}")
+    page = write_report(args.run_dir, args.data_dir, args.max_examples, args.overwrite)
+    print(f"report: {page}")
     if args.tensorboard:
         try:
-            print(f"tensorboard: {write_tensorboard(args.run_dir)}")
+            print(f"tensorboard: {write_tensorboard(args.run_dir, args.overwrite)}")
         except TensorBoardUnavailable as error:
             print(f"mtbert report: {error}", file=sys.stderr)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "ablate": cmd_ablate, "report": cmd_report, "serve": cmd_serve, "export": cmd_export,
-            "data": cmd_data, "merge": cmd_merge, "distill": cmd_distill}
+            "data": cmd_data, "merge": cmd_merge, "distill": cmd_distill,
+            "affinity": cmd_affinity}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from mtbert.checkpoint import CorruptCheckpointError, RunFolderError
+    from mtbert.checkpoint import CorruptCheckpointError, OutputError, RunFolderError
     from mtbert.data.readers import DataError
     from mtbert.export import ExportError
     from mtbert.model.loading import CheckpointError
@@ -459,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, CorruptCheckpointError, TrainingError,
-            RunFolderError, ExportError, OSError) as error:  # OSError: unusable file/folder
+            RunFolderError, ExportError, OutputError,
+            OSError) as error:  # OSError: unusable file/folder
         print(f"mtbert {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

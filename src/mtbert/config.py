@@ -78,13 +78,16 @@ class AuxiliaryMnrlConfig:
 
 @dataclass
 class TaskConfig:
-    """One task: its data, input kind, output kind, head, loss and metric."""
+    """One task: its data, input kind, output kind, head, loss and metric(s)."""
 
     name: str = ""
     preset: str | None = None
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
     label_column: str | None = None
-    id_column: str = "id"
+    id_column: str = "id"  # a file without it: ids are the 0-based row numbers
+    # Files without a header line: their fields' names, in order (the first line is data).
+    columns: list[str] | None = None
+    quoting: Literal["minimal", "none"] = "minimal"  # none: a quote is text (GLUE's files)
     kind: Literal["classification", "regression"] = "classification"
     num_classes: int | None = None
     label_names: list[str] | None = None  # class names, index order; None: "0", "1", ...
@@ -92,7 +95,9 @@ class TaskConfig:
     train_file: str | None = None
     dev_file: str | None = None
     test_file: str | None = None
-    metric: Literal["accuracy", "pearson", "spearman"] = "accuracy"
+    # A name in evaluation.METRICS, or a list of them: the task's score is their mean (GLUE
+    # scores MRPC by F1 and accuracy, STS-B by Pearson and Spearman); each is also reported.
+    metric: str | list[str] = "accuracy"
     prediction_column: str = "Predicted_Label"
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: str | None = None  # None: cross_entropy / bce / mse by kind
@@ -104,6 +109,11 @@ class TaskConfig:
     @property
     def is_pair(self) -> bool:
         return len(self.text_columns) == 2
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics whose mean is the task's score."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
 
 @dataclass
@@ -184,6 +194,9 @@ class TrainConfig:
     # auto: bf16 autocast where the device has fast bf16 (CUDA with bf16, CPUs with AVX512-BF16
     # or AMX), fp32 elsewhere (see precision.py); weights, optimizer and losses stay fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # every N optimizer steps, log TAG's look-ahead inter-task affinity (see lookahead.py)
+    affinity_every: int | None = None
+    data_maps: bool = False  # per-example confidence and variability (see data_maps.py)
     regularizers: list[RegularizerConfig] = field(default_factory=list)
     weight_average: WeightAverageConfig | None = None  # None: the raw weights are the model
 
@@ -230,8 +243,13 @@ class ExperimentConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The overall dev score (model selection, tables) is the mean of the task scores with
+    # correlation-like metrics mapped from [-1, 1] to (r + 1) / 2 (`normalised`, CS224N's
+    # overall score), or as they are (`mean`: the GLUE score).
+    overall_score: Literal["normalised", "mean"] = "normalised"
     strict_data: bool = False  # malformed rows are errors instead of skipped rows
     max_skipped_share: float = 0.05  # reading fails when more of a file's rows are malformed
+    cache_dir: str | None = None  # token cache; None: $MTBERT_CACHE or ~/.cache/mtbert/tokens
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -240,6 +258,13 @@ class ExperimentConfig:
             if task.name == name:
                 return task
         raise ConfigError(f"no task named {name!r}; tasks: {[t.name for t in self.tasks]}")
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders a run of this config reads (data folder, backbone
+        when it is a path, `--from` run, teachers): what no output may replace."""
+        named = [self.data_dir, self.model.backbone, self.adapt.from_run,
+                 *self.distill.teachers.values()]
+        return [Path(p).expanduser() for p in named if p and Path(p).expanduser().exists()]
 
 
 # ---------------------------------------------------------------- dict -> dataclass, checked
@@ -481,6 +506,14 @@ def validate(config: ExperimentConfig) -> None:
                               f"task ({task.num_classes} classes), got {_short(task.label_names)}")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
+        if task.columns is not None:
+            unnamed = [c for c in (*task.text_columns, task.label_column)
+                       if c is not None and c not in task.columns]
+            if unnamed:
+                raise ConfigError(f"{where}.columns: names the fields of a file without a "
+                                  f"header, and lacks {', '.join(map(repr, unnamed))}; "
+                                  f"columns: {_short(task.columns)}")
+        _check_metrics(where, task)
     for key, value, ok, requirement in _bounds(config):
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
@@ -493,6 +526,24 @@ def validate(config: ExperimentConfig) -> None:
     for task in config.distill.teachers:
         if task not in names:
             raise ConfigError(f"distill.teachers.{task}: no task of that name; tasks: {names}")
+
+
+def _check_metrics(where: str, task: TaskConfig) -> None:
+    from mtbert.metrics import METRICS
+
+    if not task.metrics or len(set(task.metrics)) != len(task.metrics):
+        raise ConfigError(f"{where}.metric: one metric, or a list of different ones; got "
+                          f"{_short(task.metric)}")
+    metrics = [_registered(f"{where}.metric", name, METRICS) for name in task.metrics]
+    for name, metric in zip(task.metrics, metrics):
+        if metric.task_kind != task.kind or (metric.binary and task.num_classes != 2):
+            binary = "binary " if metric.binary else ""
+            raise ConfigError(f"{where}.metric: {name!r} scores {binary}{metric.task_kind} "
+                              f"tasks, not this {task.kind} task")
+    if len({metric.low for metric in metrics}) > 1:
+        raise ConfigError(f"{where}.metric: the task's score is the mean of its metrics, so "
+                          f"they must share a range; {task.metrics} do not (correlations "
+                          "span [-1, 1])")
 
 
 def _registered(key: str, name: str, registry: dict) -> Any:
@@ -553,6 +604,10 @@ def _check_techniques(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
                           f"every step; train.sampler {train.sampler!r} draws one task per "
                           "step (use round_robin)")
+    if train.affinity_every is not None and (not several or config.adapt.freeze_encoder):
+        raise ConfigError("train.affinity_every: the look-ahead affinity steps the shared "
+                          "encoder on each task's batch of a step; it needs two or more tasks, "
+                          "train.sampler: round_robin, and an encoder that trains")
     for key, name, technique in (("train.weighting", train.weighting, weighting),
                                  ("train.combiner", train.combiner, combiner)):
         if config.adapt.freeze_encoder and technique.needs_encoder_gradients:
@@ -633,6 +688,7 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("train.checkpoint_every", train.checkpoint_every, at_least(1), ">= 1"),
         ("train.keep_checkpoints", train.keep_checkpoints, at_least(1), ">= 1"),
         ("train.threads", train.threads, at_least(1), ">= 1"),
+        ("train.affinity_every", train.affinity_every, at_least(1), ">= 1"),
         ("model.max_length", model.max_length, at_least(MIN_MAX_LENGTH),
          f">= {MIN_MAX_LENGTH} ([CLS] a [SEP] b [SEP] needs room for text)"),
         ("model.hidden_dropout", model.hidden_dropout, fraction, "in [0, 1)"),

@@ -101,7 +101,7 @@ def teacher_targets(task: TaskConfig, source: str, split: EncodedSplit, pad_id: 
         raise ConfigError(f"distill.teachers.{task.name}: the teacher encodes pairs "
                           f"{'apart' if is_siamese(taught) else 'jointly'}, the student not; "
                           "give its predictions as a file instead")
-    if max(map(max, split.token_ids)) >= model.encoder.config.vocab_size:
+    if split.tokens.max_id() >= model.encoder.config.vocab_size:
         raise ConfigError(f"distill.teachers.{task.name}: {source} has a smaller vocabulary "
                           "than the student's backbone (teachers read the student's token ids)")
     log.info("%s: running teacher %s over %d training examples", task.name, source, len(split))

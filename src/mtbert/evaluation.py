@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch, EncodedSplit, collate, sorted_batches
 from mtbert.losses import loss_class
+from mtbert.metrics import METRICS
 from mtbert.model.multitask import MultitaskModel
 
 log = logging.getLogger(__name__)
@@ -102,28 +102,64 @@ def predict_outputs(model: MultitaskModel, task: str, split: EncodedSplit, batch
     return output_probabilities(model.tasks[task], outputs).numpy()
 
 
+def metric_values(task: TaskConfig, predictions: np.ndarray,
+                  labels: np.ndarray) -> dict[str, float]:
+    """Each of the task's metrics; an undefined correlation (constant predictions) is 0."""
+    values = {}
+    for name in task.metrics:
+        value = METRICS[name].function(predictions, labels)
+        if math.isnan(value) and np.std(predictions) == 0:
+            log.warning("%s: every prediction is %g, so %s correlation is undefined; scored "
+                        "0.0 (the model has collapsed or not learned)", task.name,
+                        predictions[0], name)
+            value = 0.0
+        values[name] = value
+    return values
+
+
+def task_scores(task: TaskConfig, predictions: np.ndarray,
+                labels: np.ndarray) -> dict[str, float]:
+    """`{task: score}`, the score being the mean of the task's metrics (GLUE's rule), and
+    `{task/metric: value}` for each metric of a task that has several."""
+    values = metric_values(task, predictions, labels)
+    scores = {task.name: float(np.mean(list(values.values())))}
+    if len(values) > 1:
+        scores.update({f"{task.name}/{name}": value for name, value in values.items()})
+    return scores
+
+
 def metric(task: TaskConfig, predictions: np.ndarray, labels: np.ndarray) -> float:
-    if task.metric == "accuracy":
-        return float((predictions == labels).mean())
-    if np.std(predictions) == 0:  # constant predictions: correlation undefined
-        log.warning("%s: every prediction is %g, so %s correlation is undefined; scored 0.0 "
-                    "(the model has collapsed or not learned)", task.name, predictions[0],
-                    task.metric)
-        return 0.0
-    if task.metric == "pearson":
-        return float(stats.pearsonr(predictions, labels).statistic)
-    return float(stats.spearmanr(predictions, labels).statistic)
+    """The task's score: its metric, or the mean of its metrics."""
+    return task_scores(task, predictions, labels)[task.name]
+
+
+def score_columns(tasks: dict[str, TaskConfig]) -> list[tuple[str, str]]:
+    """(key in a scores dict, what it is) for every task score and metric, in task order:
+    `("sst", "accuracy")`, or `("mrpc/f1", "f1"), ("mrpc/accuracy", "accuracy"),
+    ("mrpc", "mean(f1, accuracy)")` for a task with several metrics."""
+    columns = []
+    for name, task in tasks.items():
+        if len(task.metrics) > 1:
+            columns += [(f"{name}/{m}", m) for m in task.metrics]
+            columns.append((name, f"mean({', '.join(task.metrics)})"))
+        else:
+            columns.append((name, task.metrics[0]))
+    return columns
 
 
 def normalised(task: TaskConfig, value: float) -> float:
-    """A metric on [0, 1]: correlations r become (r + 1) / 2."""
-    return value if task.metric == "accuracy" else (value + 1) / 2
+    """A task score on [0, 1]: correlation-like scores r become (r + 1) / 2 (a task's metrics
+    share one range)."""
+    return METRICS[task.metrics[0]].normalised(value)
 
 
-def overall_score(tasks: dict[str, TaskConfig], scores: dict[str, float]) -> float:
-    """Mean of the normalised task metrics: for sst, quora and sts this is the standard
-    `(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3`."""
-    values = [normalised(tasks[name], value) for name, value in scores.items()]
+def overall_score(tasks: dict[str, TaskConfig], scores: dict[str, float],
+                  how: str = "normalised") -> float:
+    """Mean of the task scores, normalised (for sst, quora and sts the standard
+    `(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3`) or as they are (`how="mean"`: the GLUE
+    score, MRPC and STS-B each the mean of their two metrics)."""
+    values = [value if how == "mean" else normalised(tasks[name], value)
+              for name, value in scores.items() if name in tasks]
     return float(sum(values) / len(values)) if values else math.nan
 
 
@@ -140,12 +176,13 @@ def write_predictions(path: Path, task: TaskConfig, example_ids: list[str],
 
 
 def format_table(rows: dict[str, dict[str, float]], tasks: dict[str, TaskConfig]) -> str:
-    """A Markdown table: one row per split, a column per task metric, then overall."""
-    names = list(tasks)
-    header = ["split"] + [f"{n} {tasks[n].metric}" for n in names] + ["overall"]
+    """A Markdown table: one row per split, a column per task metric (and task score), then
+    overall."""
+    columns = score_columns(tasks)
+    header = ["split"] + [f"{key.split('/')[0]} {what}" for key, what in columns] + ["overall"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for split, scores in rows.items():
-        cells = [f"{scores[n]:.3f}" if n in scores else "-" for n in names]
+        cells = [f"{scores[key]:.3f}" if key in scores else "-" for key, _ in columns]
         lines.append("| " + " | ".join([split, *cells, f"{scores['overall']:.3f}"]) + " |")
     return "\n".join(lines)
 
@@ -156,29 +193,28 @@ def evaluate_splits(model: MultitaskModel, tokenizer, config, splits: Sequence[s
     """Score every task on each labelled split and write `{task}-{split}-output.csv` files.
 
     `limit` keeps the first `limit` examples of each split (quick checks). Returns
-    {split: {task: metric, ..., "overall": score}} for the labelled splits.
+    {split: {task: score, ..., "overall": score}} for the labelled splits (`task_scores`).
     """
-    from mtbert.data.batching import encode_split
-    from mtbert.data.tasks import read_split
+    from mtbert.data.tasks import load_split
     from mtbert.model.heads import is_siamese
 
     table = {}
     for split in splits:
         scores = {}
         for name, task in model.tasks.items():
-            examples = read_split(task, split, config.data_dir, config.strict_data,
-                                  config.max_skipped_share)
-            if examples is None:
+            encoded = load_split(task, split, config, tokenizer, is_siamese(task))
+            if encoded is None:
                 continue
-            encoded = encode_split(examples[:limit], tokenizer, is_siamese(task))
+            if limit is not None and limit < len(encoded):
+                encoded = encoded.subset(np.arange(limit))
             predictions = predict(model, name, encoded, config.train.eval_batch_size,
                                   tokenizer.pad_id, progress)
             if predictions_dir is not None:
                 write_predictions(predictions_dir / f"{name}-{split}-output.csv", task,
                                   encoded.example_ids, predictions)
             if encoded.labels is not None:
-                scores[name] = metric(task, predictions, encoded.labels.numpy())
+                scores.update(task_scores(task, predictions, encoded.labels.numpy()))
         if scores:
-            scores["overall"] = overall_score(model.tasks, scores)
+            scores["overall"] = overall_score(model.tasks, scores, config.overall_score)
             table[split] = scores
     return table

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from mtbert.api import task_info
-from mtbert.checkpoint import load_json, save_json, save_tensors, write_checkpoint
+from mtbert.checkpoint import claim_output, load_json, save_json, save_tensors, write_checkpoint
 from mtbert.config import ExperimentConfig, TaskConfig
 from mtbert.data.batching import collate, encode_split
 from mtbert.data.readers import Example
@@ -74,13 +74,17 @@ class Exported:
 
 
 def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = None,
-           task: str | None = None) -> Exported:
-    """Write the model of `run` (a run, its `best/`, or a model folder) to `out` in `fmt`."""
+           task: str | None = None, overwrite: bool = False) -> Exported:
+    """Write the model of `run` (a run, its `best/`, or a model folder) to `out` in `fmt`;
+    an existing `out` as `checkpoint.claim_output` allows (`overwrite`)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
+    out = claim_output(out, [run, model_folder(run)], overwrite)
     model, tokenizer, config = load_model(run)
+    if task is not None and task not in model.tasks:
+        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     foldable = isinstance(model.conditioning, LowRankAdapters)
     moe = bool(experts_of(model.encoder))
     if quantize and fmt != "onnx" or task and fmt != "onnx" and not (moe or foldable):
@@ -90,7 +94,6 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
     metrics = load_json(model_folder(run) / "metrics.json")
     if moe:
         model, config = _dense_task_path(model, config, task)
-    out = Path(out)
     if fmt == "onnx":
         return _export_onnx(model, tokenizer, config, metrics, out, quantize, task)
     if task is not None and isinstance(model.conditioning, LowRankAdapters):
@@ -126,9 +129,8 @@ def export(run: str | Path, out: str | Path, fmt: str, quantize: str | None = No
 
 def folded(model: MultitaskModel, config: ExperimentConfig, task: str
            ) -> tuple[MultitaskModel, ExperimentConfig]:
-    """`task` alone, its low-rank adapters folded into a plain encoder's weights."""
-    if task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
+    """`task` (one of the model's) alone, its low-rank adapters folded into a plain encoder's
+    weights."""
     config = dataclasses.replace(
         config, tasks=[config.task(task)],
         model=dataclasses.replace(config.model, conditioning=None, conditioning_options={}))
@@ -147,8 +149,6 @@ def _dense_task_path(model: MultitaskModel, config: ExperimentConfig, task: str 
                  "encoder with --task NAME")
     if task is None:
         raise ExportError(not_plain)
-    if task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     try:
         encoder = extract_task_encoder(model.encoder, model.routing, task)
     except ValueError as error:
@@ -203,8 +203,6 @@ def _export_onnx(model: MultitaskModel, tokenizer: Tokenizer, config: Experiment
                  metrics: dict, out: Path, quantize: str | None, task: str | None) -> Exported:
     from mtbert.inference import export_onnx
 
-    if task is not None and task not in model.tasks:
-        raise ExportError(f"unknown task {task!r}; this model's tasks: {', '.join(model.tasks)}")
     names = [task] if task else list(model.tasks)
     differences = {}
 
@@ -297,7 +295,7 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
             {"task": {"type": _task_type(t), "name": t.name},
              "dataset": {"name": t.preset or t.name, "type": t.preset or t.name,
                          "split": "dev"},
-             "metrics": [{"type": t.metric, "value": dev[t.name], "name": f"dev {t.metric}"}]}
+             "metrics": _card_metrics(t, dev)}
             for t in config.tasks if t.name in dev]}],
     }
     train, model = config.train, config.model
@@ -328,7 +326,9 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         "|---|---|---|---|---|\n" + "\n".join(_task_row(t) for t in config.tasks),
         f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')} "
         "(`metrics.json`): " + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
-        + ". Overall is the mean of the task metrics, correlations r counted as (r + 1) / 2."
+        + ". A task with several metrics scores their mean. Overall is the mean of the task "
+        + ("scores as they are (the GLUE score)." if config.overall_score == "mean" else
+           "scores, correlation-like ones (r) counted as (r + 1) / 2.")
         + selection,
         "## Training recipe\n\n" + "\n".join(recipe),
         "## Intended use and limits\n\nResearch and teaching: sentence-level sentiment, "
@@ -348,6 +348,13 @@ _QUORA_CAVEAT = (
     "\n\n**Quora caveat**: the backbone, all-MiniLM-L6-v2, was pre-trained on paraphrase data "
     "that includes Quora duplicate questions (QQP), so the Quora score is not a clean measure "
     "of what multitask fine-tuning added.")
+
+
+def _card_metrics(task: TaskConfig, dev: dict) -> list[dict]:
+    """The task's dev metrics as model-index entries: its metric, or each of its several."""
+    keys = [task.name] if len(task.metrics) == 1 else [f"{task.name}/{m}" for m in task.metrics]
+    return [{"type": metric, "value": dev[key], "name": f"dev {metric}"}
+            for key, metric in zip(keys, task.metrics) if key in dev]
 
 
 def _task_type(task: TaskConfig) -> str:

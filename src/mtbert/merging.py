@@ -66,9 +66,12 @@ METHODS: dict[str, Callable[..., Tensor]] = {"average": average,
 
 
 def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
-               scale: float | None = None, density: float = DEFAULT_DENSITY) -> MultitaskModel:
-    """Merge the models of `runs` with `method` into the model folder `out`; returns it."""
-    from mtbert.model_folder import build_model, load_model, save_model
+               scale: float | None = None, density: float = DEFAULT_DENSITY,
+               overwrite: bool = False) -> MultitaskModel:
+    """Merge the models of `runs` with `method` into the model folder `out`; returns it. An
+    existing `out` is replaced as `checkpoint.claim_output` allows (`overwrite`)."""
+    from mtbert.checkpoint import claim_output
+    from mtbert.model_folder import build_model, load_model, model_folder, save_model
     from mtbert.training import load_backbone
 
     if method not in METHODS:
@@ -80,6 +83,7 @@ def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
     scale = DEFAULT_SCALE[method] if scale is None else scale
     loaded = [load_model(run) for run in runs]
     configs = [config for _, _, config in loaded]
+    claim_output(out, [*runs, *map(model_folder, runs), *configs[0].input_paths()], overwrite)
     for run, config in zip(runs[1:], configs[1:]):
         if to_dict(config.model) != to_dict(configs[0].model):
             raise ConfigError(f"merge: {run} has other model settings than {runs[0]} "

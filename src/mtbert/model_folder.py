@@ -101,8 +101,9 @@ def model_folder(path: str | Path) -> Path:
         if (path / candidate).is_dir():
             return path / candidate
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such folder (expected a run folder, its best/, or "
-                              "a folder written by `mtbert export`)")
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise CheckpointError(f"{path}: {what} (expected a run folder, its best/, or a folder "
+                              "written by `mtbert export`)")
     return path
 
 

@@ -2,6 +2,11 @@
 
 A preset is plain data; `config.resolve_presets` merges the user's keys over it. Nothing
 outside this table names SST, CFIMDB, Quora or STS.
+
+The GLUE presets (Wang et al. 2019) read the official train files as they are, in the layout
+of `../shared/data/glue` (`--data-dir ../shared/data/glue`; its README): tab-separated, no
+quoting, CoLA without a header line. Labels and predictions are the files' own values (0/1,
+or RTE's names), so predictions on the official dev files score against their labels as read.
 """
 
 PRESETS: dict[str, dict] = {
@@ -25,4 +30,28 @@ PRESETS: dict[str, dict] = {
         text_columns=["sentence1", "sentence2"], label_column="similarity", kind="regression",
         label_range=[0.0, 5.0], metric="pearson", prediction_column="Predicted_Similarity",
         train_file="sts-train.csv", dev_file="sts-dev.csv", test_file="sts-test-student.csv"),
+    "cola": dict(
+        columns=["source", "label", "original_mark", "sentence"], text_columns=["sentence"],
+        label_column="label", kind="classification", num_classes=2, metric="matthews",
+        quoting="none", train_file="CoLA/train.tsv", dev_file="CoLA/dev.tsv"),
+    "mrpc": dict(
+        text_columns=["#1 String", "#2 String"], label_column="Quality", kind="classification",
+        num_classes=2, metric=["f1", "accuracy"], quoting="none",
+        train_file="MRPC/train.tsv", dev_file="MRPC/dev.tsv"),
+    "rte": dict(
+        text_columns=["sentence1", "sentence2"], label_column="label", id_column="index",
+        kind="classification", num_classes=2, label_names=["entailment", "not_entailment"],
+        metric="accuracy", quoting="none", train_file="RTE/train.tsv", dev_file="RTE/dev.tsv"),
+    "stsb": dict(
+        text_columns=["sentence1", "sentence2"], label_column="score", id_column="index",
+        kind="regression", label_range=[0.0, 5.0], metric=["pearson", "spearman"],
+        quoting="none", train_file="STS-B/train.tsv", dev_file="STS-B/dev.tsv"),
+    "wnli": dict(
+        text_columns=["sentence1", "sentence2"], label_column="label", id_column="index",
+        kind="classification", num_classes=2, metric="accuracy", quoting="none",
+        train_file="WNLI/train.tsv", dev_file="WNLI/dev.tsv"),
+    "sst2": dict(
+        text_columns=["sentence"], label_column="label", kind="classification", num_classes=2,
+        metric="accuracy", quoting="none", train_file="SST-2/train.tsv",
+        dev_file="SST-2/dev.tsv"),
 }

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from mtbert.adapting import adapt_model
 from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
+    LOCK_FILE,
     CorruptCheckpointError,
     RunFolderError,
     RunLock,
+    claim_output,
     clear_run,
     holds_run,
     load_json,
@@ -45,9 +47,11 @@ from mtbert.config import (
     dump_config,
     to_dict,
 )
-from mtbert.data.batching import Batch, EncodedSplit, TaskStream, encode_split
-from mtbert.data.sampling import build_sampler
-from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
+from mtbert.data.batching import Batch, EncodedSplit, TaskStream
+from mtbert.data.sampling import build_sampler, optimizer_steps
+from mtbert.data.tasks import EVAL_SAMPLE_SEED, load_split, subsample_split
+from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
+from mtbert.data_maps import DataMaps
 from mtbert.distillation import build_distillation
 from mtbert.distributed import (
     average_gradients,
@@ -55,12 +59,14 @@ from mtbert.distributed import (
     gather_objects,
     gather_shards,
     gradient_sync,
+    mean_across_ranks,
     reduce_values,
     run_on_main,
     shard_rows,
     step_forward,
 )
-from mtbert.evaluation import evaluate_splits, metric, overall_score, predict
+from mtbert.evaluation import evaluate_splits, overall_score, predict, task_scores
+from mtbert.lookahead import add_affinity, lookahead_affinity, mean_affinity, mean_over_ranks
 from mtbert.losses.task import TaskLoss
 from mtbert.model.bert import BertModel
 from mtbert.model.heads import is_siamese
@@ -69,6 +75,7 @@ from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.precision import autocast, resolve_precision
+from mtbert.provenance import code_version
 from mtbert.regularizers import Regularizers
 from mtbert.tokenizer import Tokenizer
 from mtbert.weight_averaging import build_weight_average
@@ -118,21 +125,18 @@ class TaskData:
 
 
 def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, TaskData]:
-    """Read and tokenize every task's train and dev files once."""
+    """Every task's train and dev splits, tokenized once into the token cache and mapped
+    from it (each run, seed and process reuses the cache)."""
     data = {}
     for task in config.tasks:
-        siamese = is_siamese(task)
-        train = read_split(task, "train", config.data_dir, config.strict_data,
-                           config.max_skipped_share)
-        dev = read_split(task, "dev", config.data_dir, config.strict_data,
-                         config.max_skipped_share)
-        train = subsample(train, config.train.max_train_examples, config.train.train_fraction,
-                          config.train.seed)
-        dev = subsample(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
-        data[task.name] = TaskData(
-            task, encode_split(train, tokenizer, siamese),
-            None if dev is None else encode_split(dev, tokenizer, siamese))
-        log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
+        train, dev = (load_split(task, split, config, tokenizer, is_siamese(task))
+                      for split in ("train", "dev"))
+        train = subsample_split(train, config.train.max_train_examples,
+                                config.train.train_fraction, config.train.seed)
+        dev = subsample_split(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
+        data[task.name] = TaskData(task, train, dev)
+        log.info("%s: %d train, %d dev examples", task.name, len(train),
+                 0 if dev is None else len(dev))
     return data
 
 
@@ -151,6 +155,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     examples_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
     first_losses: list[dict] = field(default_factory=list)  # per-step losses, first steps
+    affinity: dict[str, dict[str, float]] = field(default_factory=dict)  # sums of Z (TAG)
+    affinity_steps: int = 0  # look-ahead measurements summed in `affinity`
 
 
 FIRST_LOSSES_STEPS = 20  # how many steps `TrainState.first_losses` keeps (no-op detection)
@@ -185,6 +191,9 @@ class Trainer:
         if self.world.active:  # the same model everywhere, but each rank its own dropout
             torch.manual_seed(train.seed + self.world.rank)
         self.losses = {name: TaskLoss(t.config) for name, t in trained.items()}
+        self.data_maps = DataMaps({n: d.config for n, d in trained.items()},
+                                  {n: len(d.train) for n, d in trained.items()}
+                                  ) if train.data_maps else None
         self.distillation = build_distillation(
             config.distill, {n: d.config for n, d in trained.items()},
             {n: d.train for n, d in trained.items()}, self.tokenizer.pad_id,
@@ -198,10 +207,8 @@ class Trainer:
             train.sampler, {n: len(d.train) for n, d in trained.items()},
             {n: s.global_batch_size for n, s in self.streams.items()}, train.seed,
             epochs=train.epochs, **train.sampler_options)
-        micro_steps = math.ceil(train.epochs * self.sampler.steps_per_epoch())
-        self.total_steps = math.ceil(micro_steps / train.grad_accumulation)
-        if train.max_steps is not None:
-            self.total_steps = min(self.total_steps, train.max_steps)
+        self.total_steps = optimizer_steps(self.sampler, train.epochs, train.grad_accumulation,
+                                           train.max_steps)
         self.sampler.fit_schedule(self.total_steps * train.grad_accumulation)
         context = TaskContext(tuple(names), {n: d.config.kind for n, d in trained.items()},
                               {n: d.config.weight for n, d in trained.items()}, train.seed)
@@ -261,12 +268,15 @@ class Trainer:
         ddp_averages = not self.combiner.averages_across_ranks
         logged: dict[str, float] = {}
         counts = {"tokens": 0}
+        backward_loss = 0.0  # what the technique changes: the loss actually back-propagated
         for micro in range(train.grad_accumulation):
             micro_step = self.state.step * train.grad_accumulation + micro
             batches: dict[str, Batch] = {
                 task: self.streams[task].next().to(self.device)
                 for task in self.sampler.tasks_for_step(micro_step)}
             last = micro == train.grad_accumulation - 1
+            if micro == 0 and train.affinity_every and self.state.step % train.affinity_every == 0:
+                self._measure_affinity(batches)
             with gradient_sync(self.forward, ddp_averages and last):
                 with autocast(self.device, self.precision):
                     outputs = self.forward(batches)
@@ -279,6 +289,9 @@ class Trainer:
                                                      batch.rows, self.state.step / self.total_steps)
                     parts.update(taught)
                     losses[task] = loss
+                    if self.data_maps is not None:
+                        self.data_maps.record(task, outputs[task].predictions, batch.labels,
+                                              batch.rows)
                     logged.update({f"{task}/{k}": v for k, v in parts.items()})
                 with autocast(self.device, self.precision):
                     auxiliary = {task: self.regularizers(model, self.data[task].config, batch,
@@ -291,8 +304,10 @@ class Trainer:
                 terms = self.weighting(losses, model.last_shared_parameters())
                 # Regularisers are no task's loss: they join after weighting and distillation.
                 terms = {t: term + sum(auxiliary[t].values()) for t, term in terms.items()}
+                backward_loss += sum(terms.values()).item() / train.grad_accumulation
                 self.combiner.backward({t: term / train.grad_accumulation
                                         for t, term in terms.items()}, shared, other)
+        logged["backward_loss"] = backward_loss
         average_gradients(list(self.weighting.parameters())
                           + ([] if ddp_averages else model.task_parameters()))
         logged = reduce_values(logged)  # every rank logs, and skips, the same
@@ -323,6 +338,15 @@ class Trainer:
         logged["tokens"] = tokens
         return logged
 
+    def _measure_affinity(self, batches: dict[str, Batch]) -> None:
+        """TAG's look-ahead affinity on this step's batches (lookahead.py), summed."""
+        measured = lookahead_affinity(
+            self.model, batches,
+            lambda task, output, batch: self.losses[task](output, batch.labels, self.epoch)[0],
+            self.config.train.lr)
+        add_affinity(self.state.affinity, mean_over_ranks(measured))
+        self.state.affinity_steps += 1
+
     def _skip_bad_step(self) -> None:
         self.weighting.after_skipped_step()
         self.state.bad_steps += 1
@@ -350,8 +374,8 @@ class Trainer:
             predictions = predict(self.model, name, shard,
                                   self.config.train.eval_batch_size, self.tokenizer.pad_id)
             predictions = gather_shards(predictions, len(encoded))
-            scores[name] = metric(data.config, predictions, encoded.labels.numpy())
-        scores["overall"] = overall_score(self.model.tasks, scores)
+            scores.update(task_scores(data.config, predictions, encoded.labels.numpy()))
+        scores["overall"] = overall_score(self.model.tasks, scores, self.config.overall_score)
         return scores
 
     # ------------------------------------------------------------ the loop
@@ -368,7 +392,8 @@ class Trainer:
             save_json(self.run_dir / "run.json", {"parameters": self.parameter_counts(),
                                                  "total_steps": self.total_steps,
                                                  "world_size": self.world.size,
-                                                 "precision": self.precision})
+                                                 "precision": self.precision,
+                                                 "code": code_version()})
         epoch_steps = max(1, self.sampler.steps_per_epoch() // self.config.train.grad_accumulation)
         eval_every = max(1, epoch_steps // self.config.train.evals_per_epoch)
         start = time.perf_counter()
@@ -399,6 +424,8 @@ class Trainer:
                     self.save_training_state()
         finally:
             bar.close()
+        if self.data_maps is not None:
+            self._write_data_maps()
         no_dev = self.state.best_record < 0 and not any(d.dev for d in self.data.values())
         if no_dev and self.world.is_main:
             log.info("no task has dev data: best/ is the model of the last step")
@@ -421,6 +448,8 @@ class Trainer:
             "elapsed_s": round(elapsed, 1), "train": dict(running), "dev": scores,
             "weights": self.weighting.weights(), "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.state.skipped_steps}
+        if self.state.affinity_steps:
+            record["affinity"] = mean_affinity(self.state.affinity, self.state.affinity_steps)
         self.state.history.append(record)
         if self.world.is_main:
             with open(self.metrics_file, "a", encoding="utf-8") as f:
@@ -438,11 +467,20 @@ class Trainer:
         if self.config.adapt.keep_task_best:
             self._keep_task_best(scores)
 
+    def _write_data_maps(self) -> None:
+        """`RUN_DIR/data_maps/TASK.csv`; under DDP each rank saw its own examples: summed."""
+        if self.world.active:
+            for value in self.data_maps.state_dict().values():
+                value.copy_(mean_across_ranks(value) * self.world.size)
+        if self.world.is_main:
+            self.data_maps.write(self.run_dir / DATA_MAPS_FOLDER)
+
     def _keep_task_best(self, scores: dict[str, float]) -> None:
         """`best-tasks/TASK/`: the model at the task's own best dev score, which may come at
         another step than the overall best (a student can be assembled from them)."""
         for task, score in scores.items():
-            if task == "overall" or not score > self.state.task_best.get(task, -math.inf):
+            if task not in self.model.tasks or not score > self.state.task_best.get(
+                    task, -math.inf):  # "overall", "mrpc/f1": not task scores
                 continue
             self.state.task_best[task] = score
             if self.world.is_main:
@@ -476,6 +514,8 @@ class Trainer:
             save_tensors(tmp / "model.safetensors", self.model.state_dict())
             save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
+            if self.data_maps is not None:
+                save_tensors(tmp / "data_maps.safetensors", self.data_maps.state_dict())
             if self.regularizers.parts:
                 save_tensors(tmp / "regularizers.safetensors", self.regularizers.state_dict())
             if self.averaging is not None:
@@ -562,6 +602,8 @@ class Trainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(self.scheduler.last_epoch)
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
+        if self.data_maps is not None:
+            self.data_maps.load_state_dict(load_tensors(folder / "data_maps.safetensors"))
         if self.regularizers.parts:
             self.regularizers.load_state_dict(load_tensors(folder / "regularizers.safetensors"))
         if self.averaging is not None:
@@ -616,14 +658,15 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
     `run_dir/predictions`.
 
     The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
-    holds another run, unless `overwrite` clears it first.
+    is not empty, unless `overwrite` (which clears a run it holds first), and always one that
+    is or holds what the config reads (`checkpoint.claim_output`).
     Under DDP every rank trains; rank 0 alone holds the lock, scores the best model and
     writes the predictions (the other ranks return an empty table and their model).
     Returns ({split: {task: metric, "overall": score}}, training seconds, the best model).
     """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as stack:
-        run_on_main(lambda: _claim_run_folder(stack, run_dir, resume, overwrite))
+        run_on_main(lambda: _claim_run_folder(stack, run_dir, config, resume, overwrite))
         start = time.perf_counter()
         trainer = Trainer(config, run_dir)
         if resume:
@@ -638,9 +681,13 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
     return table, seconds, model
 
 
-def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, resume: bool,
-                      overwrite: bool) -> None:
-    """Lock `run_dir` until `stack` closes; a new run needs it free of other runs."""
+def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, config: ExperimentConfig,
+                      resume: bool, overwrite: bool) -> None:
+    """Lock `run_dir` until `stack` closes; a new run needs it empty or `overwrite`, and
+    never one that is or holds an input of `config`."""
+    if not resume:  # before the lock leaves a file; one holding a run gets --resume offered
+        claim_output(run_dir, config.input_paths(), overwrite or bool(holds_run(run_dir)),
+                     ignore=[LOCK_FILE])
     stack.enter_context(RunLock(run_dir))
     found = holds_run(run_dir)
     if found and not resume:

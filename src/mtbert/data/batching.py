@@ -1,13 +1,16 @@
 """Tokenize once, then batch by length: dynamic padding, shuffled length buckets.
 
-A split is tokenized when it is loaded, never per step. Pair tasks are stored either jointly
-(`[CLS] a [SEP] b [SEP]`, for cross-encoders) or as a table of distinct sentences plus an
-(N, 2) index (siamese heads), so a sentence that occurs several times in a batch is encoded
-once.
+A split is tokenized when it is loaded (or read from the token cache, `data/cache.py`), never
+per step. Pair tasks are stored either jointly (`[CLS] a [SEP] b [SEP]`, for cross-encoders)
+or as a table of distinct sentences plus an (N, 2) index (siamese heads), so a sentence that
+occurs several times in a batch is encoded once. Token rows are views into flat arrays, which
+may be memory-mapped: a split, its subsets and its batch plans hold row numbers and lengths,
+never the tokens themselves.
 """
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,49 +20,122 @@ import torch
 from torch import Tensor
 
 from mtbert.data.readers import Example
-from mtbert.tokenizer import Tokenizer
+from mtbert.tokenizer import Text, Tokenizer
 
 # A bucket is this many batches' worth of shuffled examples, sorted by length before it is
 # cut into batches: rows of a batch have similar lengths, yet batches stay random.
 BUCKET_BATCHES = 50
 
 
+@dataclass(eq=False)
+class TokenRows:
+    """Rows of token ids and token type ids: row r is `lengths[r]` values from position
+    `starts[r]` of the chunks laid end to end (one chunk in memory; one per record batch of a
+    memory-mapped cache file, so `ids` and `types` are never copied)."""
+
+    ids: list[np.ndarray]  # per chunk, the token ids of its rows end to end
+    types: list[np.ndarray]  # per chunk, the token type ids, aligned with `ids`
+    starts: np.ndarray  # (R,) int64 position of each row's first token across the chunks
+    lengths: np.ndarray  # (R,) int64
+
+    def __post_init__(self) -> None:
+        self._bounds = np.cumsum([0, *(len(chunk) for chunk in self.ids)])
+
+    @classmethod
+    def from_lists(cls, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]]) -> TokenRows:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        total = int(lengths.sum())
+        flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
+        flat_types = np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8,
+                                 count=total)
+        starts = np.cumsum(lengths) - lengths
+        return cls([flat_ids], [flat_types], starts, lengths)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and token type ids of row `r`."""
+        start = int(self.starts[r])
+        chunk = int(np.searchsorted(self._bounds, start, side="right")) - 1
+        begin = start - int(self._bounds[chunk])
+        end = begin + int(self.lengths[r])
+        return self.ids[chunk][begin:end], self.types[chunk][begin:end]
+
+    def take(self, rows: np.ndarray) -> TokenRows:
+        """The rows `rows`, in that order (their positions are copied, not their tokens)."""
+        return TokenRows(self.ids, self.types, self.starts[rows], self.lengths[rows])
+
+    def max_id(self) -> int:
+        return max(int(chunk.max(initial=0)) for chunk in self.ids)
+
+
+class RowsOf(Sequence[str]):
+    """`items[rows[i]]` for each i: a subset of example ids that copies row numbers only."""
+
+    def __init__(self, items: Sequence[str], rows: np.ndarray):
+        self.items, self.rows = items, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> str:
+        return self.items[int(self.rows[i])]
+
+
+class RowNumbers(Sequence[str]):
+    """"0", "1", ... "n-1" as ids, without a list of them."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return str(i)
+
+
 @dataclass
 class EncodedSplit:
     """One task split, tokenized."""
 
-    example_ids: list[str]
+    example_ids: Sequence[str]
     labels: Tensor | None  # (N,) float32
-    token_ids: list[list[int]]  # joint: a row per example; siamese: a row per distinct sentence
-    token_types: list[list[int]]
-    pair_index: np.ndarray | None  # (N, 2) rows of token_ids; None when joint
+    tokens: TokenRows  # joint: a row per example; siamese: a row per distinct sentence
+    pair_index: np.ndarray | None  # (N, 2) rows of `tokens`; None when joint
 
     def __len__(self) -> int:
         return len(self.example_ids)
 
     def subset(self, rows: np.ndarray) -> EncodedSplit:
-        """The examples `rows`, in that order (a siamese split keeps only their sentences)."""
+        """The examples `rows`, in that order. A siamese split keeps only their sentences,
+        numbered in order of first use as `encode_split` numbers them, so a subset equals
+        the split encoded from those examples alone."""
+        rows = np.asarray(rows, dtype=np.int64)
         labels = None if self.labels is None else self.labels[torch.from_numpy(rows)]
-        ids = [self.example_ids[r] for r in rows]
+        ids = RowsOf(self.example_ids, rows)
         if self.pair_index is None:
-            return EncodedSplit(ids, labels, [self.token_ids[r] for r in rows],
-                                [self.token_types[r] for r in rows], None)
-        used, inverse = np.unique(self.pair_index[rows], return_inverse=True)
-        return EncodedSplit(ids, labels, [self.token_ids[r] for r in used],
-                            [self.token_types[r] for r in used], inverse.reshape(len(rows), 2))
+            return EncodedSplit(ids, labels, self.tokens.take(rows), None)
+        used, first, inverse = np.unique(self.pair_index[rows].ravel(), return_index=True,
+                                         return_inverse=True)
+        order = np.argsort(first)
+        number = np.empty_like(order)
+        number[order] = np.arange(len(order))
+        return EncodedSplit(ids, labels, self.tokens.take(used[order]),
+                            number[inverse.ravel()].reshape(len(rows), 2))
 
     def sentences(self) -> EncodedSplit:
         """The token rows as a split of their own (a siamese split's distinct sentences)."""
-        return EncodedSplit([str(i) for i in range(len(self.token_ids))], None, self.token_ids,
-                            self.token_types, None)
+        return EncodedSplit(RowNumbers(len(self.tokens)), None, self.tokens, None)
 
     def lengths(self) -> np.ndarray:
         """Tokens each example costs the encoder."""
-        row_lengths = np.fromiter((len(r) for r in self.token_ids), dtype=np.int64,
-                                  count=len(self.token_ids))
         if self.pair_index is None:
-            return row_lengths
-        return row_lengths[self.pair_index].sum(axis=1)
+            return self.tokens.lengths
+        return self.tokens.lengths[self.pair_index].sum(axis=1)
 
 
 def encode_split(examples: Sequence[Example], tokenizer: Tokenizer,
@@ -70,14 +146,24 @@ def encode_split(examples: Sequence[Example], tokenizer: Tokenizer,
         labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
     ids = [e.id for e in examples]
     if not siamese:
-        texts = [e.texts[0] if len(e.texts) == 1 else e.texts for e in examples]
-        token_ids, token_types = tokenizer.encode(texts)
-        return EncodedSplit(ids, labels, token_ids, token_types, None)
+        texts = [joint_text(e) for e in examples]
+        return EncodedSplit(ids, labels, TokenRows.from_lists(*tokenizer.encode(texts)), None)
     table: dict[str, int] = {}
-    pair_index = np.array([[table.setdefault(t, len(table)) for t in e.texts] for e in examples],
-                          dtype=np.int64).reshape(len(examples), 2)
-    token_ids, token_types = tokenizer.encode(list(table))
-    return EncodedSplit(ids, labels, token_ids, token_types, pair_index)
+    pair_index = sentence_table(examples, table)
+    return EncodedSplit(ids, labels, TokenRows.from_lists(*tokenizer.encode(list(table))),
+                        pair_index)
+
+
+def joint_text(example: Example) -> Text:
+    """What the tokenizer encodes for an example: its sentence, or its pair jointly."""
+    return example.texts[0] if len(example.texts) == 1 else example.texts
+
+
+def sentence_table(examples: Sequence[Example], table: dict[str, int]) -> np.ndarray:
+    """Number each pair's sentences in `table` (new ones in order of first use); returns the
+    (N, 2) numbers of the examples' sentences."""
+    return np.array([[table.setdefault(t, len(table)) for t in e.texts] for e in examples],
+                    dtype=np.int64).reshape(len(examples), 2)
 
 
 @dataclass
@@ -123,15 +209,15 @@ def collate(split: EncodedSplit, rows: Sequence[int], pad_id: int) -> Batch:
     else:
         sequence_rows, inverse = np.unique(split.pair_index[rows], return_inverse=True)
         pair_index = torch.from_numpy(inverse.reshape(len(rows), 2))
-    width = max(len(split.token_ids[r]) for r in sequence_rows)
+    width = int(split.tokens.lengths[sequence_rows].max())
     input_ids = np.full((len(sequence_rows), width), pad_id, dtype=np.int64)
     token_types = np.zeros((len(sequence_rows), width), dtype=np.int64)
     mask = np.zeros((len(sequence_rows), width), dtype=np.int64)
     for i, r in enumerate(sequence_rows):
-        n = len(split.token_ids[r])
-        input_ids[i, :n] = split.token_ids[r]
-        token_types[i, :n] = split.token_types[r]
-        mask[i, :n] = 1
+        ids, types = split.tokens.row(r)
+        input_ids[i, :len(ids)] = ids
+        token_types[i, :len(ids)] = types
+        mask[i, :len(ids)] = 1
     input_ids, token_types, mask = map(torch.from_numpy, (input_ids, token_types, mask))
     labels = None if split.labels is None else split.labels[torch.from_numpy(rows)]
     return Batch(input_ids, mask, token_types, pair_index, labels, torch.from_numpy(rows))

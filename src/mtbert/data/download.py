@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtbert.checkpoint import file_sha256
+from mtbert.checkpoint import claim_output, file_sha256
 from mtbert.config import TaskConfig
 from mtbert.data.readers import DataError, read_examples
 from mtbert.data.tasks import SPLITS, split_file
@@ -67,17 +67,22 @@ OFFLINE_HINT = "offline, copy the task files into the folder by hand (names: `mt
 
 
 def download(dest: str | Path, mirror: str | None = None,
-             files: dict[str, DataFile] = FILES) -> list[str]:
+             files: dict[str, DataFile] = FILES, overwrite: bool = False) -> list[str]:
     """Fetch each file of `files` from `mirror` (a base URL; default `BASE_URL`) into `dest`,
     keeping a file only when its sha256 matches; returns one line of outcome per file.
-    A file already in `dest` with the right sum is not fetched again."""
+    A file already in `dest` with the right sum is not fetched again; one with another sum
+    (the user's own) is refused before any download unless `overwrite`, and then replaced
+    only by a complete, verified file (`checkpoint.claim_output`)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     base = (mirror or BASE_URL).rstrip("/") + "/"
+    there = {name for name, expected in files.items() if is_standard(dest / name, expected)}
+    for name in files.keys() - there:
+        claim_output(dest / name, overwrite=overwrite, folder=False)
     lines = []
     for name, expected in files.items():
         target = dest / name
-        if target.is_file() and file_sha256(target) == expected.sha256:
+        if name in there:
             lines.append(f"{name}: already there, sha256 ok")
             continue
         tmp = dest / f".{name}.part"
@@ -98,6 +103,11 @@ def download(dest: str | Path, mirror: str | None = None,
     return lines
 
 
+def is_standard(path: Path, expected: DataFile) -> bool:
+    """Whether `path` is a file with the sha256 of the standard one."""
+    return path.is_file() and file_sha256(path) == expected.sha256
+
+
 def _fetch(url: str, path: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
@@ -110,29 +120,35 @@ def _fetch(url: str, path: Path) -> None:
 
 @dataclass
 class FileCheck:
-    """One task file of a data folder: rows read, skipped rows, or the problem with it."""
+    """One task file of a data folder: rows read, skipped rows, or the problem with it, and
+    whether it is the standard file (None: no standard sum is known for its name)."""
 
     name: str
     rows: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
     problem: str | None = None  # missing or unreadable: the folder is not usable
+    standard: bool | None = None
 
     def lines(self, folder: Path) -> list[str]:
         if self.problem:
             return [f"ERROR {self.problem}"]
         expected = FILES.get(self.name)
-        note = ""
-        if expected and expected.rows != self.rows:
-            note = (f" (this project's copy has {expected.rows}, a subset of the public file)"
-                    if expected.subset else f" (the standard file has {expected.rows})")
-        lines = [f"ok    {self.name}: {self.rows} rows, {len(self.skipped)} malformed{note}"]
+        status, note = "ok   ", ""
+        if self.standard is False:
+            status = "other"
+            note = (f"; NOT verified: the sum known here is this project's {expected.rows}-row "
+                    "subset of the public file" if expected.subset else
+                    f"; not the standard file (its sha256 differs; the standard file has "
+                    f"{expected.rows} rows)")
+        lines = [f"{status} {self.name}: {self.rows} rows, {len(self.skipped)} malformed{note}"]
         return lines + [f"      {folder / self.name}:{line}: {reason}"
                         for line, reason in self.skipped]
 
 
 def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCheck]:
     """Read every file of the preset `tasks` (default: all) in `folder` as training would
-    (columns by name, labels checked); malformed rows are listed, not fatal."""
+    (columns by name, labels checked) and compare it with the standard file's sha256 in
+    `FILES`; malformed rows and files other than the standard ones are listed, not fatal."""
     folder = Path(folder)
     results = []
     for preset in tasks or PRESETS:
@@ -164,6 +180,8 @@ def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:
         return result
     result.rows = len(report.examples) + len(report.skipped)
     result.skipped = report.skipped
+    if path.name in FILES:
+        result.standard = is_standard(path, FILES[path.name])
     return result
 
 

@@ -1,7 +1,8 @@
 """Readers for the task data files: delimited text (TSV/CSV) and JSON lines.
 
-Columns are found by header name, malformed rows are skipped (and logged) unless reading
-strictly, and any file content, however broken, either reads or raises :class:`DataError`.
+Columns are found by header name (in a file without a header, by the names given to its
+fields in order), malformed rows are skipped (and logged) unless reading strictly, and any
+file content, however broken, either reads or raises :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _NOT_UTF8 = re.compile("[\ud800-\udfff]")
 # Large enough for any realistic field, small enough for a C long on every platform.
 _FIELD_SIZE_LIMIT = 2**31 - 1
 _FORMATS = ("tsv", "csv", "jsonl")
+QUOTING = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE}  # a quote is text under "none"
 _FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
 STDIN = Path("<stdin>")  # the path `iter_examples` gives standard input (by identity)
 
@@ -72,6 +74,8 @@ class _Schema:
     id_column: str
     num_classes: int | None
     label_range: tuple[float, float] | None
+    id_required: bool = False
+    label_names: tuple[str, ...] = ()  # a label equal to one of these reads as its index
 
     def __post_init__(self) -> None:
         if not self.text_columns:
@@ -88,7 +92,8 @@ class _Schema:
     @property
     def required_columns(self) -> tuple[str, ...]:
         label = () if self.label_column is None else (self.label_column,)
-        return self.text_columns + label
+        named_id = (self.id_column,) if self.id_required else ()
+        return self.text_columns + label + named_id
 
     def check_label(self, label: float) -> None:
         """Raise _InvalidLabel if the label is not one of the declared classes or in range."""
@@ -113,6 +118,9 @@ def read_examples(
     strict: bool = False,
     file_format: str | None = None,
     max_skipped_share: float | None = None,
+    quoting: str = "minimal",
+    columns: Sequence[str] | None = None,
+    label_names: Sequence[str] = (),
 ) -> ReadReport:
     """Read the examples of a TSV, CSV or JSON-lines file, selecting columns by name.
 
@@ -126,20 +134,30 @@ def read_examples(
     decoded as UTF-8 (a BOM is allowed); NUL bytes are dropped; a file that looks UTF-16 is
     an error. Delimited files hold one record per line (quotes may wrap a field but not run
     past its line). ``max_skipped_share`` makes it an error when more than that share of the
-    data rows is malformed.
+    data rows is malformed. ``quoting="none"`` reads every quote as text (GLUE's files).
+    ``columns`` names the fields of a file without a header line, in order (its first line
+    is data). A label equal to one of ``label_names`` reads as that name's index.
     """
-    schema = _schema(text_columns, label_column, id_column, num_classes, label_range)
+    schema = _schema(text_columns, label_column, id_column, num_classes, label_range,
+                     label_names=label_names)
     path = Path(path)
     report = ReadReport(path=path, examples=[], skipped=[])
-    report.examples.extend(_stream(path, schema, file_format, strict, report))
+    report.examples.extend(_stream(path, schema, file_format, strict, report, quoting, columns))
     _log_outcome(report)
-    rows = len(report.examples) + len(report.skipped)
-    if max_skipped_share is not None and len(report.skipped) > max_skipped_share * rows:
-        first_line, reason = report.skipped[0]
-        raise DataError(
-            f"{path}: {len(report.skipped)} of {rows} rows are malformed (more than "
-            f"{max_skipped_share:.0%}); first at line {first_line}: {reason}")
+    if max_skipped_share is not None:
+        check_skipped_share(report, len(report.examples), max_skipped_share)
     return report
+
+
+def check_skipped_share(report: ReadReport, read: int, max_share: float) -> None:
+    """Raise DataError when more than `max_share` of the rows (`read` examples plus the
+    skipped ones), or all of them, were malformed."""
+    rows = read + len(report.skipped)
+    if report.skipped and (not read or len(report.skipped) > max_share * rows):
+        first_line, reason = report.skipped[0]
+        share = "all of them" if not read else f"more than {max_share:.0%}"
+        raise DataError(f"{report.path}: {len(report.skipped)} of {rows} rows are malformed "
+                        f"({share}); first at line {first_line}: {reason}")
 
 
 def iter_examples(
@@ -151,25 +169,35 @@ def iter_examples(
     strict: bool = False,
     file_format: str | None = None,
     report: ReadReport | None = None,
+    id_required: bool = False,
+    quoting: str = "minimal",
+    columns: Sequence[str] | None = None,
 ) -> Iterator[Example]:
     """The examples of a file one at a time, as `read_examples` reads them, in constant
     memory; `path` "-" reads standard input. Skipped rows are logged with file:line and
-    appended to `report.skipped` when a report is given."""
-    schema = _schema(text_columns, label_column, id_column, None, None)
+    appended to `report.skipped` when a report is given. `id_required`: a file without
+    `id_column` is an error (a row without it, malformed) instead of numbered rows."""
+    schema = _schema(text_columns, label_column, id_column, None, None, id_required)
     path = STDIN if str(path) == "-" else Path(path)
     yield from _stream(path, schema, file_format, strict,
-                       report or ReadReport(path=path, examples=[], skipped=[]))
+                       report or ReadReport(path=path, examples=[], skipped=[]), quoting,
+                       columns)
 
 
 def _schema(text_columns: Sequence[str], label_column: str | None, id_column: str,
-            num_classes: int | None, label_range: tuple[float, float] | None) -> _Schema:
+            num_classes: int | None, label_range: tuple[float, float] | None,
+            id_required: bool = False, label_names: Sequence[str] = ()) -> _Schema:
     if isinstance(text_columns, str):
         raise ValueError("text_columns must be a sequence of column names, not a str")
-    return _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range)
+    return _Schema(tuple(text_columns), label_column, id_column, num_classes, label_range,
+                   id_required, tuple(label_names))
 
 
 def _stream(path: Path, schema: _Schema, file_format: str | None, strict: bool,
-            report: ReadReport) -> Iterator[Example]:
+            report: ReadReport, quoting: str = "minimal",
+            columns: Sequence[str] | None = None) -> Iterator[Example]:
+    if quoting not in QUOTING:
+        raise ValueError(f"quoting must be one of {tuple(QUOTING)}, got {quoting!r}")
     resolved_format = _resolve_format(path, file_format)
     newline = "\n" if resolved_format == "jsonl" else ""
     with _open_text(path, newline) as stream:
@@ -181,7 +209,8 @@ def _stream(path: Path, schema: _Schema, file_format: str | None, strict: bool,
         if resolved_format == "jsonl":
             records, extract = _jsonl_records(lines), _json_object
         else:
-            records, extract = _delimited_source(lines, path, resolved_format, schema)
+            records, extract = _delimited_source(lines, path, resolved_format, schema,
+                                                 QUOTING[quoting], columns)
         yield from _examples(path, records, extract, schema, strict, report)
 
 
@@ -227,19 +256,25 @@ def _without_nul(lines: Iterable[str]) -> Iterator[str]:
 
 
 def _delimited_source(
-    lines: Iterator[str], path: Path, file_format: str | None, schema: _Schema
+    lines: Iterator[str], path: Path, file_format: str | None, schema: _Schema,
+    quoting: int = csv.QUOTE_MINIMAL, columns: Sequence[str] | None = None,
 ) -> tuple[Iterator[tuple[int, list[str]]], partial[dict[str, str]]]:
-    """Records after the header, and a function mapping a record to its values by name."""
+    """Records after the header (all of them when `columns` names the fields of a file
+    without one), and a function mapping a record to its values by name."""
     header_line = next(lines, "")
     delimiter = _pick_delimiter(file_format, header_line)
-    records = _csv_records(itertools.chain([header_line], lines), delimiter, path)
-    header = next(records, None)
-    if header is None:
-        raise DataError(f"{path}: file is empty")
-    if isinstance(header[1], _MalformedRow):
-        raise DataError(f"{path}:{header[0]}: header: {header[1]}")
-    positions = _column_positions(header[1], schema, path)
-    return records, partial(_fields_by_name, positions=positions)
+    records = _csv_records(itertools.chain([header_line], lines), delimiter, path, quoting)
+    if columns is not None:
+        names = list(columns)
+    else:
+        header = next(records, None)
+        if header is None:
+            raise DataError(f"{path}: file is empty")
+        if isinstance(header[1], _MalformedRow):
+            raise DataError(f"{path}:{header[0]}: header: {header[1]}")
+        names = header[1]
+    positions = _column_positions(names, schema, path)
+    return records, partial(_fields_by_name, positions=positions, width=len(names))
 
 
 def _pick_delimiter(file_format: str | None, header_line: str) -> str:
@@ -251,13 +286,14 @@ def _pick_delimiter(file_format: str | None, header_line: str) -> str:
 
 
 def _csv_records(
-    lines: Iterable[str], delimiter: str, path: Path
+    lines: Iterable[str], delimiter: str, path: Path, quoting: int = csv.QUOTE_MINIMAL
 ) -> Iterator[tuple[int, list[str] | _MalformedRow]]:
     """Yield (line number, fields) for each non-blank line: one record per line.
 
     Quotes may wrap a field, but a quoted field never runs past its line: in these corpora a
     stray quote is text, and letting the CSV parser follow it would swallow the rest of the
     file into one field. A line whose quoting does not parse is yielded as a malformed row.
+    Under `csv.QUOTE_NONE` every quote is text.
     """
     csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
     for number, line in enumerate(lines, start=1):
@@ -265,7 +301,8 @@ def _csv_records(
         if not text:
             continue
         try:
-            yield number, next(csv.reader([text], delimiter=delimiter, strict=True))
+            yield number, next(csv.reader([text], delimiter=delimiter, strict=True,
+                                          quoting=quoting))
         except csv.Error as error:
             yield number, _MalformedRow(f"quoting does not parse on this line ({error})")
 
@@ -287,13 +324,16 @@ def _column_positions(header: list[str], schema: _Schema, path: Path) -> dict[st
 
 
 def _fields_by_name(
-    fields: list[str] | _MalformedRow, positions: Mapping[str, int]
+    fields: list[str] | _MalformedRow, positions: Mapping[str, int], width: int
 ) -> dict[str, str]:
     if isinstance(fields, _MalformedRow):
         raise fields
     needed = max(positions.values()) + 1
     if len(fields) < needed:
         raise _MalformedRow(f"row has {len(fields)} fields, needs at least {needed}")
+    if len(fields) > width:  # e.g. an unquoted comma in a text: its fields would shift
+        raise _MalformedRow(f"row has {len(fields)} fields, the header {width} (a delimiter "
+                            "inside an unquoted text?)")
     return {column: fields[index] for column, index in positions.items()}
 
 
@@ -342,17 +382,19 @@ def _examples(
 
 def _build_example(values: Mapping[str, object], schema: _Schema, row_index: int) -> Example:
     example = Example(
-        id=_read_id(values, schema.id_column, row_index),
+        id=_read_id(values, schema.id_column, row_index, schema.id_required),
         texts=tuple(_read_text(values, column) for column in schema.text_columns),
-        label=None if schema.label_column is None else _read_label(values, schema.label_column),
+        label=None if schema.label_column is None
+        else _read_label(values, schema.label_column, schema.label_names),
     )
     if example.label is not None:
         schema.check_label(example.label)
     return example
 
 
-def _read_id(values: Mapping[str, object], column: str, row_index: int) -> str:
-    if column not in values:
+def _read_id(values: Mapping[str, object], column: str, row_index: int,
+             required: bool = False) -> str:
+    if column not in values and not required:
         return str(row_index)
     value = values[column]
     if isinstance(value, int) and not isinstance(value, bool):
@@ -374,15 +416,19 @@ def _read_text(values: Mapping[str, object], column: str) -> str:
     return text
 
 
-def _read_label(values: Mapping[str, object], column: str) -> float:
+def _read_label(values: Mapping[str, object], column: str,
+                label_names: tuple[str, ...] = ()) -> float:
     if column not in values:
         raise _MalformedRow(f"missing {column!r}")
     value = values[column]
     if isinstance(value, str) and not value.strip():
         raise _MalformedRow(f"empty {column!r}")
+    if isinstance(value, str) and value.strip() in label_names:
+        return float(label_names.index(value.strip()))
     label = _as_number(value)
     if label is None:
-        raise _MalformedRow(f"{column!r} value {value!r} is not a number")
+        names = f" nor one of the label names {list(label_names)}" if label_names else ""
+        raise _MalformedRow(f"{column!r} value {value!r} is not a number{names}")
     if not math.isfinite(label):
         raise _MalformedRow(f"{column!r} value {value!r} is not finite")
     return label

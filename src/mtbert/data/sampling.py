@@ -215,6 +215,14 @@ class AnnealedSampler(_OneTaskPerStepSampler):
         return self._size_powers(self.alpha(step))
 
 
+def optimizer_steps(sampler: TaskSampler, epochs: float, grad_accumulation: int,
+                    max_steps: int | None) -> int:
+    """Optimizer steps of a run: ``epochs`` of the sampler's steps in micro-steps of
+    ``grad_accumulation``, at most ``max_steps``."""
+    steps = math.ceil(math.ceil(epochs * sampler.steps_per_epoch()) / grad_accumulation)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def _check_step(step: int) -> None:
     if step < 0:
         raise ValueError(f"The step must be >= 0, got {step}.")

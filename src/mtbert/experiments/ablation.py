@@ -5,14 +5,21 @@ Layout of `OUT` (default `runs/ablation`):
     OUT/<config name>/seed-<k>/   one run (Trainer's files: config.yaml, metrics.jsonl, best/)
         result.json               written last, atomically: the run is finished
     OUT/results.csv               one row per config: mean and std of each metric over seeds
+    OUT/results-per-seed.csv      one row per run: its seed, code, steps, examples and scores
     OUT/results.md                the same in the layout of the reports' tables
     OUT/results.png               grouped bars: one group per config, a bar per metric
 
 Seed k of a config trains with `train.seed = <config's seed> + k`. A config is named by its
 `name:` key, or after its file when it has none.
 
-Resuming: a run whose `result.json` exists is skipped; a run folder without one is a run that
-was interrupted or failed: it is deleted and trained again from scratch. A finished run whose
+Every row is scored by one rule: its dev scores at its last step (no checkpoint selection on
+the dev sample it is scored on). Single-task rows draw the baseline's batches of their task
+(`budgets.match_draws`). `--plan` (`plan_table`) prints each row's steps and examples per task
+without training.
+
+Resuming: a run whose `result.json` exists and was made by this code (`provenance`) is
+skipped; a run folder without one is a run that was interrupted or failed, and a run made by
+other code is stale: either is deleted and trained again from scratch. A finished run whose
 saved config differs from what the command asks for now (another budget, another override) is
 an error rather than being mixed into the table: delete it or use another `--out`.
 
@@ -54,8 +61,11 @@ from mtbert.config import (
     to_dict,
     validate,
 )
-from mtbert.experiments.budgets import budget_max_steps, get_budget
+from mtbert.data.tasks import read_split, subsample
+from mtbert.experiments.budgets import budget_max_steps, get_budget, match_draws, planned_draws
 from mtbert.merging import METHODS as MERGE_METHODS
+from mtbert.metrics import METRICS
+from mtbert.provenance import code_version
 from mtbert.training import FIRST_LOSSES_STEPS, TrainingError
 
 log = logging.getLogger(__name__)
@@ -65,16 +75,20 @@ SINGLE_TASK_TEACHERS = "single-task"  # distill.teachers value: the baseline's s
 DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
 
 # How the reports name the tasks in their tables; any other task is shown by its own name.
-DISPLAY_NAMES = {"sst": "SST", "quora": "Paraphrase", "sts": "STS"}
-METRIC_NAMES = {"accuracy": "Acc", "pearson": "Corr", "spearman": "Spearman Corr"}
+DISPLAY_NAMES = {"sst": "SST", "quora": "Paraphrase", "sts": "STS", "cola": "CoLA",
+                 "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "wnli": "WNLI", "sst2": "SST-2"}
 QUORA_TASKS = ("quora",)
 QUORA_NOTE = ("Quora scores of the all-MiniLM-L6-v2 backbone are not clean: it was pre-trained "
               "on paraphrase data that includes Quora duplicates.")
-STD_NOTE = ("Scores are the best dev scores of each run (model selection on the overall dev "
-            "score), as mean ± sample standard deviation (n − 1) over seeds; with one seed the "
-            "value is shown alone. Correlations are Pearson's r (not normalised); Overall Dev "
-            "is the mean of the task metrics with correlations mapped to (r + 1) / 2, over the "
-            "tasks the config trains.")
+SELECTION = "last"  # every row's scores: its last step's (a merged model's one evaluation)
+STD_NOTE = ("Scores are each run's dev scores at its last step, the one selection rule of "
+            "every row (no checkpoint is chosen on the dev examples the rows are scored on), "
+            "as mean ± sample standard deviation (n − 1) over seeds; with one seed the "
+            "value is shown alone. Correlations are Pearson's r (not normalised); a task with "
+            "several metrics scores their mean (GLUE's rule; its `mean` column). Overall Dev "
+            "is the mean of the task scores over the tasks the config trains, correlation-like "
+            "ones (Pearson, Spearman, MCC) mapped to (r + 1) / 2, or as they are where the "
+            "config sets `overall_score: mean` (the GLUE score).")
 COMPARISON_NOTE = (
     "Δ overall: the row's overall dev score minus the baseline's (the first configuration) on "
     "the same seeds, mean over seeds with a 95% Student-t interval; `tie` marks an interval "
@@ -83,7 +97,9 @@ COMPARISON_NOTE = (
     "over the single-task rows instead). Δm%: the mean over tasks of the "
     "relative gain over the same task trained alone with the same recipe, budget and seed "
     "(Maninis et al. 2019), in percent, with its interval over seeds. Steps / examples seen: "
-    "optimizer steps and the training examples drawn from each task, mean over seeds.")
+    "optimizer steps and the training examples drawn from each task, mean over seeds; a "
+    "single-task row draws as many batches of its task as the baseline drew, with the same "
+    "seed: the same examples (a merged row counts its single-task runs').")
 # Keys of the resolved config that may differ between a finished run and a re-run.
 IGNORED_KEYS = ("data_dir", "train.threads", "train.eval_batch_size")
 
@@ -109,7 +125,8 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        return self.result_file.is_file()
+        """`result.json` is there and was made by this code (else the run is stale)."""
+        return self.result_file.is_file() and not made_by_other_code(self.result_file)
 
 
 @dataclass
@@ -180,7 +197,8 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
             if single_task and len(names) == 1:
                 runs += [PlannedRun(f"{name}-only-{task.name}", path, k, alone, out /
                                     f"{name}-only-{task.name}" / f"seed-{k}", name)
-                         for task, alone in zip(config.tasks, single_task_configs(config))]
+                         for task, alone in zip(config.tasks, single_task_configs(config,
+                                                                                  True))]
     baselines = [run for run in runs if run.name == next(iter(names))]
     for method in merges:
         if method not in MERGE_METHODS:
@@ -199,9 +217,14 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
     return runs
 
 
-def single_task_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
+def single_task_configs(config: ExperimentConfig, equal_examples: bool = False
+                        ) -> list[ExperimentConfig]:
     """Each task of `config` alone: the same recipe, losses summed (a weighting or combiner
-    of several tasks has nothing to act on)."""
+    of several tasks has nothing to act on). `equal_examples`: each draws as many batches of
+    its task as `config` draws (`match_draws`; reads the training files' sizes)."""
+    if equal_examples:
+        sizes = train_sizes(config)
+        _, batches = planned_draws(config, sizes)
     alone = []
     for task in config.tasks:
         single = copy.deepcopy(config)
@@ -209,9 +232,39 @@ def single_task_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
         single.tasks = [copy.deepcopy(task)]
         single.train.weighting, single.train.weighting_options = "sum", {}
         single.train.combiner = "sum"
+        single.train.affinity_every = None  # one task: no other task to measure against
+        if equal_examples:
+            match_draws(single, sizes[task.name], batches[task.name])
         validate(single)
         alone.append(single)
     return alone
+
+
+_SIZES: dict[str, int] = {}  # training examples of a task as subsampled, read once per process
+
+
+def train_sizes(config: ExperimentConfig) -> dict[str, int]:
+    """Training examples of each task of `config` after its subsampling (what the trainer's
+    sampler is given); each task's files are read once per process."""
+    train = config.train
+    sizes = {}
+    for task in config.tasks:
+        key = json.dumps([to_dict(task), config.data_dir, train.train_fraction,
+                          train.max_train_examples], sort_keys=True, default=str)
+        if key not in _SIZES:
+            examples = read_split(task, "train", config.data_dir, config.strict_data,
+                                  config.max_skipped_share)
+            _SIZES[key] = len(subsample(examples, train.max_train_examples,
+                                        train.train_fraction, train.seed))
+        sizes[task.name] = _SIZES[key]
+    return sizes
+
+
+def made_by_other_code(result_file: Path) -> bool:
+    """The run of `result_file` was trained by other code than this process runs (or does
+    not say by which): it is stale, to be trained again."""
+    code = json.loads(result_file.read_text(encoding="utf-8")).get("code") or {}
+    return code.get("source") != code_version()["source"]
 
 
 def _stale(run: PlannedRun) -> str | None:
@@ -254,7 +307,10 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "backbone": config.model.backbone,
         "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
                   for t in config.tasks},
-        "dev": dev,
+        "dev": trainer.state.history[-1]["dev"] if trainer.state.history else dev,
+        "selection": SELECTION,
+        "dev_step": trainer.state.history[-1]["step"] if trainer.state.history else -1,
+        "best_dev": dev,
         "single_task_of": run.single_task_of,
         "best_step": trainer.state.best_step,
         "steps": trainer.state.step,
@@ -265,6 +321,7 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "train_time_s": round(end - fit_start, 2),
         "parameters": trainer.parameter_counts(),
         "precision": trainer.precision,
+        "code": code_version(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomically(run.result_file, result)
@@ -292,14 +349,16 @@ def run_merged(run: PlannedRun, budget: str) -> dict:
         "seed_index": run.seed_index, "budget": budget, "backbone": run.config.model.backbone,
         "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
                   for t in run.config.tasks},
-        "dev": dev, "single_task_of": None, "merged_from": [str(s) for s in run.sources],
+        "dev": dev, "selection": SELECTION, "single_task_of": None,
+        "merged_from": [str(s) for s in run.sources],
         "merge_method": run.merge_method, "best_step": -1,
         "steps": sum(s["steps"] for s in sources),
         "examples_seen": {t: n for s in sources for t, n in s["examples_seen"].items()},
         "first_losses": [], "total_steps": sum(s["total_steps"] for s in sources),
         "wall_time_s": round(own + sum(s["wall_time_s"] for s in sources), 2),
         "train_time_s": round(sum(s["train_time_s"] for s in sources), 2),
-        "parameters": trainer.parameter_counts(),
+        "parameters": trainer.parameter_counts(), "precision": trainer.precision,
+        "code": code_version(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomically(run.result_file, result)
@@ -328,6 +387,8 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
     log.info("ablation: %d rows x %d seeds = %d runs (%d finished), budget %s, in %s",
              len(runs) // seeds, seeds, len(runs), len(runs) - len(todo), budget, out)
     for run in runs:
+        if run.result_file.is_file() and not run.finished:
+            log.info("%s was made by other code: training it again", run.run_dir)
         if run.finished:
             outcome.skipped.append(run)
             if report and run.merge_method is None and not (run.run_dir / "report.html").is_file():
@@ -380,16 +441,27 @@ class Column:
 
 
 def columns(results: dict[str, list[dict]]) -> list[Column]:
-    """A column per task present in any result (first seen first), then overall."""
+    """A column per task present in any result (first seen first; a task with several
+    metrics has one per metric, then one for their mean, its score), then overall."""
     found: dict[str, dict] = {}
     for runs in results.values():
         for run in runs:
             for name, info in run["tasks"].items():
                 found.setdefault(name, info)
-    cols = [Column(name, f"{display_name(name, info)} Dev "
-                         f"{METRIC_NAMES.get(info['metric'], info['metric'])}")
-            for name, info in found.items()]
+    cols = []
+    for name, info in found.items():
+        metrics = [info["metric"]] if isinstance(info["metric"], str) else info["metric"]
+        task = f"{display_name(name, info)} Dev"
+        if len(metrics) > 1:
+            cols += [Column(f"{name}/{m}", f"{task} {metric_name(m)}") for m in metrics]
+            cols.append(Column(name, f"{task} mean"))
+        else:
+            cols.append(Column(name, f"{task} {metric_name(metrics[0])}"))
     return [*cols, Column("overall", "Overall Dev")]
+
+
+def metric_name(metric: str) -> str:
+    return METRICS[metric].short if metric in METRICS else metric
 
 
 def display_name(task: str, info: dict) -> str:
@@ -416,12 +488,13 @@ class Row:
     by_seed: dict[int, dict[str, float]] = field(default_factory=dict)  # seed index -> dev
     examples_seen: dict[str, float] = field(default_factory=dict)  # task -> mean over seeds
     single_task_of: str | None = None
-    first_losses: list[dict] = field(default_factory=list)  # seed 0's first steps
+    # seed index -> the loss back-propagated at each of the first steps (no-op detection)
+    first_objectives: dict[int, list[float]] = field(default_factory=dict)
     # Filled by `compare`: differences from the baseline and from the single-task rows.
     vs_baseline: Interval | None = None
     delta_m: Interval | None = None
     task_gains: dict[str, Interval] = field(default_factory=dict)  # points vs single-task
-    same_as_baseline: bool = False  # the same per-step losses over the first steps
+    same_as_baseline: bool = False  # the same back-propagated losses, first steps, every seed
     identical_to_baseline: bool = False  # that, and every shared seed's dev scores too
     other_tasks: bool = False  # trains other tasks than the baseline: overall not comparable
 
@@ -467,6 +540,10 @@ def delta_m(scores: dict[str, float], single: dict[str, float]) -> float:
 
 
 def aggregate(results: dict[str, list[dict]]) -> list[Row]:
+    rules = {run.get("selection", "best overall dev score") for r in results.values() for run in r}
+    if len(rules) > 1:
+        raise AblationError(f"the runs select their scores by different rules ({sorted(rules)}):"
+                            " runs made by older code; train them again")
     rows = []
     for name, runs in results.items():
         if not runs:
@@ -476,7 +553,6 @@ def aggregate(results: dict[str, list[dict]]) -> list[Row]:
             values = [run["dev"][task] for run in runs if task in run["dev"]]
             scores[task] = mean_std(values)
         seen = [run.get("examples_seen", {}) for run in runs]
-        first = min(runs, key=lambda run: run.get("seed_index", 0))
         rows.append(Row(
             config=name, seeds=len(runs), scores=scores,
             wall_time_s=float(np.mean([r["wall_time_s"] for r in runs])),
@@ -488,7 +564,9 @@ def aggregate(results: dict[str, list[dict]]) -> list[Row]:
             examples_seen={t: float(np.mean([s.get(t, 0) for s in seen]))
                            for t in dict.fromkeys(t for s in seen for t in s)},
             single_task_of=runs[0].get("single_task_of"),
-            first_losses=first.get("first_losses", [])))
+            first_objectives={run.get("seed_index", 0): [
+                step["backward_loss"] for step in run.get("first_losses", [])
+                if "backward_loss" in step] for run in runs}))
     compare(rows)
     return rows
 
@@ -509,8 +587,7 @@ def compare(rows: list[Row]) -> None:
         if row is not baseline and seeds and not row.other_tasks:
             row.vs_baseline = paired_interval(
                 [row.by_seed[k]["overall"] - baseline.by_seed[k]["overall"] for k in seeds])
-            row.same_as_baseline = bool(row.first_losses) and (
-                row.first_losses == baseline.first_losses)
+            row.same_as_baseline = same_objectives(row, baseline, seeds)
             row.identical_to_baseline = row.same_as_baseline and all(
                 row.by_seed[k] == baseline.by_seed[k] for k in seeds)
         tasks = [t for t in row.tasks if t in single]
@@ -523,6 +600,17 @@ def compare(rows: list[Row]) -> None:
             [delta_m({t: row.by_seed[k][t] for t in tasks}, reference[k]) for k in seeds])
         row.task_gains = {t: paired_interval([row.by_seed[k][t] - reference[k][t]
                                               for k in seeds]) for t in tasks}
+
+
+def same_objectives(row: Row, baseline: Row, seeds: Sequence[int]) -> bool:
+    """The row back-propagated the baseline's losses over its first steps on every seed
+    (relative tolerance 1e-5, for non-deterministic GPU kernels): its technique changed
+    nothing there, whatever else it logs."""
+    pairs = [(row.first_objectives.get(k, []), baseline.first_objectives.get(k, []))
+             for k in seeds]
+    return bool(pairs) and all(ours and len(ours) == len(theirs)
+                               and np.allclose(ours, theirs, rtol=1e-5, atol=0)
+                               for ours, theirs in pairs)
 
 
 def format_score(mean: float, std: float | None) -> str:
@@ -550,10 +638,49 @@ def needs_quora_note(rows: Sequence[Row]) -> bool:
                for row in rows)
 
 
-def format_compute(row: Row) -> str:
+def format_compute(steps: float, examples: dict[str, float]) -> str:
     """`steps / examples seen per task`, the compute both sides of a comparison got."""
-    seen = " · ".join(f"{task} {format_count(round(n))}" for task, n in row.examples_seen.items())
-    return f"{row.steps:.0f}" + (f" / {seen}" if seen else "")
+    seen = " · ".join(f"{task} {format_count(round(n))}" for task, n in examples.items())
+    return f"{steps:.0f}" + (f" / {seen}" if seen else "")
+
+
+def plan_table(runs: Sequence[PlannedRun]) -> str:
+    """What `ablate --plan` prints, training nothing: each row's optimizer steps / training
+    examples per task (batches x batch size: an epoch's last batch may be short), mean over
+    seeds; for single-task rows also what the rule before issue 39 gave them (the recipe's
+    own epochs under the budget's step cap)."""
+    lines = ["| Row | Steps / examples per task | Before: own epochs under the step cap |",
+             "|---|---:|---:|"]
+    rows: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        if run.merge_method is None:
+            rows.setdefault(run.name, []).append(run)
+    for name, group in rows.items():
+        before = "same" if group[0].single_task_of is None else _mean_draws(
+            [_unmatched(run, runs) for run in group])
+        lines.append(f"| {name} | {_mean_draws([run.config for run in group])} | {before} |")
+    merged = sorted({run.name for run in runs if run.merge_method})
+    if merged:
+        lines += ["", f"Merged rows ({', '.join(merged)}): the single-task runs' sum."]
+    return "\n".join(lines)
+
+
+def _mean_draws(configs: Sequence[ExperimentConfig]) -> str:
+    planned = []
+    for config in configs:
+        steps, batches = planned_draws(config, train_sizes(config))
+        planned.append((steps, {t.name: batches[t.name] * (t.batch_size or config.train.batch_size)
+                                for t in config.tasks}))
+    return format_compute(float(np.mean([steps for steps, _ in planned])),
+                          {t: float(np.mean([seen[t] for _, seen in planned]))
+                           for t in planned[0][1]})
+
+
+def _unmatched(run: PlannedRun, runs: Sequence[PlannedRun]) -> ExperimentConfig:
+    """The single-task `run`'s config under the old rule: the baseline's recipe as it is."""
+    baseline = next(r for r in runs if r.name == run.single_task_of
+                    and r.seed_index == run.seed_index)
+    return next(c for c in single_task_configs(baseline.config) if c.name == run.name)
 
 
 def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
@@ -575,7 +702,8 @@ def markdown_table(rows: Sequence[Row], cols: Sequence[Column]) -> str:
         versus = (row.vs_baseline.format() if row.vs_baseline
                   else "– (other tasks)" if row.other_tasks else "–")
         gain = row.delta_m.format(scale=100, digits=2) if row.delta_m else "–"
-        lines.append("| " + " | ".join([name, *cells, versus, gain, format_compute(row),
+        lines.append("| " + " | ".join([name, *cells, versus, gain,
+                                        format_compute(row.steps, row.examples_seen),
                                         str(row.seeds), format_seconds(row.wall_time_s),
                                         params]) + " |")
     return "\n".join(lines)
@@ -602,9 +730,13 @@ def write_results(out: Path, results: dict[str, list[dict]], budget: str = "",
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
     cols = columns(results)
-    files = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png"}
+    files = {"csv": out / "results.csv", "per_seed": out / "results-per-seed.csv",
+             "md": out / "results.md", "png": out / "results.png"}
     _write_csv(files["csv"], rows, cols)
-    files["md"].write_text(_markdown(rows, cols, budget, failed), encoding="utf-8")
+    _write_per_seed_csv(files["per_seed"], results, cols)
+    codes = sorted({describe_code(run.get("code")) for named in results.values()
+                    for run in named})
+    files["md"].write_text(_markdown(rows, cols, budget, failed, codes), encoding="utf-8")
     _write_chart(files["png"], rows, cols)
     return files
 
@@ -649,8 +781,39 @@ def _write_csv(path: Path, rows: Sequence[Row], cols: Sequence[Column]) -> None:
             writer.writerow(record)
 
 
+def _write_per_seed_csv(path: Path, results: dict[str, list[dict]],
+                        cols: Sequence[Column]) -> None:
+    """One line per run: what each table cell is the mean of, and the code that made it."""
+    runs = [run for named in results.values() for run in named]
+    tasks = list(dict.fromkeys(t for run in runs for t in run.get("examples_seen", {})))
+    fields = ["config", "seed_index", "seed", "selection", "steps",
+              *(f"examples_{t}" for t in tasks), *(f"{c.task}" for c in cols),
+              "train_time_s", "precision", "commit", "dirty", "source", "torch"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        for run in runs:
+            seen = run.get("examples_seen", {})
+            writer.writerow({
+                "config": run["config"], "seed_index": run.get("seed_index", 0),
+                "seed": run.get("seed", ""), "selection": run.get("selection", ""),
+                "steps": run["steps"], **{f"examples_{t}": n for t, n in seen.items()},
+                **{c.task: round(run["dev"][c.task], 6) for c in cols if c.task in run["dev"]},
+                "train_time_s": run.get("train_time_s", ""),
+                "precision": run.get("precision", ""), **run.get("code", {})})
+
+
+def describe_code(code: dict | None) -> str:
+    """`commit 0123abc (uncommitted changes), torch 2.5.1` from a result's `code`."""
+    if not code:
+        return "code not recorded"
+    commit = f"commit {code['commit'][:7]}" if code.get("commit") else f"source {code['source']}"
+    return commit + (" (uncommitted changes)" if code.get("dirty") else "") + (
+        f", torch {code['torch']}")
+
+
 def _markdown(rows: Sequence[Row], cols: Sequence[Column], budget: str,
-              failed: Sequence[str]) -> str:
+              failed: Sequence[str], codes: Sequence[str] = ()) -> str:
     seeds = sorted({row.seeds for row in rows})
     lines = ["# Ablation results", ""]
     if budget:
@@ -658,15 +821,18 @@ def _markdown(rows: Sequence[Row], cols: Sequence[Column], budget: str,
         lines += [f"Budget: {describe(budget)}.", ""]
     lines += [f"Seeds per config: {', '.join(map(str, seeds)) or '–'}. "
               f"Total wall time: {format_seconds(sum(r.wall_time_s * r.seeds for r in rows))}.",
-              "", markdown_table(rows, cols), "", STD_NOTE, "", COMPARISON_NOTE]
+              "", "Selection, the same for every row: each run's dev scores at its last step. "
+              f"Trained by {'; '.join(codes) or '–'}.", "", markdown_table(rows, cols), "",
+              STD_NOTE, "", COMPARISON_NOTE]
     gains = gains_table(rows)
     if gains:
         lines += ["", "Each task's score minus the same task trained alone (same recipe, "
                       "budget and seeds), in points, with its 95% interval over seeds:", "",
                   gains]
     if any(row.same_as_baseline for row in rows):
-        lines += ["", "⚠ same first-step losses: the row's per-step losses over the first "
-                      f"{FIRST_LOSSES_STEPS} steps equal the baseline's, so the technique did "
+        lines += ["", "⚠ same first-step losses: on every seed the loss the row "
+                      f"back-propagated at each of its first {FIRST_LOSSES_STEPS} steps equals "
+                      "the baseline's (whatever else it logs), so the technique did "
                       "not act in those steps; it may act later (DWA keeps equal weights "
                       "until two epochs have ended), and then its dev scores differ. "
                       "⚠ identical: those losses and every seed's dev scores equal the "

@@ -2,7 +2,8 @@
 
 The page shows the resolved config, the training loss and dev metric curves from
 `metrics.jsonl` (and, for mixture-of-experts encoders, a tasks x experts heat map of expert
-load per layer), the run time and parameter counts, and plots of the best model's dev outputs:
+load per layer; with `train.data_maps`, each classification task's data map), the run time and
+parameter counts, and plots of the best model's dev outputs:
 a confusion matrix per classification task, a histogram of the predicted probability by gold
 class per binary classification task, and predicted-vs-gold scatter per regression task. The
 dev outputs are computed on the dev examples the run was scored on (the run's
@@ -20,11 +21,12 @@ import html
 import json
 import logging
 import re
-import shutil
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+
+from mtbert.checkpoint import claim_output, write_checkpoint, write_text_atomically, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
                 max_examples: int | None = None) -> dict[str, dict]:
-    """For each task with a labelled dev split: {"outputs", "labels", "score"} or {"error"}."""
+    """For each task with a labelled dev split: {"outputs", "labels", "predicted", "total",
+    "scores" (metric -> value)} or {"error"}."""
     from mtbert.data.batching import encode_split
     from mtbert.data.readers import DataError
     from mtbert.data.tasks import EVAL_SAMPLE_SEED, read_split, subsample
-    from mtbert.evaluation import head_outputs, metric, output_probabilities, to_predictions
+    from mtbert.evaluation import (
+        head_outputs,
+        metric_values,
+        output_probabilities,
+        to_predictions,
+    )
     from mtbert.model.heads import is_siamese
 
     found = {}
@@ -82,7 +90,7 @@ def dev_outputs(model, tokenizer, config, data_dir: str | None = None,
         labels, predicted = encoded.labels.numpy(), to_predictions(task, raw).numpy()
         found[name] = {"outputs": output_probabilities(task, raw).numpy(), "labels": labels,
                        "predicted": predicted, "total": total,
-                       "score": metric(task, predicted, labels)}
+                       "scores": metric_values(task, predicted, labels)}
     return found
 
 
@@ -197,8 +205,26 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "task"
 
 
-def _image(path: Path, run_dir: Path, alt: str) -> str:
-    return (f'<img src="{html.escape(path.relative_to(run_dir).as_posix())}" '
+def plot_data_map(columns: dict[str, list[float]], path: Path, title: str) -> None:
+    """Swayamdipta et al. 2020's map: variability (x) against confidence (y), coloured by
+    correctness, one point per training example."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    points = ax.scatter(columns["variability"], columns["confidence"], c=columns["correctness"],
+                        cmap="viridis", vmin=0, vmax=1, s=6,
+                        alpha=0.4 if len(columns["row"]) > 500 else 0.8)
+    ax.set_xlabel("variability (std of the gold-label probability)")
+    ax.set_ylabel("confidence (mean gold-label probability)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.colorbar(points, ax=ax, label="correctness")
+    _save(fig, path)
+
+
+def _image(path: Path, alt: str) -> str:
+    """An image of the run's `PLOTS` folder, by its file name."""
+    return (f'<img src="{html.escape(f"{PLOTS}/{path.name}")}" '
             f'alt="{html.escape(alt)}">')
 
 
@@ -252,17 +278,19 @@ def _read_json(path: Path) -> dict:
 
 
 def write_report(run_dir: str | Path, data_dir: str | None = None,
-                 max_examples: int | None = None) -> Path:
-    """Render `run_dir/report.html` (plots in `run_dir/plots/`); returns the page's path."""
+                 max_examples: int | None = None, overwrite: bool = False) -> Path:
+    """Render `run_dir/report.html` (plots in `run_dir/plots/`); returns the page's path.
+    A `plots/` folder holding more than an earlier report wrote there is replaced only with
+    `overwrite` (`checkpoint.claim_output`); the old one stays until the new one is whole."""
+    from mtbert.data_maps import FOLDER as DATA_MAPS_FOLDER
+    from mtbert.data_maps import read_data_map
+    from mtbert.evaluation import score_columns
     from mtbert.model_folder import load_model
 
     run_dir = Path(run_dir)
+    claim_output(run_dir / PLOTS, overwrite=overwrite or written_whole(run_dir / PLOTS))
     model, tokenizer, config = load_model(run_dir)
     records = read_metrics(run_dir)
-    plots = run_dir / PLOTS
-    if plots.is_dir():
-        shutil.rmtree(plots)
-    plots.mkdir()
     best = _read_json(run_dir / "best" / "metrics.json")
     result = _read_json(run_dir / "result.json")
     config_file = run_dir / "config.yaml"
@@ -280,9 +308,10 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
         dev = best.get("dev", {})
         parts.append(f"<p>Best model: step {best.get('step')} (selected on the overall dev "
                      f"score).</p>")
+        what = dict(score_columns(model.tasks))
         parts.append(_table(["task", "metric", "best dev score"],
-                            [[n, model.tasks[n].metric if n in model.tasks else "mean",
-                              f"{v:.4f}"] for n, v in dev.items()]))
+                            [[n.split("/")[0], what.get(n, "mean"), f"{v:.4f}"]
+                             for n, v in dev.items()]))
     parts.append('<h3 id="run-time">Run time</h3>')
     time_rows = []
     if records:
@@ -305,78 +334,100 @@ def write_report(run_dir: str | Path, data_dir: str | None = None,
     parts.append(f"<p><code>{html.escape(config_file.name)}</code>, the resolved config:</p>")
     parts.append(f"<pre>{html.escape(config_file.read_text(encoding='utf-8'))}</pre>")
 
-    # Curves.
-    parts.append('<h2 id="loss-curves">Training loss curves</h2>')
-    path = plots / "loss_curves.png"
-    if plot_curves(records, "train", path, "training losses (running average)", "loss",
-                   keep=lambda n: n.endswith(("/loss", "/mnrl"))):
-        parts.append("<p>Per task: the running average (factor 0.9) of the task loss, and of "
-                     "its auxiliary MNRL loss if any, at each evaluation.</p>")
-        parts.append(_image(path, run_dir, "training loss curves"))
-    else:
-        parts.append("<p>No training records in metrics.jsonl.</p>")
-    loads = expert_loads(records)
-    if loads:
-        parts.append('<h2 id="expert-load">Expert load</h2>')
-        parts.append("<p>Mixture-of-experts layers: the share of each task's token-expert "
-                     "assignments that each expert received (before capacity; running "
-                     "average at the last evaluation), and the share dropped for capacity. "
-                     "Uniform is 1/E per expert.</p>")
-        for layer, (experts, rows) in loads.items():
-            parts.append(f"<h3>Layer {layer}</h3>")
-            parts.append(_heat_table(["task", *(f"expert {e}" for e in range(experts)),
-                                      "dropped"], rows))
-    parts.append('<h2 id="dev-curves">Dev metric curves</h2>')
-    path = plots / "dev_curves.png"
-    if plot_curves(records, "dev", path, "dev metrics", "score"):
-        parts.append(_image(path, run_dir, "dev metric curves"))
-    else:
-        parts.append("<p>No evaluation records in metrics.jsonl.</p>")
-    path = plots / "loss_weights.png"
-    varying = {k for r in records for k, v in r.get("weights", {}).items()
-               if v != records[0].get("weights", {}).get(k)}
-    if varying and plot_curves(records, "weights", path, "loss weights", "weight"):
-        parts.append('<h3 id="loss-weights">Loss weights</h3>')
-        parts.append(_image(path, run_dir, "loss weights"))
-
-    # Dev outputs of the best model.
-    parts.append('<h2 id="dev-outputs">Dev outputs of the best model</h2>')
-    outputs = dev_outputs(model, tokenizer, config, data_dir, max_examples)
-    for name, task in model.tasks.items():
-        found = outputs.get(name, {})
-        slug = _slug(name)
-        parts.append(f"<h3>{html.escape(name)}</h3>")
-        if "error" in found:
-            parts.append(f"<p>Skipped: {html.escape(found['error'])}</p>")
-            continue
-        labels, out = found["labels"], found["outputs"]
-        of = "" if len(labels) == found["total"] else f" (a seeded subsample of {found['total']})"
-        parts.append(f"<p>{len(labels)} dev examples{of}; {task.metric} "
-                     f"{found['score']:.4f}.</p>")
-        if task.kind == "classification":
-            predicted = found["predicted"]
-            path = plots / f"confusion_{slug}.png"
-            plot_confusion(labels, predicted, task.num_classes, path,
-                           f"{name}: confusion matrix (dev)")
-            parts.append(f'<h4 id="confusion-matrix-{slug}">Confusion matrix</h4>')
-            parts.append(_image(path, run_dir, f"{name} confusion matrix"))
-            if task.num_classes == 2:
-                probability = out[:, 1]
-                path = plots / f"histogram_{slug}.png"
-                plot_histogram(labels, probability, path,
-                               f"{name}: predicted probability by gold class")
-                parts.append(f'<h4 id="histogram-{slug}">Score histogram</h4>')
-                parts.append(_image(path, run_dir, f"{name} score histogram"))
+    def write_plots(plots: Path) -> None:
+        # Curves.
+        parts.append('<h2 id="loss-curves">Training loss curves</h2>')
+        path = plots / "loss_curves.png"
+        if plot_curves(records, "train", path, "training losses (running average)", "loss",
+                       keep=lambda n: n.endswith(("/loss", "/mnrl"))):
+            parts.append("<p>Per task: the running average (factor 0.9) of the task loss, and of "
+                         "its auxiliary MNRL loss if any, at each evaluation.</p>")
+            parts.append(_image(path, "training loss curves"))
         else:
-            path = plots / f"scatter_{slug}.png"
-            plot_scatter(labels, out, task.label_range, path,
-                         f"{name}: predicted vs gold ({task.metric} {found['score']:.3f})")
-            parts.append(f'<h4 id="scatter-{slug}">Predicted vs gold scatter</h4>')
-            parts.append(_image(path, run_dir, f"{name} predicted vs gold"))
+            parts.append("<p>No training records in metrics.jsonl.</p>")
+        loads = expert_loads(records)
+        if loads:
+            parts.append('<h2 id="expert-load">Expert load</h2>')
+            parts.append("<p>Mixture-of-experts layers: the share of each task's token-expert "
+                         "assignments that each expert received (before capacity; running "
+                         "average at the last evaluation), and the share dropped for capacity. "
+                         "Uniform is 1/E per expert.</p>")
+            for layer, (experts, rows) in loads.items():
+                parts.append(f"<h3>Layer {layer}</h3>")
+                parts.append(_heat_table(["task", *(f"expert {e}" for e in range(experts)),
+                                          "dropped"], rows))
+        parts.append('<h2 id="dev-curves">Dev metric curves</h2>')
+        path = plots / "dev_curves.png"
+        if plot_curves(records, "dev", path, "dev metrics", "score"):
+            parts.append(_image(path, "dev metric curves"))
+        else:
+            parts.append("<p>No evaluation records in metrics.jsonl.</p>")
+        path = plots / "loss_weights.png"
+        varying = {k for r in records for k, v in r.get("weights", {}).items()
+                   if v != records[0].get("weights", {}).get(k)}
+        if varying and plot_curves(records, "weights", path, "loss weights", "weight"):
+            parts.append('<h3 id="loss-weights">Loss weights</h3>')
+            parts.append(_image(path, "loss weights"))
+
+        maps = sorted((run_dir / DATA_MAPS_FOLDER).glob("*.csv"))
+        if maps:
+            parts.append('<h2 id="data-maps">Data maps</h2>')
+            parts.append("<p>Per training example (<code>train.data_maps</code>; Swayamdipta et "
+                         "al. 2020): the mean (confidence) and standard deviation (variability) "
+                         "of the probability its training passes gave the gold label, and the "
+                         "share of passes that predicted it (correctness). High confidence: easy "
+                         "to learn; high variability: ambiguous; low confidence and variability: "
+                         "hard to learn, or mislabelled.</p>")
+        for csv_file in maps:
+            columns = read_data_map(csv_file)
+            passes = columns["passes"]
+            path = plots / f"data_map_{_slug(csv_file.stem)}.png"
+            plot_data_map(columns, path, f"{csv_file.stem}: data map")
+            parts.append(f"<h3>{html.escape(csv_file.stem)}</h3><p>{len(passes)} training "
+                         f"examples, drawn {min(passes):.0f} to {max(passes):.0f} times.</p>")
+            parts.append(_image(path, f"{csv_file.stem} data map"))
+
+        # Dev outputs of the best model.
+        parts.append('<h2 id="dev-outputs">Dev outputs of the best model</h2>')
+        outputs = dev_outputs(model, tokenizer, config, data_dir, max_examples)
+        for name, task in model.tasks.items():
+            found = outputs.get(name, {})
+            slug = _slug(name)
+            parts.append(f"<h3>{html.escape(name)}</h3>")
+            if "error" in found:
+                parts.append(f"<p>Skipped: {html.escape(found['error'])}</p>")
+                continue
+            labels, out = found["labels"], found["outputs"]
+            of = ("" if len(labels) == found["total"]
+                  else f" (a seeded subsample of {found['total']})")
+            scores = ", ".join(f"{m} {v:.4f}" for m, v in found["scores"].items())
+            parts.append(f"<p>{len(labels)} dev examples{of}; {scores}.</p>")
+            if task.kind == "classification":
+                predicted = found["predicted"]
+                path = plots / f"confusion_{slug}.png"
+                plot_confusion(labels, predicted, task.num_classes, path,
+                               f"{name}: confusion matrix (dev)")
+                parts.append(f'<h4 id="confusion-matrix-{slug}">Confusion matrix</h4>')
+                parts.append(_image(path, f"{name} confusion matrix"))
+                if task.num_classes == 2:
+                    probability = out[:, 1]
+                    path = plots / f"histogram_{slug}.png"
+                    plot_histogram(labels, probability, path,
+                                   f"{name}: predicted probability by gold class")
+                    parts.append(f'<h4 id="histogram-{slug}">Score histogram</h4>')
+                    parts.append(_image(path, f"{name} score histogram"))
+            else:
+                path = plots / f"scatter_{slug}.png"
+                plot_scatter(labels, out, task.label_range, path,
+                             f"{name}: predicted vs gold (" + ", ".join(
+                                 f"{m} {v:.3f}" for m, v in found["scores"].items()) + ")")
+                parts.append(f'<h4 id="scatter-{slug}">Predicted vs gold scatter</h4>')
+                parts.append(_image(path, f"{name} predicted vs gold"))
+
+    write_checkpoint(run_dir / PLOTS, write_plots)
 
     page = run_dir / "report.html"
-    page.write_text(_PAGE.format(title=html.escape(title), body="\n".join(parts)),
-                    encoding="utf-8")
+    write_text_atomically(page, _PAGE.format(title=html.escape(title), body="\n".join(parts)))
     return page
 
 
@@ -400,9 +451,10 @@ img {{ max-width: 100%; display: block; margin: 0.5rem 0 1.2rem; }}
 # ---------------------------------------------------------------- TensorBoard
 
 
-def write_tensorboard(run_dir: str | Path) -> Path:
+def write_tensorboard(run_dir: str | Path, overwrite: bool = False) -> Path:
     """Scalars of `metrics.jsonl` (train losses, dev metrics, loss weights, lr) as TensorBoard
-    event files in `run_dir/tensorboard` (rewritten each time)."""
+    event files in `run_dir/tensorboard`, rewritten each time as `write_report` rewrites
+    `plots/`."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -410,16 +462,18 @@ def write_tensorboard(run_dir: str | Path) -> Path:
             "TensorBoard is not installed, so no event files were written; "
             "`pip install tensorboard` to enable --tensorboard") from None
     run_dir = Path(run_dir)
-    folder = run_dir / "tensorboard"
-    if folder.is_dir():
-        shutil.rmtree(folder)
-    writer = SummaryWriter(log_dir=str(folder))
-    for record in read_metrics(run_dir):
-        step = record["step"]
-        for group in ("train", "dev", "weights"):
-            for name, value in record.get(group, {}).items():
-                writer.add_scalar(f"{group}/{name}", value, step)
-        if "lr" in record:
-            writer.add_scalar("lr", record["lr"], step)
-    writer.close()
-    return folder
+    folder = claim_output(run_dir / "tensorboard",
+                          overwrite=overwrite or written_whole(run_dir / "tensorboard"))
+
+    def write(tmp: Path) -> None:
+        writer = SummaryWriter(log_dir=str(tmp))
+        for record in read_metrics(run_dir):
+            step = record["step"]
+            for group in ("train", "dev", "weights"):
+                for name, value in record.get(group, {}).items():
+                    writer.add_scalar(f"{group}/{name}", value, step)
+            if "lr" in record:
+                writer.add_scalar("lr", record["lr"], step)
+        writer.close()
+
+    return write_checkpoint(folder, write)
