@@ -76,3 +76,40 @@ def test_task_best_models_are_kept_when_asked(tiny_backbone, tiny_data, tmp_path
         assert model.tasks.keys() == {"sst", "sts"}
     with pytest.raises(ConfigError, match="adapt.keep_task_bst"):
         tiny_config(tiny_backbone, tiny_data, "adapt.keep_task_bst=true")
+
+
+def test_finetune_loads_the_run_and_trains_the_encoder_and_that_head_only(
+        tiny_run, tiny_backbone, tiny_data, tmp_path):
+    tuned = tmp_path / "tuned"
+    code = main(["train", "--from", str(tiny_run), "--finetune", "quora", "--run-dir",
+                 str(tuned),
+                 "--data-dir", str(tiny_data), f"model.backbone={tiny_backbone}",
+                 "train.max_steps=3", "train.batch_size=16", "train.lr=3e-3",
+                 "train.eval_batch_size=64", "train.precision=fp32"])
+    assert code == 0
+    base, _, _ = load_model(tiny_run)
+    model, _, config = load_model(tuned)
+    assert [t.name for t in config.tasks] == ["quora"] and config.adapt.finetune == "quora"
+    assert config.task("quora") == base.tasks["quora"]  # the run's own spec of the task
+    assert not any(k.startswith(("heads.sst", "heads.sts")) for k in model.state_dict())
+    start = Trainer(config, tmp_path / "start").model  # built and loaded, not trained
+    assert all(p.requires_grad for p in start.parameters())
+    expected = {k: v for k, v in base.state_dict().items() if not k.startswith(
+        ("heads.sst", "heads.sts"))}
+    assert start.state_dict().keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(start.state_dict()[key], value), key
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, expected[k])}
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("heads.quora") for k in changed)
+
+
+def test_finetune_needs_a_task_of_the_run(tiny_run, tiny_backbone, tiny_data, tmp_path,
+                                          capsys):
+    code = main(["train", "--from", str(tiny_run), "--finetune", "cfimdb", "--run-dir",
+                 str(tmp_path / "x"), "--data-dir", str(tiny_data),
+                 f"model.backbone={tiny_backbone}"])
+    assert code == 2
+    assert "cfimdb" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="adapt.finetune"):
+        tiny_config(tiny_backbone, tiny_data, "adapt.finetune=sts")

@@ -36,6 +36,9 @@ TECHNIQUES = {
              "start: 0.5}"],
     # DDP stays out of the first micro-step's backward (no_sync), averages in the second's
     "accumulation": ["train.sampler=proportional", "train.grad_accumulation=2"],
+    # SMART's proximal term (its mentor runs outside DDP's forward) and a weight average
+    "proximal": ["train.regularizers=[{name: smart_proximal, weight: 10, options: "
+                 "{decay: 0.5}}]", "train.weight_average={method: ema, decay: 0.5}"],
 }
 
 

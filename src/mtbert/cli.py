@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add the config's tasks to RUN's model: RUN's encoder, tasks and "
                             "conditioning stay frozen (their outputs unchanged); only the new "
                             "tasks' heads and adapters train")
+    train.add_argument("--finetune", metavar="TASK",
+                       help="with --from: fine-tune RUN's task TASK alone, encoder included "
+                            "(two-stage MT-DNN), into runs/NAME-TASK; training settings: "
+                            "--config, else RUN's own, and the overrides")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="train on N processes of this machine under DDP (runs torchrun "
                             "--standalone --nproc-per-node N); batch sizes are per process. "
@@ -276,19 +280,27 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         others = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
-        if args.config or args.run_dir or args.overwrite or args.from_run or others:
+        if (args.config or args.run_dir or args.overwrite or args.from_run or args.finetune
+                or others):
             raise ConfigError("--resume takes the run's own config; drop --config, --run-dir, "
-                              "--overwrite, --from and overrides other than "
+                              "--overwrite, --from, --finetune and overrides other than "
                               f"{', '.join(RESUME_OVERRIDES)}")
         run_dir = args.resume
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml)")
         config = load_config(run_dir / "config.yaml", args.overrides, args.data_dir)
     else:
+        if args.finetune is not None:
+            if args.from_run is None:
+                raise ConfigError("--finetune TASK fine-tunes a task of a trained run: give "
+                                  "--from RUN too")
+            if args.config is None:  # RUN's own training settings, overrides on top
+                from mtbert.model_folder import model_folder
+                args.config = model_folder(args.from_run) / "experiment.yaml"
         config = load_config(args.config, args.overrides, args.data_dir)
         if args.from_run is not None:
             from mtbert.adapting import config_from_run
-            config = config_from_run(args.from_run, config)
+            config = config_from_run(args.from_run, config, args.finetune)
         run_dir = args.run_dir or Path("runs") / config.name
     _train(config, run_dir, args.resume is not None, args.overwrite)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
 import reprlib
@@ -142,6 +143,27 @@ class ModelConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    """An auxiliary term of the training loss (`regularizers/`), added as `weight * term`
+    after the loss weighting and distillation. `options` go to the regulariser's class, whose
+    defaults are its paper's (`smart`: epsilon, noise, step_size, steps; `smart_proximal`:
+    decay)."""
+
+    name: str = ""  # a name in regularizers.REGULARIZERS
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WeightAverageConfig:
+    """Evaluate and keep an average of the weights (`weight_averaging.py`)."""
+
+    method: str = "ema"  # a name in weight_averaging.AVERAGES: ema, swa
+    decay: float | None = None  # ema only; None: 0.999
+    start: float = 0.0  # share of the run's steps before the average takes in weights
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 3.0
     batch_size: int = 32
@@ -175,6 +197,8 @@ class TrainConfig:
     # every N optimizer steps, log TAG's look-ahead inter-task affinity (see lookahead.py)
     affinity_every: int | None = None
     data_maps: bool = False  # per-example confidence and variability (see data_maps.py)
+    regularizers: list[RegularizerConfig] = field(default_factory=list)
+    weight_average: WeightAverageConfig | None = None  # None: the raw weights are the model
 
 
 @dataclass
@@ -185,6 +209,9 @@ class AdaptConfig:
     # `mtbert train --from RUN`: start from RUN's model; its encoder, its tasks' heads and
     # conditioning stay frozen (their outputs bit-identical) and only the new tasks train.
     from_run: str | None = None
+    # `mtbert train --from RUN --finetune TASK` (two-stage MT-DNN, Liu et al. 2019): a model
+    # of TASK alone, starting from RUN's encoder and TASK's head, everything training.
+    finetune: str | None = None
     keep_task_best: bool = False  # also keep each task's best model in best-TASK/
 
 
@@ -491,6 +518,11 @@ def validate(config: ExperimentConfig) -> None:
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
     _check_techniques(config)
+    finetune = config.adapt.finetune
+    if finetune is not None and (config.adapt.from_run is None or names != [finetune]):
+        raise ConfigError(f"adapt.finetune: {finetune!r} fine-tunes that task of "
+                          "adapt.from_run alone (train --from RUN --finetune TASK); got "
+                          f"from_run {config.adapt.from_run!r} and tasks {names}")
     for task in config.distill.teachers:
         if task not in names:
             raise ConfigError(f"distill.teachers.{task}: no task of that name; tasks: {names}")
@@ -520,6 +552,25 @@ def _registered(key: str, name: str, registry: dict) -> Any:
     return registry[name]
 
 
+def _check_options(key: str, technique: Any, options: dict[str, Any]) -> None:
+    """`options` must be keyword arguments of the technique's constructor (after the model),
+    of the types its `check` declares (converted in place: YAML reads 1e-5 as a string), and
+    with the constructor's defaults pass `check` (which says what cannot act)."""
+    parameters = list(inspect.signature(technique).parameters.values())[1:]
+    known = {p.name: p.default for p in parameters}
+    hints = typing.get_type_hints(technique.check)
+    for name, value in options.items():
+        if name not in known:
+            raise ConfigError(f"{key}.{name}: {technique.__name__} has no such option; its "
+                              f"options: {sorted(known)}")
+        if name in hints:
+            options[name] = _convert(hints[name], value, f"{key}.{name}")
+    try:
+        technique.check(**{**known, **options})
+    except ValueError as error:
+        raise ConfigError(f"{key}.{error}") from None
+
+
 def _check_techniques(config: ExperimentConfig) -> None:
     """Names must be registered, and a technique must be able to act in this run: the
     requirements are what each one declares in its own file (no method is named here)."""
@@ -529,8 +580,19 @@ def _check_techniques(config: ExperimentConfig) -> None:
     from mtbert.model.conditioning import CONDITIONINGS
     from mtbert.model.heads import HEADS
     from mtbert.model.moe import ROUTINGS
+    from mtbert.regularizers import REGULARIZERS
+    from mtbert.weight_averaging import AVERAGES
 
     train = config.train
+    for i, regularizer in enumerate(train.regularizers):
+        key = f"train.regularizers[{i}]"
+        _check_options(f"{key}.options", _registered(f"{key}.name", regularizer.name,
+                                                     REGULARIZERS), regularizer.options)
+    average = train.weight_average
+    if average is not None:
+        _check_options("train.weight_average", _registered(
+            "train.weight_average.method", average.method, AVERAGES),
+            {} if average.decay is None else {"decay": average.decay})
     sampler = _registered("train.sampler", train.sampler, SAMPLERS)
     weighting = _registered("train.weighting", train.weighting, WEIGHTINGS)
     combiner = _registered("train.combiner", train.combiner, COMBINERS)
@@ -634,7 +696,13 @@ def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:
         ("distributed.timeout_s", config.distributed.timeout_s, positive, "> 0"),
         ("max_skipped_share", config.max_skipped_share, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("distill.temperature", config.distill.temperature, positive, "> 0"),
+        *((f"train.regularizers[{i}].weight", r.weight, positive, "> 0 (0 cannot act)")
+          for i, r in enumerate(train.regularizers)),
     ]
+    if train.weight_average is not None:
+        bounds.append(("train.weight_average.start", train.weight_average.start, fraction,
+                       "in [0, 1): the share of the run before averaging, which must leave "
+                       "steps to average"))
     if model.moe is not None:
         moe = model.moe
         bounds += [

@@ -82,6 +82,8 @@ _REGISTRIES = {
     "positive_rule": ("mtbert.losses", "POSITIVE_RULES"),
     "head": ("mtbert.model.heads", "HEADS"),
     "conditioning": ("mtbert.model.conditioning", "CONDITIONINGS"),
+    "regularizer": ("mtbert.regularizers", "REGULARIZERS"),
+    "weight_average": ("mtbert.weight_averaging", "AVERAGES"),
 }
 
 
@@ -94,5 +96,6 @@ def registry(kind: str) -> Registry:
 
 def register(kind: str, name: str, implementation: Any, replace: bool = False) -> Any:
     """Register a technique of `kind` (weighting, combiner, sampler, loss, positive_rule,
-    head, conditioning) under `name`; returns it, so it also works as a decorator's body."""
+    head, conditioning, regularizer, weight_average) under `name`; returns it, so it also
+    works as a decorator's body."""
     return registry(kind).register(name, implementation, replace)

@@ -76,7 +76,9 @@ from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.precision import autocast, resolve_precision
 from mtbert.provenance import code_version
+from mtbert.regularizers import Regularizers
 from mtbert.tokenizer import Tokenizer
+from mtbert.weight_averaging import build_weight_average
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,9 @@ class Trainer:
         self.weighting = build_weighting(train.weighting, context, **train.weighting_options)
         self.combiner = build_combiner(train.combiner, context)
         self.optimizer = self._build_optimizer()
+        self.regularizers = Regularizers(train.regularizers, self.model)
+        self.averaging = build_weight_average(train.weight_average, self.model,
+                                              self.total_steps)
         self.configured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler = warmup_linear_decay(
             self.optimizer, int(train.warmup_ratio * self.total_steps), self.total_steps)
@@ -288,9 +293,17 @@ class Trainer:
                         self.data_maps.record(task, outputs[task].predictions, batch.labels,
                                               batch.rows)
                     logged.update({f"{task}/{k}": v for k, v in parts.items()})
+                with autocast(self.device, self.precision):
+                    auxiliary = {task: self.regularizers(model, self.data[task].config, batch,
+                                                         outputs[task])
+                                 for task, batch in batches.items()}
+                for task, named in auxiliary.items():
+                    logged.update({f"{task}/{name}": term.item() for name, term in named.items()})
                 # The weighting sees the tasks' own losses; the micro-step's share of the
                 # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
                 terms = self.weighting(losses, model.last_shared_parameters())
+                # Regularisers are no task's loss: they join after weighting and distillation.
+                terms = {t: term + sum(auxiliary[t].values()) for t, term in terms.items()}
                 backward_loss += sum(terms.values()).item() / train.grad_accumulation
                 self.combiner.backward({t: term / train.grad_accumulation
                                         for t, term in terms.items()}, shared, other)
@@ -313,6 +326,9 @@ class Trainer:
             self.state.bad_steps = 0
             self.optimizer.step()
             self.weighting.after_optimizer_step()
+            self.regularizers.after_optimizer_step(model)
+            if self.averaging is not None:
+                self.averaging.after_optimizer_step(model, self.state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if len(self.state.first_losses) < FIRST_LOSSES_STEPS:
@@ -402,7 +418,8 @@ class Trainer:
                 if self.state.bad_steps:
                     continue
                 if evaluate:
-                    self._evaluate_and_keep_best(running, time.perf_counter() - start)
+                    with self.evaluated_weights():
+                        self._evaluate_and_keep_best(running, time.perf_counter() - start)
                 if evaluate or self.state.step % self.config.train.checkpoint_every == 0:
                     self.save_training_state()
         finally:
@@ -412,9 +429,17 @@ class Trainer:
         no_dev = self.state.best_record < 0 and not any(d.dev for d in self.data.values())
         if no_dev and self.world.is_main:
             log.info("no task has dev data: best/ is the model of the last step")
-            save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
-                       {"dev": {}, "step": self.state.step})
+            with self.evaluated_weights():
+                save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
+                           {"dev": {}, "step": self.state.step})
         return self.state.history[self.state.best_record]["dev"] if self.state.history else {}
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The model holds the weights that are evaluated and kept inside the block: the
+        `train.weight_average`, if any, else the raw weights."""
+        if self.averaging is None:
+            return contextlib.nullcontext()
+        return self.averaging.average.swapped_in(self.model)
 
     def _evaluate_and_keep_best(self, running: dict[str, float], elapsed: float) -> None:
         scores = self.evaluate("dev")
@@ -491,6 +516,11 @@ class Trainer:
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
             if self.data_maps is not None:
                 save_tensors(tmp / "data_maps.safetensors", self.data_maps.state_dict())
+            if self.regularizers.parts:
+                save_tensors(tmp / "regularizers.safetensors", self.regularizers.state_dict())
+            if self.averaging is not None:
+                save_tensors(tmp / "weight_average.safetensors",
+                             self.averaging.average.state_dict())
             for rank, states in enumerate(rng):
                 save_tensors(tmp / rng_file(rank), states)
             save_json(tmp / "state.json", {
@@ -574,6 +604,11 @@ class Trainer:
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
         if self.data_maps is not None:
             self.data_maps.load_state_dict(load_tensors(folder / "data_maps.safetensors"))
+        if self.regularizers.parts:
+            self.regularizers.load_state_dict(load_tensors(folder / "regularizers.safetensors"))
+        if self.averaging is not None:
+            self.averaging.average.load_state_dict(
+                load_tensors(folder / "weight_average.safetensors"))
         self.combiner.load_state_dict(meta["combiner"])
         for name, position in meta["streams"].items():
             self.streams[name].load_state_dict(position)

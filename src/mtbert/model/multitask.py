@@ -31,24 +31,30 @@ class MultitaskModel(nn.Module):
             {task.name: build_head(task, encoder.config.hidden_size) for task in tasks})
         self._experts = experts_of(encoder)  # a plain list: the encoder registers them
 
-    def forward(self, task: str, batch: Batch) -> HeadOutput:
-        output = self.heads[task](self.sentence_vectors(task, batch), batch.pair_index)
+    def forward(self, task: str, batch: Batch, extra_hooks: EncoderHooks | None = None
+                ) -> HeadOutput:
+        """`extra_hooks` run after the task's own (a regulariser's input perturbation)."""
+        output = self.heads[task](self.sentence_vectors(task, batch, extra_hooks=extra_hooks),
+                                  batch.pair_index)
         if self._experts and self.training:
             output.auxiliary = auxiliary_losses(self._experts)
             output.statistics = routing_statistics(self._experts)
         return output
 
-    def hooks(self, task: str) -> EncoderHooks | None:
-        """The encoder hooks of `task`: its conditioning's and its routing's, or None."""
+    def hooks(self, task: str, extra: EncoderHooks | None = None) -> EncoderHooks | None:
+        """The encoder hooks of `task`: its conditioning's and its routing's, then `extra`;
+        or None."""
         parts = [m.hooks(task) for m in (self.conditioning, self.routing) if m is not None]
+        parts += [extra] if extra is not None else []
         return ChainedHooks(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
-    def sentence_vectors(self, task: str | None, batch: Batch, pooling: str = "mean") -> Tensor:
+    def sentence_vectors(self, task: str | None, batch: Batch, pooling: str = "mean",
+                         extra_hooks: EncoderHooks | None = None) -> Tensor:
         """(R, H) pooled vectors of the batch's rows, as `task`'s head sees them (its
         conditioning and pooling); `task=None`: the plain encoder with `pooling`."""
-        hooks = None
+        hooks = extra_hooks
         if task is not None:
-            hooks = self.hooks(task)
+            hooks = self.hooks(task, extra_hooks)
             pooling = self.tasks[task].head.pooling
         hidden, pooled = self.encoder(batch.input_ids, batch.attention_mask,
                                       batch.token_type_ids, hooks)
