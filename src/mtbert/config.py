@@ -457,91 +457,9 @@ def validate(config: ExperimentConfig) -> None:
     for key, value, ok, requirement in _bounds(config):
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
-    _check_techniques(config)
     for task in config.distill.teachers:
         if task not in names:
             raise ConfigError(f"distill.teachers.{task}: no task of that name; tasks: {names}")
-
-
-def _registered(key: str, name: str, registry: dict) -> Any:
-    if name not in registry:
-        raise ConfigError(f"{key}: unknown {name!r}; registered: {', '.join(sorted(registry))}")
-    return registry[name]
-
-
-def _check_techniques(config: ExperimentConfig) -> None:
-    """Names must be registered, and a technique must be able to act in this run: the
-    requirements are what each one declares in its own file (no method is named here)."""
-    from mtbert.balancing import COMBINERS, WEIGHTINGS
-    from mtbert.data.sampling import SAMPLERS
-    from mtbert.losses import LOSSES, POSITIVE_RULES
-    from mtbert.model.conditioning import CONDITIONINGS
-    from mtbert.model.heads import HEADS
-    from mtbert.model.moe import ROUTINGS
-
-    train = config.train
-    sampler = _registered("train.sampler", train.sampler, SAMPLERS)
-    weighting = _registered("train.weighting", train.weighting, WEIGHTINGS)
-    combiner = _registered("train.combiner", train.combiner, COMBINERS)
-    several = sampler.draws_every_task and len(config.tasks) > 1
-    if combiner.needs_several_tasks and not several:
-        raise ConfigError(f"train.combiner: {train.combiner!r} acts only when a step holds "
-                          "several tasks; use train.sampler: round_robin with two or more tasks")
-    if weighting.needs_every_task and not sampler.draws_every_task:
-        raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
-                          f"every step; train.sampler {train.sampler!r} draws one task per "
-                          "step (use round_robin)")
-    for key, name, technique in (("train.weighting", train.weighting, weighting),
-                                 ("train.combiner", train.combiner, combiner)):
-        if config.adapt.freeze_encoder and technique.needs_encoder_gradients:
-            raise ConfigError(f"{key}: {name!r} acts on the encoder's gradients; with "
-                              "adapt.freeze_encoder (or train --from) the encoder has none")
-    for key, name, technique in (("train.weighting", train.weighting, weighting),
-                                 ("train.sampler", train.sampler, sampler)):
-        if train.epochs <= technique.acts_from_epoch - 1:
-            raise ConfigError(f"{key}: {name!r} acts from epoch {technique.acts_from_epoch}; "
-                              f"train.epochs is {train.epochs:g}, make it more than "
-                              f"{technique.acts_from_epoch - 1}")
-    if config.model.conditioning is not None:
-        _registered("model.conditioning", config.model.conditioning, CONDITIONINGS)
-    moe = config.model.moe
-    if moe is not None and not ROUTINGS[moe.routing].token_gate:
-        # Batches are single-task: every token of a batch takes the task's experts.
-        if moe.capacity_factor is not None:
-            raise ConfigError(f"model.moe.capacity_factor: {moe.routing!r} routing sends all "
-                              "of a batch to its task's experts, so a capacity would drop most "
-                              "of it; set it to null")
-        if moe.noisy_gating:
-            raise ConfigError(f"model.moe.noisy_gating: {moe.routing!r} routing has no token "
-                              "gate for the noise to act on; set it to false")
-        if moe.balance_weight:
-            raise ConfigError(f"model.moe.balance_weight: under {moe.routing!r} routing a "
-                              "batch loads only its task's experts, and balancing it would "
-                              "only push the task off them; set it to 0")
-    for i, task in enumerate(config.tasks):
-        where = f"tasks[{i}] ({task.name})"
-        head = _registered(f"{where}.head.type", task.head.type, HEADS)
-        if head.siamese and not task.is_pair:
-            raise ConfigError(f"{where}.head.type: {task.head.type!r} encodes the two sentences "
-                              "of a pair apart; this task has one text column")
-        if task.kind == "classification" and task.num_classes > head.max_classes:
-            raise ConfigError(f"{where}.head.type: {task.head.type!r} classifies at most "
-                              f"{head.max_classes} classes")
-        if task.mnrl is not None and not head.siamese:
-            raise ConfigError(f"{where}.mnrl: needs a siamese head (one that encodes the two "
-                              "sentences apart)")
-        if task.weight != 1.0 and not weighting.uses_task_weights:
-            raise ConfigError(f"{where}.weight: train.weighting {train.weighting!r} does not "
-                              "read task weights (use static)")
-        if task.loss is not None:
-            loss = _registered(f"{where}.loss", task.loss, LOSSES)
-            if loss.task_kind != task.kind or (getattr(loss, "binary", False)
-                                               and task.num_classes != 2):
-                raise ConfigError(f"{where}.loss: {task.loss!r} trains "
-                                  f"{'binary ' if getattr(loss, 'binary', False) else ''}"
-                                  f"{loss.task_kind} tasks, not this {task.kind} task")
-        if task.mnrl is not None:
-            _registered(f"{where}.mnrl.rule", task.mnrl.rule, POSITIVE_RULES)
 
 
 def _bounds(config: ExperimentConfig) -> list[tuple[str, Any, Any, str]]:

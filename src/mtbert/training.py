@@ -69,6 +69,7 @@ from mtbert.model.multitask import MultitaskModel
 from mtbert.model_folder import build_model, load_model, save_model
 from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.precision import autocast, resolve_precision
+from mtbert.techniques import check_techniques
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, run_dir: str | Path):
+        check_techniques(config)  # before any data is read
         self.config, self.run_dir = config, Path(run_dir)
         self.world = current_world()
         train = config.train
