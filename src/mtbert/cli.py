@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("max-wait-ms", float, "how long the oldest queued input waits for others"),
             ("max-queue", int, "inputs waiting; a request that would pass it gets 503"),
             ("max-inputs", int, "inputs per request; more gets 413"),
-            ("max-chars", int, "characters per text; more gets 422")):
+            ("max-chars", int, "characters per text; more gets 422"),
+            ("request-timeout-s", float, "a request without its results by then gets 504")):
         default = getattr(defaults, flag.replace("-", "_"))
         serve.add_argument(f"--{flag}", type=kind, default=default,
                            help=f"{meaning} (default: {default})")
@@ -348,7 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               "is not set or empty")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_inputs=args.max_inputs,
-                             max_chars=args.max_chars, api_key=key)
+                             max_chars=args.max_chars,
+                             request_timeout_s=args.request_timeout_s, api_key=key)
     if not args.run_dir.is_dir():
         raise ConfigError(f"{args.run_dir}: no such folder")
     try:
