@@ -97,6 +97,13 @@ def test_rank_slices_are_the_one_process_batch(tiny_backbone, tiny_data):
                                       np.sort(single.next().rows.numpy()))
 
 
+def test_dwa_resumed_from_rank_0s_state_ends_like_an_uninterrupted_run():
+    """Each rank sees its own losses; every rank holds the same DWA state (the step's loss
+    sums are averaged over the ranks), so rank 0's checkpoint resumes all of them exactly."""
+    done = torchrun(str(TESTS / "ddp_dwa_worker.py"), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 KILL_TOTAL_STEPS = 30
 
 
