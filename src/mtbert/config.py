@@ -180,7 +180,8 @@ class DistillConfig:
     """Teacher-annealed distillation (BAM!, Clark et al. 2019; see `distillation.py`)."""
 
     # task -> its teacher: an mtbert run or model folder with that task, or a prediction file
-    # (CSV/TSV/JSONL with the task's id column and `prob_<class>` columns or a `score` column).
+    # as `mtbert predict --probabilities` writes it: JSONL (`id`, `probabilities` or `score`)
+    # or CSV/TSV (columns `id` and `p_<class>`..., or `score`).
     teachers: dict[str, str] = field(default_factory=dict)
     temperature: float = 1.0  # softens classification teachers' probabilities
     anneal: bool = True  # lambda from 0 (teacher) to 1 (gold) over training; False: lambda = 0

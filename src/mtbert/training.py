@@ -187,8 +187,7 @@ class Trainer:
         self.losses = {name: TaskLoss(t.config) for name, t in trained.items()}
         self.distillation = build_distillation(
             config.distill, {n: d.config for n, d in trained.items()},
-            {n: d.train for n, d in trained.items()}, self.tokenizer.pad_id,
-            train.eval_batch_size)
+            {n: d.train for n, d in trained.items()}, self.tokenizer, train.eval_batch_size)
         names = list(trained)
         self.streams = {
             name: TaskStream(name, d.train, d.config.batch_size or train.batch_size,
