@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--scale", type=float,
                        help="task-arithmetic and ties: the merged task vector's factor "
                             "(default: 0.5 and 1.0)")
-    merge.add_argument("--density", type=float, default=0.2,
+    merge.add_argument("--density", type=float,
                        help="ties: share of each task vector's entries kept (default: 0.2)")
     merge.add_argument("--out", type=Path, required=True, help="the merged model's folder")
 
@@ -412,8 +412,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from mtbert.merging import merge_runs
 
-    if args.scale is not None and args.method == "average":
-        raise ConfigError("--scale applies to task-arithmetic and ties, not average")
     model = merge_runs(args.runs, args.method, args.out, args.scale, args.density)
     print(f"merged {len(args.runs)} runs ({args.method}) into {args.out}: tasks "
           f"{', '.join(model.tasks)}; score it with: mtbert evaluate {args.out}")
