@@ -1,6 +1,7 @@
-"""DDP on CPUs (gloo, 2 processes started by torchrun on 127.0.0.1): 2 ranks with batch B
-train exactly like 1 process with batch 2B, for every technique; a killed rank stops the
-job, and --resume ends with the weights of an uninterrupted run."""
+"""DDP on CPUs (gloo, 2 processes started by torchrun on 127.0.0.1): with dropout off, 2 ranks
+with batch B train exactly like 1 process with batch 2B, for every technique (with dropout on
+each rank draws its own masks: README says so); a killed rank stops the job, and --resume
+ends with the weights of an uninterrupted run."""
 
 import json
 import os
