@@ -285,6 +285,10 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
     default_backbone = config.model.backbone.lower() in (DEFAULT_BACKBONE, "default")
     local_backbone = Path(config.model.backbone).expanduser().exists()
     dev = metrics.get("dev", {})
+    counts = {task: f"{n['scored']} of {n['of']}" for task, n
+              in metrics.get("dev_examples", {}).items()}
+    sampled = {task: counts[task] for task, n in metrics.get("dev_examples", {}).items()
+               if n["scored"] < n["of"]}
     front = {
         "library_name": {"hf": "transformers"}.get(fmt, fmt),
         "pipeline_tag": PIPELINE_TAG[fmt],
@@ -297,7 +301,8 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
             {"task": {"type": _task_type(t), "name": t.name},
              "dataset": {"name": t.preset or t.name, "type": t.preset or t.name,
                          "split": "dev"},
-             "metrics": [{"type": t.metric, "value": dev[t.name], "name": f"dev {t.metric}"}]}
+             "metrics": [{"type": t.metric, "value": dev[t.name], "name": f"dev {t.metric}" + (
+                 f" ({sampled[t.name]} examples)" if t.name in sampled else "")}]}
             for t in config.tasks if t.name in dev]}],
     }
     train, model = config.train, config.model
@@ -314,8 +319,15 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         *(f"- {t.name}: head `{t.head.type}` ({t.head.pooling} pooling), loss "
           f"`{loss_name(t)}`" + (", plus MNRL" if t.mnrl else "")
           for t in config.tasks)]
-    selection = (f" Model selection scored at most {train.max_eval_examples} dev examples "
-                 "per task." if train.max_eval_examples else "")
+    if sampled:
+        scored_on = (" on the fixed dev sample that training selected the model by, not on "
+                     "the whole dev sets (" + ", ".join(f"{task} {n}" for task, n in
+                                                        counts.items()) + " examples)")
+    elif "dev_examples" in metrics or not train.max_eval_examples:
+        scored_on = " on the whole dev sets"
+    else:  # written before metrics.json said what was scored
+        scored_on = (f" on at most {train.max_eval_examples} examples of each dev set, not "
+                     "necessarily the whole dev sets")
     caveat = _QUORA_CAVEAT if default_backbone and any(
         t.preset == "quora" for t in config.tasks) else ""
     examples = "\n".join(_example_call(config.task(t.name)) for t in config.tasks)
@@ -326,10 +338,10 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         f"head per task; exported as `{fmt}`" + (f" ({quantize})" if quantize else "") + ".",
         "## Tasks and labels\n\n| task | input | output | labels | head |\n"
         "|---|---|---|---|---|\n" + "\n".join(_task_row(t) for t in config.tasks),
-        f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')} "
-        "(`metrics.json`): " + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
-        + ". Overall is the mean of the task metrics, correlations r counted as (r + 1) / 2."
-        + selection,
+        f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')}"
+        f"{scored_on} (`metrics.json`): "
+        + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
+        + ". Overall is the mean of the task metrics, correlations r counted as (r + 1) / 2.",
         "## Training recipe\n\n" + "\n".join(recipe),
         "## Intended use and limits\n\nResearch and teaching: sentence-level sentiment, "
         "paraphrase and similarity in English, on text like the training data (movie reviews, "

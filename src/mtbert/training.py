@@ -113,7 +113,8 @@ def _with_dropout(encoder: BertModel, config: ExperimentConfig) -> BertModel:
 class TaskData:
     config: TaskConfig
     train: EncodedSplit
-    dev: EncodedSplit | None
+    dev: EncodedSplit | None  # what evaluation scores: at most `train.max_eval_examples`
+    dev_total: int = 0  # examples in the whole dev file
 
 
 def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, TaskData]:
@@ -125,12 +126,13 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
                            config.max_skipped_share)
         dev = read_split(task, "dev", config.data_dir, config.strict_data,
                          config.max_skipped_share)
+        dev_total = len(dev or [])
         train = subsample(train, config.train.max_train_examples, config.train.train_fraction,
                           config.train.seed)
         dev = subsample(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
         data[task.name] = TaskData(
             task, encode_split(train, tokenizer, siamese),
-            None if dev is None else encode_split(dev, tokenizer, siamese))
+            None if dev is None else encode_split(dev, tokenizer, siamese), dev_total)
         log.info("%s: %d train, %d dev examples", task.name, len(train), len(dev or []))
     return data
 
@@ -410,7 +412,7 @@ class Trainer:
             self.state.best_record = len(self.state.history) - 1
             if self.world.is_main:
                 save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
-                           {"dev": scores, "step": self.state.step})
+                           self._best_metrics(scores))
         if self.config.adapt.keep_task_best:
             self._keep_task_best(scores)
 
@@ -423,7 +425,14 @@ class Trainer:
             self.state.task_best[task] = score
             if self.world.is_main:
                 save_model(self.run_dir / "best-tasks" / task, self.model, self.tokenizer,
-                           self.config, {"dev": scores, "step": self.state.step, "task": task})
+                           self.config, self._best_metrics(scores) | {"task": task})
+
+    def _best_metrics(self, scores: dict[str, float]) -> dict:
+        """A saved model's `metrics.json`: its dev scores, its step, and how many dev
+        examples of how many the scores are of (a sample when `train.max_eval_examples`)."""
+        return {"dev": scores, "step": self.state.step, "dev_examples": {
+            name: {"scored": len(d.dev), "of": d.dev_total}
+            for name, d in self.data.items() if d.dev is not None}}
 
     # ------------------------------------------------------------ resume checkpoints
 
