@@ -112,6 +112,7 @@ def tiny_config(backbone: Path, data: Path, *overrides: str, tasks: str = "[sst,
                 **train):
     """An experiment on the tiny backbone and data, with overrides."""
     from mtbert.config import load_config
+    from mtbert.techniques import check_techniques
 
     overrides = [f"tasks={tasks}", f"model.backbone={backbone}", "model.max_length=32",
                  "train.batch_size=16", "train.lr=3e-3", "train.warmup_ratio=0.0",
@@ -120,6 +121,7 @@ def tiny_config(backbone: Path, data: Path, *overrides: str, tasks: str = "[sst,
                  "train.precision=fp32", *overrides,
                  *(f"train.{k}={v}" for k, v in train.items())]
     config = load_config(None, overrides, data_dir=str(data))
+    check_techniques(config)
     return config
 
 

@@ -113,3 +113,35 @@ def test_methods_on_encoder_gradients_refuse_a_frozen_encoder(technique, tiny_ba
     with pytest.raises(ConfigError, match=rf"{key}: .* acts on the encoder's gradients"):
         tiny_config(tiny_backbone, tiny_data, "adapt.freeze_encoder=true", technique)
     tiny_config(tiny_backbone, tiny_data, technique)  # fine with the encoder training
+
+
+def test_mtl_lora_up_projections_part_from_the_real_initialisation(batch):
+    """Nothing perturbed: at initialisation a step of two tasks gives each B_i a gradient of
+    its own direction (the random mixes, as in the authors' code), so after one AdamW step
+    the mixing weights get a gradient far above rounding. From an even mix every B_i gets the
+    same gradient, stays equal to the others, and the mixes get none (float64 here)."""
+    torch.manual_seed(0)
+    encoder = BertModel(CONFIG).eval().double().requires_grad_(False)
+    mtl = build_conditioning(ModelConfig(conditioning="mtl_lora", conditioning_options={
+        "rank": 4, "up_projections": 3}), CONFIG, TASKS).double()
+    targets = {task: torch.randn(3, 9, CONFIG.hidden_size, dtype=torch.float64)
+               for task in TASKS}
+    optimizer = torch.optim.AdamW(mtl.parameters(), lr=1e-3)
+
+    def backward():
+        optimizer.zero_grad()
+        sum((encoder(*batch, hooks=mtl.hooks(task))[0] - targets[task]).square().mean()
+            for task in TASKS).backward()
+
+    backward()
+    for layer in mtl.shared:
+        for name, shared in layer.items():
+            grads = shared.up.grad.flatten(1)  # (n, out * r)
+            cosine = torch.nn.functional.cosine_similarity(grads[:, None], grads[None], dim=-1)
+            assert (cosine[~torch.eye(3, dtype=torch.bool)] < 1 - 1e-6).all(), (name, cosine)
+    optimizer.step()
+    backward()
+    for task in TASKS:
+        for layer in mtl.tasks[task]:
+            for name, own in layer.items():
+                assert own.mix.grad.abs().max() > 1e-6, (task, name, own.mix.grad)

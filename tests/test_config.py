@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from mtbert.config import ConfigError, ExperimentConfig, TaskConfig, load_config
+from mtbert.techniques import check_techniques
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -12,6 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_in_the_repo_loads(path):
     config = load_config(path)
+    check_techniques(config)
     assert isinstance(config, ExperimentConfig) and config.tasks
     assert path.read_text().startswith("#"), "each config starts with a comment (the command)"
 
@@ -41,7 +43,8 @@ def test_wrong_type_is_named(tmp_path):
         load_config(write(tmp_path, "tasks: [sst]\ntrain: {lr: fast}\n"))
     with pytest.raises(ConfigError, match=r"tasks\[0\] \(sst\)\.head\.type: unknown 'magic'; "
                                           r"registered: classifier, cosine, pair_features"):
-        load_config(write(tmp_path, "tasks: [{preset: sst, head: {type: magic}}]\n"))
+        check_techniques(load_config(write(tmp_path,
+                                           "tasks: [{preset: sst, head: {type: magic}}]\n")))
 
 
 def test_unknown_preset_and_bad_override(tmp_path):
@@ -79,7 +82,8 @@ tasks:
 
 def test_cross_field_checks(tmp_path):
     with pytest.raises(ConfigError, match="encodes the two sentences of a pair apart"):
-        load_config(write(tmp_path, "tasks: [{preset: sst, head: {type: cosine}}]\n"))
+        check_techniques(load_config(write(tmp_path,
+                                           "tasks: [{preset: sst, head: {type: cosine}}]\n")))
     with pytest.raises(ConfigError, match="label_range"):
         load_config(write(tmp_path, "tasks: [{name: r, kind: regression, train_file: x}]\n"))
 

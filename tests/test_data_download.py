@@ -96,7 +96,7 @@ def test_a_checksum_mismatch_is_an_error_and_the_file_is_not_kept(mirror, tmp_pa
     assert error.startswith("mtbert data: error: ") and "sts-dev.csv: sha256" in error
     assert "the file was not kept" in error
     assert not (dest / "sts-dev.csv").exists()
-    assert not list(dest.glob(".*part"))
+    assert not list(dest.glob(".part-*"))
 
 
 def test_the_quora_train_subset_sum_does_not_reject_the_public_file(mirror, tmp_path, capsys):
@@ -105,6 +105,33 @@ def test_the_quora_train_subset_sum_does_not_reject_the_public_file(mirror, tmp_
     assert main(["data", "download", "--dest", str(tmp_path / "d"), "--mirror",
                  mirror.as_uri()]) == 0
     assert "quora-train.csv: downloaded, NOT verified" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("<html>moved</html>\n", "header lacks column"),
+    ("id\tsentence1\tsentence2\tis_duplicate\n1\ta?\tb?\t0\n", "(1 rows)"),
+])
+def test_a_quora_train_file_that_cannot_be_the_public_one_is_not_kept(mirror, tmp_path, capsys,
+                                                                      content, reason):
+    (mirror / "quora-train.csv").write_text(content, encoding="utf-8")
+    dest = tmp_path / "d"
+    assert main(["data", "download", "--dest", str(dest), "--mirror", mirror.as_uri()]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "quora-train.csv: its sha256 is not that of this project's 11000-row subset" in error
+    assert reason in error and "the file was not kept" in error
+    assert not (dest / "quora-train.csv").exists() and not list(dest.glob(".part-*"))
+
+
+def test_a_file_larger_than_any_task_file_is_not_kept(tmp_path, monkeypatch):
+    import mtbert.data.download
+    monkeypatch.setattr(mtbert.data.download, "MAX_FILE_BYTES", 10)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "a.csv").write_text("id,sentence\n1,good\n")
+    files = {"a.csv": DataFile(hashlib.sha256(b"id,sentence\n1,good\n").hexdigest(), 1)}
+    with pytest.raises(DataError, match="a.csv: larger than 10 bytes.*not kept"):
+        download(tmp_path / "dest", mirror.as_uri(), files)
+    assert not list((tmp_path / "dest").iterdir())
 
 
 def test_download_without_the_task_data(tmp_path):

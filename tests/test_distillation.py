@@ -88,13 +88,15 @@ def test_teachers_from_runs_and_prediction_files_agree(tiny_run, tiny_backbone, 
     from_run = trainer.distillation.targets["sst"]
     assert from_run.shape == (len(trainer.data["sst"].train), 5)
     torch.testing.assert_close(from_run.sum(-1), torch.ones(len(from_run)))
-    predictions = tmp_path / "teacher.jsonl"
-    assert main(["predict", str(tiny_run), "--task", "sst", "--input",
-                 str(tiny_data / "ids-sst-train.csv"), "--probabilities", "--output",
-                 str(predictions)]) == 0
     split = trainer.data["sst"].train
-    from_file = teacher_targets(TASKS["sst"], str(predictions), split, 0, 64)
-    torch.testing.assert_close(from_file, from_run, atol=1e-6, rtol=1e-5)
+    for suffix in ("jsonl", "csv", "tsv"):  # every format `mtbert predict` writes
+        predictions = tmp_path / f"teacher.{suffix}"
+        assert main(["predict", str(tiny_run), "--task", "sst", "--input",
+                     str(tiny_data / "ids-sst-train.csv"), "--probabilities", "--output",
+                     str(predictions)]) == 0
+        from_file = teacher_targets(TASKS["sst"], str(predictions), split, trainer.tokenizer,
+                                    64)
+        torch.testing.assert_close(from_file, from_run, atol=1e-5, rtol=1e-5, msg=suffix)
     trainer.fit()
     first = trainer.state.first_losses[0]
     assert "sst/teacher_loss" in first
@@ -119,3 +121,26 @@ def test_unknown_teacher_task_is_named(tiny_backbone, tiny_data):
     from mtbert.config import ConfigError
     with pytest.raises(ConfigError, match="distill.teachers.nli: no task"):
         tiny_config(tiny_backbone, tiny_data, "distill.teachers={nli: x}")
+
+
+def test_a_teacher_with_another_vocabulary_of_the_same_size_is_refused(
+        tiny_run, tiny_backbone, tiny_data, tmp_path, monkeypatch):
+    """Two tokens swapped: same size, other ids, so the teacher would misread every one."""
+    import mtbert.model_folder
+    from mtbert.config import ConfigError
+    from mtbert.tokenizer import Tokenizer, wordpiece_from_vocab
+
+    model, tokenizer, config = mtbert.model_folder.load_model(tiny_run)
+    words = (tiny_backbone / "vocab.txt").read_text(encoding="utf-8").split()
+    words[5], words[6] = words[6], words[5]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    swapped = Tokenizer(wordpiece_from_vocab(tmp_path / "vocab.txt"))
+    assert swapped.vocab_size == tokenizer.vocab_size
+    monkeypatch.setattr(mtbert.model_folder, "load_model", lambda path: (model, swapped, config))
+    config = tiny_config(tiny_backbone, tiny_data, f"distill.teachers={{sst: {tiny_run}}}",
+                         tasks="[sst]", max_steps=1)
+    with pytest.raises(ConfigError, match=f"distill.teachers.sst: {tiny_run} has another "
+                                          f"vocabulary .*id 5 is {words[5]!r} there, "
+                                          f"{words[6]!r} here"):
+        Trainer(config, tmp_path / "student")
+

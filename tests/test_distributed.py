@@ -1,6 +1,7 @@
-"""DDP on CPUs (gloo, 2 processes started by torchrun on 127.0.0.1): 2 ranks with batch B
-train exactly like 1 process with batch 2B, for every technique; a killed rank stops the
-job, and --resume ends with the weights of an uninterrupted run."""
+"""DDP on CPUs (gloo, 2 processes started by torchrun on 127.0.0.1): with dropout off, 2 ranks
+with batch B train exactly like 1 process with batch 2B, for every technique (with dropout on
+each rank draws its own masks: README says so); a killed rank stops the job, and --resume
+ends with the weights of an uninterrupted run."""
 
 import json
 import os
@@ -98,6 +99,13 @@ def test_rank_slices_are_the_one_process_batch(tiny_backbone, tiny_data):
         assert not set(parts[0]) & set(parts[1])
         np.testing.assert_array_equal(np.sort(np.concatenate(parts)),
                                       np.sort(single.next().rows.numpy()))
+
+
+def test_dwa_resumed_from_rank_0s_state_ends_like_an_uninterrupted_run():
+    """Each rank sees its own losses; every rank holds the same DWA state (the step's loss
+    sums are averaged over the ranks), so rank 0's checkpoint resumes all of them exactly."""
+    done = torchrun(str(TESTS / "ddp_dwa_worker.py"), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 KILL_TOTAL_STEPS = 30

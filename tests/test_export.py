@@ -10,12 +10,14 @@ import yaml
 
 import mtbert
 from mtbert.cli import main
+from mtbert.config import load_config
 from mtbert.data.batching import encode_split
 from mtbert.data.readers import Example
+from mtbert.data.tasks import read_split
 from mtbert.inference import OnnxPredictor
 from mtbert.model.loading import CheckpointError
 from mtbert.model_folder import load_model
-from mtbert.training import Trainer
+from mtbert.training import Trainer, train_and_evaluate
 
 from conftest import SIAMESE_HEADS, tiny_config
 
@@ -96,6 +98,29 @@ def test_model_card_metrics_equal_the_runs_metrics(st_folder, tiny_run):
     assert "base_model" not in front  # the tiny backbone is a local folder, not a hub id
     assert "very negative, negative, neutral, positive, very positive" in card
     assert 'SentenceTransformer("st")' in card and 'mtbert.load("st")' in card
+    assert f"at step {metrics['step']} on the whole dev sets (`metrics.json`)" in card
+
+
+def test_a_card_of_a_run_scored_on_a_dev_sample_says_which(tiny_backbone, tiny_data, tmp_path):
+    """With `train.max_eval_examples` the saved scores are of a sample: metrics.json says
+    how many examples of how many, and the card says so instead of calling them dev scores."""
+    run = tmp_path / "run"
+    train_and_evaluate(tiny_config(tiny_backbone, tiny_data, tasks="[sst, sts]", max_steps=2,
+                                   max_eval_examples=10), run, splits=())
+    metrics = json.loads((run / "best" / "metrics.json").read_text())
+    whole = {task: len(read_split(load_config(None, [f"tasks=[{task}]"]).tasks[0], "dev",
+                                  tiny_data)) for task in ("sst", "sts")}
+    assert metrics["dev_examples"] == {task: {"scored": 10, "of": n} for task, n in whole.items()}
+    assert min(whole.values()) > 10
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out), "--format", "hf"]) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert (f"at step {metrics['step']} on the fixed dev sample that training selected the "
+            f"model by, not on the whole dev sets (sst 10 of {whole['sst']}, sts 10 of "
+            f"{whole['sts']} examples)" in " ".join(card.split()))
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["model-index"][0]["results"][0]["metrics"][0]["name"] == (
+        f"dev accuracy (10 of {whole['sst']} examples)")
 
 
 def test_onnx_export_is_checked_against_pytorch(tiny_run, model, tmp_path, capsys):

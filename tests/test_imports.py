@@ -1,5 +1,6 @@
-"""The package's import graph (issue 20): every module imports on its own, and no chain of
-imports, function-level ones included, leads back to where it started."""
+"""The package's import graph (issues 20, 36): every module imports on its own, no chain of
+imports, function-level and annotation-only ones included, leads back to where it started,
+and reading a config imports no torch."""
 
 import ast
 import subprocess
@@ -20,8 +21,8 @@ def modules() -> dict[str, Path]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the mtbert modules it imports anywhere in its body, except under
-    `if TYPE_CHECKING:` (annotations only) and its own parent packages."""
+    """module -> the mtbert modules it imports anywhere in its body (inside functions and
+    under `if TYPE_CHECKING:` too), except its own parent packages."""
     known = modules()
 
     def resolve(name: str) -> str | None:
@@ -31,13 +32,8 @@ def import_graph() -> dict[str, set[str]]:
 
     graph = {}
     for name, path in known.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
         edges = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mtbert"):
                 targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
@@ -104,3 +100,20 @@ def test_every_module_imports_on_its_own():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_reading_and_validating_a_config_imports_no_torch():
+    """`load_config` (parse, presets, types, ranges, cross-field checks) loads neither torch
+    nor any technique: technique names are checked when training starts (`techniques.py`)."""
+    default = SRC.parent / "configs" / "default.yaml"
+    script = (
+        "import sys\n"
+        "from mtbert.config import load_config\n"
+        f"load_config({str(default)!r})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mtbert')))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert loaded == ["mtbert", "mtbert.config", "mtbert.errors", "mtbert.presets",
+                      "mtbert.registry"]

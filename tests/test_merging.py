@@ -68,10 +68,43 @@ def test_merge_command_keeps_every_head_and_merges_the_encoders(two_runs, tmp_pa
     assert "sts" in capsys.readouterr().out
 
 
-def test_merge_refuses_clashing_tasks_and_scale_for_average(two_runs, tmp_path, capsys):
+def test_merge_refuses_clashing_tasks(two_runs, tmp_path, capsys):
     sst, _ = two_runs
     assert main(["merge", str(sst), str(sst), "--method", "ties", "--out",
                  str(tmp_path / "m")]) == 2
     assert "task names must differ" in capsys.readouterr().err
-    assert main(["merge", str(sst), str(sst), "--method", "average", "--scale", "2", "--out",
-                 str(tmp_path / "m")]) == 2
+
+
+@pytest.mark.parametrize("method, option, message", [
+    ("average", ["--scale", "2"], "--scale applies to task-arithmetic and ties, not average"),
+    ("average", ["--density", "0.5"], "--density applies to ties, not average"),
+    ("task-arithmetic", ["--density", "0.5"], "--density applies to ties, not task-arithmetic"),
+])
+def test_merge_refuses_options_its_method_ignores(two_runs, tmp_path, capsys, method, option,
+                                                  message):
+    """Two runs that merge fine without the option: only the option is refused."""
+    sst, sts = two_runs
+    out = tmp_path / "m"
+    assert main(["merge", str(sst), str(sts), "--method", method, *option, "--out",
+                 str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"mtbert merge: error: {message}"
+    assert not out.exists()
+    assert main(["merge", str(sst), str(sts), "--method", method, "--out", str(out)]) == 0
+
+
+def test_mixture_of_experts_runs_merge_from_the_upcycled_backbone(tiny_backbone, tiny_data,
+                                                                  tmp_path):
+    """Every run's experts and gates started as the upcycled backbone's: that is theta_0."""
+    runs = []
+    for task in ("sst", "sts"):
+        runs.append(tmp_path / task)
+        train_and_evaluate(tiny_config(tiny_backbone, tiny_data, "model.moe={experts: 2, "
+                                       "every: 1}", tasks=f"[{task}]", max_steps=2),
+                           runs[-1], splits=())
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, runs), "--method", "average", "--out", str(out)]) == 0
+    merged = load_model(out)[0].encoder.state_dict()
+    sst, sts = (load_model(run)[0].encoder.state_dict() for run in runs)
+    assert merged.keys() == sst.keys() and any("expert" in key for key in merged)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, (sst[key] + sts[key]) / 2, rtol=0, atol=1e-7)

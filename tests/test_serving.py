@@ -386,6 +386,51 @@ async def test_a_failing_request_does_not_fail_its_batch(model, monkeypatch):
                                             "traceback", "error_type": "internal"}
 
 
+async def test_an_error_outside_the_model_call_fails_its_batch_not_the_worker(model):
+    """An exception after the forward pass (here in the metrics callback) answers that
+    batch's requests with a JSON 500; the worker lives on and the next request succeeds."""
+    async with served(model) as client:
+        batcher = client.app.state.service.batcher
+        observe, calls = batcher.on_batch, []
+
+        def fails_once(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("metrics broke")
+            observe(*args)
+
+        batcher.on_batch = fails_once
+
+        def post():
+            return asyncio.wait_for(
+                client.post("/v1/predict", json={"task": "sst", "inputs": ["good"]}), 10)
+
+        assert_error(await post(), 500, "internal", None, "^internal error")
+        assert (await post()).status_code == 200
+        assert (await client.get("/health")).json() == {"status": "ready"}
+
+
+async def test_health_is_503_and_requests_fail_fast_once_the_worker_is_gone(model):
+    async with served(model) as client:
+        client.app.state.service.batcher.stop()
+        response = await client.get("/health")
+        assert response.status_code == 503 and response.json() == {"status": "stopped"}
+        response = await asyncio.wait_for(
+            client.post("/v1/predict", json={"task": "sst", "inputs": ["good"]}), 10)
+        assert_error(response, 503, "stopped", None, "batch worker has stopped")
+
+
+async def test_a_request_past_its_timeout_is_504(model, monkeypatch):
+    release, started = gate(model, monkeypatch)
+    async with served(model, request_timeout_s=0.2) as client:
+        response = await client.post("/v1/predict", json={"task": "sst", "inputs": ["good"]})
+        assert started.is_set()
+        assert_error(response, 504, "timeout", None, r"^no result within 0\.2 s")
+        release.set()
+        assert (await client.post("/v1/predict",
+                                  json={"task": "sst", "inputs": ["good"]})).status_code == 200
+
+
 # ---------------------------------------------------------------- the batcher alone
 
 def recorder(calls, fail=None):
@@ -453,11 +498,24 @@ def test_batcher_queue_limit_cancelled_jobs_and_draining_stop():
     assert calls == [("k", ["a", "b"])] and batcher.depth == 0
 
 
+def test_batcher_survives_an_error_outside_the_model_call():
+    calls = []
+    batcher = Batcher(recorder(calls), max_batch=8, max_wait_s=0.0, max_queue=10,
+                      on_batch=lambda key, size, seconds: 1 / 0 if len(calls) == 1 else None)
+    batcher.start()
+    with pytest.raises(ZeroDivisionError):
+        batcher.submit("k", ["a"]).result(5)
+    assert batcher.submit("k", ["b"]).result(5) == ["k:b"] and batcher.alive
+    batcher.stop()
+    assert not batcher.alive
+
+
 # ---------------------------------------------------------------- settings and the command
 
 @pytest.mark.parametrize("settings, message", [
     ({"max_batch": 0}, "--max-batch: must be at least 1"),
     ({"max_wait_ms": -1}, "--max-wait-ms: must be at least 0"),
+    ({"request_timeout_s": 0}, "--request-timeout-s: must be more than 0"),
     ({"max_inputs": 10, "max_queue": 5}, r"--max-inputs \(10\) cannot exceed --max-queue"),
     ({"api_key": " "}, "the API key is empty"),
 ])

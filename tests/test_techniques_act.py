@@ -1,6 +1,6 @@
-"""No silent no-ops (issue 19): a technique that cannot act in a config is an error when the
-config is read, and every technique config either trains differently from the baseline or is
-rejected. Plus the silent bugs found by reading, each with its test."""
+"""No silent no-ops (issue 19): a technique that cannot act in a config is an error before
+training reads data (`check_techniques`), and every technique config either trains differently
+from the baseline or is rejected. Plus the silent bugs found by reading, each with its test."""
 
 import logging
 import re
@@ -13,6 +13,7 @@ import torch
 
 from mtbert.config import ConfigError, config_differences, load_config, to_dict
 from mtbert.evaluation import metric
+from mtbert.techniques import check_techniques
 from mtbert.training import Trainer
 
 from conftest import tiny_config
@@ -39,12 +40,13 @@ REJECTED = {  # override -> what the error must say
 @pytest.mark.parametrize("overrides", REJECTED)
 def test_settings_that_cannot_act_are_rejected_when_read(overrides):
     with pytest.raises(ConfigError, match=re.escape(REJECTED[overrides])):
-        load_config(CONFIGS / "base.yaml", overrides.split())
+        check_techniques(load_config(CONFIGS / "base.yaml", overrides.split()))
 
 
 def test_pcgrad_with_one_task_is_rejected_too():
     with pytest.raises(ConfigError, match="several tasks"):
-        load_config(CONFIGS / "base.yaml", ["tasks=[sst]", "train.combiner=pcgrad"])
+        check_techniques(load_config(CONFIGS / "base.yaml",
+                                     ["tasks=[sst]", "train.combiner=pcgrad"]))
 
 
 def test_a_run_that_a_step_cap_stops_early_still_reaches_dwa(tiny_backbone, tiny_data, tmp_path):

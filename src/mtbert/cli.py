@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("max-wait-ms", float, "how long the oldest queued input waits for others"),
             ("max-queue", int, "inputs waiting; a request that would pass it gets 503"),
             ("max-inputs", int, "inputs per request; more gets 413"),
-            ("max-chars", int, "characters per text; more gets 422")):
+            ("max-chars", int, "characters per text; more gets 422"),
+            ("request-timeout-s", float, "a request without its results by then gets 504")):
         default = getattr(defaults, flag.replace("-", "_"))
         serve.add_argument(f"--{flag}", type=kind, default=default,
                            help=f"{meaning} (default: {default})")
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--scale", type=float,
                        help="task-arithmetic and ties: the merged task vector's factor "
                             "(default: 0.5 and 1.0)")
-    merge.add_argument("--density", type=float, default=0.2,
+    merge.add_argument("--density", type=float,
                        help="ties: share of each task vector's entries kept (default: 0.2)")
     merge.add_argument("--out", type=Path, required=True, help="the merged model's folder")
     add_overwrite(merge, "--out")
@@ -413,7 +414,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               "is not set or empty")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_inputs=args.max_inputs,
-                             max_chars=args.max_chars, api_key=key)
+                             max_chars=args.max_chars,
+                             request_timeout_s=args.request_timeout_s, api_key=key)
     if not args.run_dir.is_dir():
         raise ConfigError(f"{args.run_dir}: no such folder")
     try:
@@ -503,8 +505,6 @@ def cmd_affinity(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from mtbert.merging import merge_runs
 
-    if args.scale is not None and args.method == "average":
-        raise ConfigError("--scale applies to task-arithmetic and ties, not average")
     model = merge_runs(args.runs, args.method, args.out, args.scale, args.density,
                        args.overwrite)
     print(f"merged {len(args.runs)} runs ({args.method}) into {args.out}: tasks "

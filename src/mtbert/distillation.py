@@ -12,17 +12,21 @@ by the temperature T (p^(1/T), renormalised) and the student's at T (Hinton et a
 regression: the task's own loss with the teacher's scores as labels.
 
 A teacher is an mtbert run (or model folder) that has the task, fine-tuned from the student's
-backbone (it reads the student's token ids), or a JSONL prediction file written by
-`mtbert predict --task T --input TRAIN_FILE --probabilities --output FILE.jsonl`: a record per
-training example with its `id` and `probabilities` (classification) or `score` (regression).
+backbone (it reads the student's token ids, so its vocabulary must be the student's), or a
+prediction file written by `mtbert predict --task T --input TRAIN_FILE --probabilities
+--output FILE` with FILE ending in .jsonl (a record per training example with its `id` and
+`probabilities` or `score`), .csv or .tsv (columns `id` and `p_<class>`... or `score`).
 Teachers are run once, over the training split, before training starts.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +34,7 @@ from torch import Tensor
 from mtbert.config import ConfigError, DistillConfig, TaskConfig
 from mtbert.data.batching import EncodedSplit
 from mtbert.losses import build_loss, loss_class, loss_name
+from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +84,10 @@ class TeacherAnnealing:
                 {"teacher_loss": teacher.item(), "lambda": weight})
 
 
-def teacher_targets(task: TaskConfig, source: str, split: EncodedSplit, pad_id: int,
+def teacher_targets(task: TaskConfig, source: str, split: EncodedSplit, tokenizer: Tokenizer,
                     batch_size: int) -> Tensor:
-    """The teacher's probabilities (N, C) or scores (N,) for every example of `split`."""
+    """The teacher's probabilities (N, C) or scores (N,) for every example of `split`, which
+    `tokenizer` (the student's) encoded."""
     path = Path(source)
     if path.is_file():
         return _targets_from_file(task, path, split)
@@ -89,7 +95,7 @@ def teacher_targets(task: TaskConfig, source: str, split: EncodedSplit, pad_id: 
     from mtbert.model.heads import is_siamese
     from mtbert.model_folder import load_model
 
-    model, _, _ = load_model(path)
+    model, teacher_tokenizer, _ = load_model(path)
     if task.name not in model.tasks:
         raise ConfigError(f"distill.teachers.{task.name}: {source} has no task {task.name!r} "
                           f"(it has {sorted(model.tasks)})")
@@ -101,30 +107,38 @@ def teacher_targets(task: TaskConfig, source: str, split: EncodedSplit, pad_id: 
         raise ConfigError(f"distill.teachers.{task.name}: the teacher encodes pairs "
                           f"{'apart' if is_siamese(taught) else 'jointly'}, the student not; "
                           "give its predictions as a file instead")
-    if split.tokens.max_id() >= model.encoder.config.vocab_size:
-        raise ConfigError(f"distill.teachers.{task.name}: {source} has a smaller vocabulary "
-                          "than the student's backbone (teachers read the student's token ids)")
+    theirs, ours = ({i: token for token, i in t.backend.get_vocab().items()}
+                    for t in (teacher_tokenizer, tokenizer))
+    if theirs != ours:
+        first = min(i for i in theirs.keys() | ours.keys() if theirs.get(i) != ours.get(i))
+        raise ConfigError(f"distill.teachers.{task.name}: {source} has another vocabulary than "
+                          f"the student's backbone (id {first} is {theirs.get(first)!r} there, "
+                          f"{ours.get(first)!r} here); teachers read the student's token ids: "
+                          "give its predictions as a file instead")
     log.info("%s: running teacher %s over %d training examples", task.name, source, len(split))
-    return torch.from_numpy(predict_outputs(model, task.name, split, batch_size, pad_id))
+    return torch.from_numpy(predict_outputs(model, task.name, split, batch_size,
+                                            tokenizer.pad_id))
 
 
 def _targets_from_file(task: TaskConfig, path: Path, split: EncodedSplit) -> Tensor:
-    """Targets from a JSONL prediction file, matched to the split's examples by id."""
-    key = "probabilities" if task.kind == "classification" else "score"
+    """Targets from a prediction file (JSONL, CSV or TSV as `mtbert predict` writes them),
+    matched to the split's examples by id."""
+    classify = task.kind == "classification"
     names = task.label_names or [str(i) for i in range(task.num_classes or 0)]
+    columns = [f"p_{name}" for name in names] if classify else ["score"]
     found: dict[str, list[float] | float] = {}
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                value = record[key]
-                found[str(record["id"])] = ([float(value[n]) for n in names]
-                                            if key == "probabilities" else float(value))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ConfigError(f"{path}:{number}: expected a JSON object with 'id' and "
-                                  f"{key!r} ({error!r})") from None
+    for number, record in _prediction_records(path):
+        try:
+            if isinstance(record, str):  # a JSON line: its probabilities as CSV's columns
+                record = json.loads(record)
+                record = {**record, **{f"p_{name}": p for name, p
+                                       in (record.get("probabilities") or {}).items()}}
+            values = [float(record[column]) for column in columns]
+            found[str(record["id"])] = values if classify else values[0]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            wanted = "'probabilities'" if classify and path.suffix == ".jsonl" else columns
+            raise ConfigError(f"{path}:{number}: expected 'id' and {wanted} ({error!r})"
+                              ) from None
     missing = [i for i in split.example_ids if i not in found]
     if missing:
         raise ConfigError(f"distill.teachers.{task.name}: {path} has no prediction for "
@@ -132,11 +146,23 @@ def _targets_from_file(task: TaskConfig, path: Path, split: EncodedSplit) -> Ten
     return torch.tensor([found[i] for i in split.example_ids], dtype=torch.float32)
 
 
+def _prediction_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a prediction file: a JSON line's text (.jsonl), or a CSV or
+    TSV row as a dict by column."""
+    with open(path, encoding="utf-8", newline="") as stream:
+        if path.suffix == ".jsonl":
+            yield from ((n, line) for n, line in enumerate(stream, 1) if line.strip())
+        else:
+            rows = csv.DictReader(stream, delimiter="\t" if path.suffix == ".tsv" else ",")
+            yield from enumerate(rows, 2)
+
+
 def build_distillation(config: DistillConfig, tasks: dict[str, TaskConfig],
-                       splits: dict[str, EncodedSplit], pad_id: int,
+                       splits: dict[str, EncodedSplit], tokenizer: Tokenizer,
                        batch_size: int) -> TeacherAnnealing:
-    """The teachers of `config` run over their tasks' training splits."""
-    targets = {name: teacher_targets(tasks[name], source, splits[name], pad_id, batch_size)
+    """The teachers of `config` run over their tasks' training splits, which `tokenizer`
+    (the student's) encoded."""
+    targets = {name: teacher_targets(tasks[name], source, splits[name], tokenizer, batch_size)
                for name, source in config.teachers.items() if name in splits}
     return TeacherAnnealing(tasks, targets, config.temperature, config.anneal)
 

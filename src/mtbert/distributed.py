@@ -43,7 +43,6 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from mtbert.config import DistributedConfig
     from mtbert.data.batching import Batch
-    from mtbert.model.multitask import MultitaskModel
 
 T = TypeVar("T")
 
@@ -225,9 +224,11 @@ def gather_shards(local: np.ndarray, total: int) -> np.ndarray:
 
 class StepForward(nn.Module):
     """A step's forward passes, one per task drawn, as one call: what DDP wraps. DDP needs
-    one forward per backward; a step of several tasks would otherwise be several."""
+    one forward per backward; a step of several tasks would otherwise be several. `model` is
+    the `MultitaskModel`, called as `model(task, batch)` (this module, which MNRL imports,
+    names no model class: that would be an import circle)."""
 
-    def __init__(self, model: MultitaskModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -235,7 +236,7 @@ class StepForward(nn.Module):
         return {task: self.model(task, batch) for task, batch in batches.items()}
 
 
-def step_forward(model: MultitaskModel, device: torch.device) -> nn.Module:
+def step_forward(model: nn.Module, device: torch.device) -> nn.Module:
     """`StepForward(model)`, wrapped in DDP when there are several ranks. DDP gets a process
     group of its own, so that its gradient all-reduces never interleave with MNRL's gathers.
     Heads of tasks a step did not draw get no gradient: DDP looks for unused parameters."""

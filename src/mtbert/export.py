@@ -283,6 +283,10 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
     default_backbone = config.model.backbone.lower() in (DEFAULT_BACKBONE, "default")
     local_backbone = Path(config.model.backbone).expanduser().exists()
     dev = metrics.get("dev", {})
+    counts = {task: f"{n['scored']} of {n['of']}" for task, n
+              in metrics.get("dev_examples", {}).items()}
+    sampled = {task: counts[task] for task, n in metrics.get("dev_examples", {}).items()
+               if n["scored"] < n["of"]}
     front = {
         "library_name": {"hf": "transformers"}.get(fmt, fmt),
         "pipeline_tag": PIPELINE_TAG[fmt],
@@ -295,7 +299,7 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
             {"task": {"type": _task_type(t), "name": t.name},
              "dataset": {"name": t.preset or t.name, "type": t.preset or t.name,
                          "split": "dev"},
-             "metrics": _card_metrics(t, dev)}
+             "metrics": _card_metrics(t, dev, sampled)}
             for t in config.tasks if t.name in dev]}],
     }
     train, model = config.train, config.model
@@ -312,8 +316,15 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         *(f"- {t.name}: head `{t.head.type}` ({t.head.pooling} pooling), loss "
           f"`{loss_name(t)}`" + (", plus MNRL" if t.mnrl else "")
           for t in config.tasks)]
-    selection = (f" Model selection scored at most {train.max_eval_examples} dev examples "
-                 "per task." if train.max_eval_examples else "")
+    if sampled:
+        scored_on = (" on the fixed dev sample that training selected the model by, not on "
+                     "the whole dev sets (" + ", ".join(f"{task} {n}" for task, n in
+                                                        counts.items()) + " examples)")
+    elif "dev_examples" in metrics or not train.max_eval_examples:
+        scored_on = " on the whole dev sets"
+    else:  # written before metrics.json said what was scored
+        scored_on = (f" on at most {train.max_eval_examples} examples of each dev set, not "
+                     "necessarily the whole dev sets")
     caveat = _QUORA_CAVEAT if default_backbone and any(
         t.preset == "quora" for t in config.tasks) else ""
     examples = "\n".join(_example_call(config.task(t.name)) for t in config.tasks)
@@ -324,12 +335,12 @@ def model_card(config: ExperimentConfig, metrics: dict, fmt: str, folder: str,
         f"head per task; exported as `{fmt}`" + (f" ({quantize})" if quantize else "") + ".",
         "## Tasks and labels\n\n| task | input | output | labels | head |\n"
         "|---|---|---|---|---|\n" + "\n".join(_task_row(t) for t in config.tasks),
-        f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')} "
-        "(`metrics.json`): " + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
+        f"## Evaluation\n\nDev scores of the saved model at step {metrics.get('step', '?')}"
+        f"{scored_on} (`metrics.json`): "
+        + (", ".join(f"{k} {v:.4f}" for k, v in dev.items()) or "none")
         + ". A task with several metrics scores their mean. Overall is the mean of the task "
         + ("scores as they are (the GLUE score)." if config.overall_score == "mean" else
-           "scores, correlation-like ones (r) counted as (r + 1) / 2.")
-        + selection,
+           "scores, correlation-like ones (r) counted as (r + 1) / 2."),
         "## Training recipe\n\n" + "\n".join(recipe),
         "## Intended use and limits\n\nResearch and teaching: sentence-level sentiment, "
         "paraphrase and similarity in English, on text like the training data (movie reviews, "
@@ -350,10 +361,12 @@ _QUORA_CAVEAT = (
     "of what multitask fine-tuning added.")
 
 
-def _card_metrics(task: TaskConfig, dev: dict) -> list[dict]:
-    """The task's dev metrics as model-index entries: its metric, or each of its several."""
+def _card_metrics(task: TaskConfig, dev: dict, sampled: dict[str, int]) -> list[dict]:
+    """The task's dev metrics as model-index entries: its metric, or each of its several,
+    named with the dev sample's size when it was not the whole dev set."""
     keys = [task.name] if len(task.metrics) == 1 else [f"{task.name}/{m}" for m in task.metrics]
-    return [{"type": metric, "value": dev[key], "name": f"dev {metric}"}
+    of = f" ({sampled[task.name]} examples)" if task.name in sampled else ""
+    return [{"type": metric, "value": dev[key], "name": f"dev {metric}{of}"}
             for key, metric in zip(keys, task.metrics) if key in dev]
 
 

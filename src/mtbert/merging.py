@@ -15,6 +15,10 @@ Only the encoder is merged. Everything else a run holds (heads, per-task adapter
 its tasks and is copied; task names must differ between the runs. Runs must share the model
 settings (backbone, conditioning); conditioning parameters that several runs hold and that
 differ (MTL-LoRA's shared projections) cannot be merged meaningfully and are an error.
+Mixture-of-experts encoders merge like dense ones: theta_0 is the backbone upcycled as for
+training (every expert a copy of the dense FFN, token gates at zero), which is where every
+run's experts and gates started. `scale` and `density` are refused where the method ignores
+them.
 """
 
 from __future__ import annotations
@@ -66,10 +70,11 @@ METHODS: dict[str, Callable[..., Tensor]] = {"average": average,
 
 
 def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
-               scale: float | None = None, density: float = DEFAULT_DENSITY,
+               scale: float | None = None, density: float | None = None,
                overwrite: bool = False) -> MultitaskModel:
     """Merge the models of `runs` with `method` into the model folder `out`; returns it. An
-    existing `out` is replaced as `checkpoint.claim_output` allows (`overwrite`)."""
+    existing `out` is replaced as `checkpoint.claim_output` allows (`overwrite`). None: the
+    method's default `scale` (`DEFAULT_SCALE`) and `density` (ties only)."""
     from mtbert.checkpoint import claim_output
     from mtbert.model_folder import build_model, load_model, model_folder, save_model
     from mtbert.training import load_backbone
@@ -78,7 +83,11 @@ def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
         raise ConfigError(f"--method: unknown {method!r}; known: {sorted(METHODS)}")
     if len(runs) < 2:
         raise ConfigError("merge: give two runs or more")
-    if not 0 < density <= 1:
+    if scale is not None and method == "average":
+        raise ConfigError("--scale applies to task-arithmetic and ties, not average")
+    if density is not None and method != "ties":
+        raise ConfigError(f"--density applies to ties, not {method}")
+    if density is not None and not 0 < density <= 1:
         raise ConfigError(f"--density: must be in (0, 1], got {density}")
     scale = DEFAULT_SCALE[method] if scale is None else scale
     loaded = [load_model(run) for run in runs]
@@ -96,9 +105,9 @@ def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
     validate(merged_config)
 
     base_encoder, _ = load_backbone(configs[0])
-    base = {f"encoder.{k}": v for k, v in base_encoder.state_dict().items()}
-    options = {"density": density} if method == "ties" else {}
-    model = build_model(merged_config, base_encoder)
+    model = build_model(merged_config, base_encoder)  # upcycles the backbone if runs had MoE
+    base = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    options = {"density": density or DEFAULT_DENSITY} if method == "ties" else {}
     state = {}
     for key in model.state_dict():
         held = [m.state_dict()[key] for m, _, _ in loaded if key in m.state_dict()]

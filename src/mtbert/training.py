@@ -77,6 +77,7 @@ from mtbert.optim import AdamW, warmup_linear_decay
 from mtbert.precision import autocast, resolve_precision
 from mtbert.provenance import code_version
 from mtbert.regularizers import Regularizers
+from mtbert.techniques import check_techniques
 from mtbert.tokenizer import Tokenizer
 from mtbert.weight_averaging import build_weight_average
 
@@ -121,7 +122,8 @@ def _with_dropout(encoder: BertModel, config: ExperimentConfig) -> BertModel:
 class TaskData:
     config: TaskConfig
     train: EncodedSplit
-    dev: EncodedSplit | None
+    dev: EncodedSplit | None  # what evaluation scores: at most `train.max_eval_examples`
+    dev_total: int = 0  # examples in the whole dev file
 
 
 def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, TaskData]:
@@ -133,8 +135,9 @@ def load_task_data(config: ExperimentConfig, tokenizer: Tokenizer) -> dict[str, 
                       for split in ("train", "dev"))
         train = subsample_split(train, config.train.max_train_examples,
                                 config.train.train_fraction, config.train.seed)
+        dev_total = 0 if dev is None else len(dev)
         dev = subsample_split(dev, config.train.max_eval_examples, seed=EVAL_SAMPLE_SEED)
-        data[task.name] = TaskData(task, train, dev)
+        data[task.name] = TaskData(task, train, dev, dev_total)
         log.info("%s: %d train, %d dev examples", task.name, len(train),
                  0 if dev is None else len(dev))
     return data
@@ -170,6 +173,7 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, run_dir: str | Path):
+        check_techniques(config)  # before any data is read
         self.config, self.run_dir = config, Path(run_dir)
         self.world = current_world()
         train = config.train
@@ -196,8 +200,7 @@ class Trainer:
                                   ) if train.data_maps else None
         self.distillation = build_distillation(
             config.distill, {n: d.config for n, d in trained.items()},
-            {n: d.train for n, d in trained.items()}, self.tokenizer.pad_id,
-            train.eval_batch_size)
+            {n: d.train for n, d in trained.items()}, self.tokenizer, train.eval_batch_size)
         names = list(trained)
         self.streams = {
             name: TaskStream(name, d.train, d.config.batch_size or train.batch_size,
@@ -463,7 +466,7 @@ class Trainer:
             self.state.best_record = len(self.state.history) - 1
             if self.world.is_main:
                 save_model(self.run_dir / "best", self.model, self.tokenizer, self.config,
-                           {"dev": scores, "step": self.state.step})
+                           self._best_metrics(scores))
         if self.config.adapt.keep_task_best:
             self._keep_task_best(scores)
 
@@ -485,7 +488,14 @@ class Trainer:
             self.state.task_best[task] = score
             if self.world.is_main:
                 save_model(self.run_dir / "best-tasks" / task, self.model, self.tokenizer,
-                           self.config, {"dev": scores, "step": self.state.step, "task": task})
+                           self.config, self._best_metrics(scores) | {"task": task})
+
+    def _best_metrics(self, scores: dict[str, float]) -> dict:
+        """A saved model's `metrics.json`: its dev scores, its step, and how many dev
+        examples of how many the scores are of (a sample when `train.max_eval_examples`)."""
+        return {"dev": scores, "step": self.state.step, "dev_examples": {
+            name: {"scored": len(d.dev), "of": d.dev_total}
+            for name, d in self.data.items() if d.dev is not None}}
 
     # ------------------------------------------------------------ resume checkpoints
 

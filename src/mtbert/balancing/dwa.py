@@ -21,9 +21,9 @@ class DynamicWeightAverage(LossWeighting):
     trainer's schedule epochs: epochs of data, or shorter ones in a run that a step cap stops
     early (`TaskSampler.fit_schedule`).
     Every task must have been seen in each epoch. All state is in buffers, so ``state_dict``
-    saves and restores it. Under DDP ``on_epoch_end`` averages the epoch's loss sums over
-    the ranks (they drew the same tasks, so the counts agree): every rank gets the same
-    weights.
+    saves and restores it. Under DDP ``after_optimizer_step`` adds the step's loss sums
+    averaged over the ranks (they drew the same tasks, so the counts agree): every rank holds
+    the same state at every step, so rank 0's checkpoint resumes every rank exactly.
 
     Args:
         task_names: Names of all tasks.
@@ -69,7 +69,7 @@ class DynamicWeightAverage(LossWeighting):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        self.epoch_loss_sum += self.step_loss_sum
+        self.epoch_loss_sum += mean_across_ranks(self.step_loss_sum)
         self.epoch_loss_count += self.step_loss_count
         self.after_skipped_step()
 
@@ -85,8 +85,7 @@ class DynamicWeightAverage(LossWeighting):
         if unseen:
             raise ValueError(f"DWA saw no loss for {unseen} in this epoch.")
         self.epoch_means[0] = self.epoch_means[1]
-        sums = mean_across_ranks(self.epoch_loss_sum)  # (T,)
-        self.epoch_means[1] = sums / self.epoch_loss_count  # (T,)
+        self.epoch_means[1] = self.epoch_loss_sum / self.epoch_loss_count  # (T,)
         if not torch.isnan(self.epoch_means[0]).any():
             ratios = self.epoch_means[1] / self.epoch_means[0]  # (T,)
             weights = len(self.task_names) * torch.softmax(ratios / self.temperature, dim=0)

@@ -5,8 +5,10 @@ fetched from `BASE_URL` or a mirror (`--mirror URL`, `file://` allowed) and kept
 their sha256 matches `FILES`. The sums are those of this project's copies (`../shared/data`),
 which were not compared with the public server from here (no network on these machines).
 Our `quora-train.csv` is an 11,000-pair subset of the public 141,506-pair file, so its sum
-identifies the subset only: a different `quora-train.csv` is kept with a warning that it
-could not be verified. Offline, copy the files named in `FILES` into the folder by hand.
+identifies the subset only: a different `quora-train.csv` is kept, with a warning that it
+could not be verified, only if it reads as that task's training file (columns, labels) with
+at least the subset's rows. No file larger than `MAX_FILE_BYTES` is kept. Offline, copy the
+files named in `FILES` into the folder by hand.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ FILES: dict[str, DataFile] = {
         "dee455745b72e9ca3ff74e7c056bd73e34bad5b8d5641045a2c1e7e131866f47", 1725),
 }
 OFFLINE_HINT = "offline, copy the task files into the folder by hand (names: `mtbert data check`)"
+MAX_FILE_BYTES = 64 << 20  # the largest task file (the public quora-train.csv) is ~20 MB
 
 
 def download(dest: str | Path, mirror: str | None = None,
@@ -85,13 +88,15 @@ def download(dest: str | Path, mirror: str | None = None,
         if name in there:
             lines.append(f"{name}: already there, sha256 ok")
             continue
-        tmp = dest / f".{name}.part"
+        tmp = dest / f".part-{name}"  # the suffix kept: the reader picks the format by it
         try:
             _fetch(base + name, tmp)
             digest = file_sha256(tmp)
             if digest != expected.sha256 and not expected.subset:
                 raise DataError(f"{base + name}: sha256 {digest} does not match the expected "
                                 f"{expected.sha256}; the file was not kept")
+            if digest != expected.sha256:
+                _check_superset(base + name, tmp, expected)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -108,11 +113,32 @@ def is_standard(path: Path, expected: DataFile) -> bool:
     return path.is_file() and file_sha256(path) == expected.sha256
 
 
+def _check_superset(url: str, path: Path, subset: DataFile) -> None:
+    """Refuse a file that cannot be the public file our subset came from: one that does not
+    read as the task's file or has fewer rows than the subset."""
+    name = path.name.removeprefix(".part-")
+    task, split = next((task, split) for task in map(_preset_task, PRESETS) for split in SPLITS
+                       if (split_file(task, split, ".") or Path()).name == name)
+    read = _check_file(task, split, path)
+    if read.problem or read.rows < subset.rows:
+        found = (read.problem or f"{read.rows} rows").replace(str(path), name)
+        raise DataError(f"{url}: its sha256 is not that of this project's {subset.rows}-row "
+                        f"subset, and it is not a larger {task.name} {split} file ({found}); "
+                        "the file was not kept")
+
+
 def _fetch(url: str, path: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
+            size = 0
             for block in iter(lambda: response.read(1 << 20), b""):
+                size += len(block)
+                if size > MAX_FILE_BYTES:
+                    raise DataError(f"{url}: larger than {MAX_FILE_BYTES} bytes, more than any "
+                                    "task file; the file was not kept")
                 f.write(block)
+    except DataError:
+        raise
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         raise DataError(f"{url}: download failed ({reason}); {OFFLINE_HINT}") from None
@@ -154,12 +180,16 @@ def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCh
     for preset in tasks or PRESETS:
         if preset not in PRESETS:
             raise DataError(f"unknown task {preset!r}; known: {', '.join(PRESETS)}")
-        task = TaskConfig(name=preset, **PRESETS[preset])
+        task = _preset_task(preset)
         for split in SPLITS:
             path = split_file(task, split, folder)
             if path is not None:
                 results.append(_check_file(task, split, path))
     return results
+
+
+def _preset_task(preset: str) -> TaskConfig:
+    return TaskConfig(name=preset, **PRESETS[preset])
 
 
 def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:

@@ -66,6 +66,7 @@ from mtbert.experiments.budgets import budget_max_steps, get_budget, match_draws
 from mtbert.merging import METHODS as MERGE_METHODS
 from mtbert.metrics import METRICS
 from mtbert.provenance import code_version
+from mtbert.techniques import check_techniques
 from mtbert.training import FIRST_LOSSES_STEPS, TrainingError
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
         for k in range(seeds):
             config = load_config(path, [*spec.overrides, *capped, *overrides,
                                         f"train.seed={base.train.seed + k}"], data_dir)
+            check_techniques(config)
             config.name = name
             baseline = next(iter(names))
             teachers = {task: out / f"{baseline}-only-{task}" / f"seed-{k}"

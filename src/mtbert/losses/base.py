@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 class TaskLossFunction(nn.Module):
     """Base of the task losses. `task_kind`: the kind of task it trains ("classification" or
-    "regression"); `binary`: classification of two classes only (checked when the config is
-    read)."""
+    "regression"); `binary`: classification of two classes only (checked by
+    `check_techniques` before training)."""
 
     task_kind = "regression"
     binary = False

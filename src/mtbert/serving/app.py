@@ -5,7 +5,8 @@ from the `swagger-ui-bundle-v2` package, no CDN) and a page at `/`.
 
 Requests are checked here, before they queue: an unknown task is a 404 naming the tasks;
 too many inputs or too large a body a 413; a too-long text, a wrong arity or a malformed body
-a 422; a full queue a 503 with `Retry-After`; a missing or wrong key (when one is set) a 401.
+a 422; a full queue a 503 with `Retry-After`; a missing or wrong key (when one is set) a 401;
+no result within `request_timeout_s` a 504; a batch worker that is gone a 503 (`/health` too).
 Every error is JSON, `{"error": ..., "error_type": ..., "field": ...}` (TEI's `error` and
 `error_type`, plus the offending field). Valid inputs go to the `Batcher`, which runs them with
 other requests' inputs in one forward pass per task on its own thread.
@@ -104,7 +105,8 @@ class TasksResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ready, or loading (503) while the model loads")
+    status: str = Field(description="ready; loading (503) while the model loads; stopped "
+                                    "(503) if the batch worker is gone")
 
 
 class ErrorBody(BaseModel):
@@ -181,19 +183,33 @@ class Service:
         if self.batcher:
             self.batcher.stop()
 
+    def status(self) -> str:
+        if self.model is None:
+            return "loading"
+        return "ready" if self.batcher.alive else "stopped"
+
     def ready(self) -> Model:
         if self.model is None:
             raise ApiError(503, "loading", "the model is still loading",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not self.batcher.alive:
+            raise ApiError(503, "stopped", "the batch worker has stopped; restart the server")
         return self.model
 
     async def run(self, key: tuple[str, Any], inputs: list) -> list:
+        """The batcher's results for `inputs`; 504 after `request_timeout_s` (a request
+        still queued then is dropped, one already running is left to finish)."""
         try:
             future = self.batcher.submit(key, inputs)
         except QueueFull as error:
             raise ApiError(503, "overloaded", f"{error}; retry later",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        return await asyncio.wrap_future(future)
+        timeout = self.settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise ApiError(504, "timeout", f"no result within {timeout:g} s "
+                           "(--request-timeout-s)") from None
 
     def check(self, model: Model, task: str | None, inputs: list) -> None:
         """413 for too many inputs, 422 for a too-long, empty or mistyped text or a wrong
@@ -376,11 +392,10 @@ def create_app(model: Model | None, settings: ServeSettings | None = None) -> Fa
                 "embedding_task": model.embedding_task}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}},
-             summary="200 once the model is loaded, 503 before")
+             summary="200 once the model is loaded and while it can answer, 503 else")
     async def health() -> Any:
-        if service.model is None:
-            return JSONResponse({"status": "loading"}, 503)
-        return {"status": "ready"}
+        status = service.status()
+        return {"status": status} if status == "ready" else JSONResponse({"status": status}, 503)
 
     @app.get("/metrics", dependencies=secured, responses=errors(*unauthorized),
              response_class=Response, summary="Prometheus metrics (text format)")

@@ -7,6 +7,10 @@ The worker runs the model off the event loop, so the server keeps answering (`/h
 `/metrics`, 503s for a full queue) while a batch computes. What a key runs is
 `model_runner`: `Model.predict` and `Model.encode`, which sort each call's inputs by length
 and pad per batch, so a gathered batch is one length-sorted forward pass per key.
+
+No batch can end the worker: an error in the model call fails only the requests that caused
+it (the batch is rerun one request at a time), any other error fails the batch's requests,
+and the worker goes on to the next batch.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from mtbert.api import Model
@@ -54,8 +58,8 @@ class Batcher:
 
     `submit(key, inputs)` returns a future of the inputs' results, in order; it raises
     `QueueFull` when more than `max_queue` inputs would be waiting. `stop()` lets the worker
-    finish every job already submitted, then joins it. `on_batch(key, size, seconds)` is
-    called after each call of `run` (for metrics).
+    finish every job already submitted, then joins it; `alive` says whether the worker runs.
+    `on_batch(key, size, seconds)` is called after each call of `run` (for metrics).
     """
 
     def __init__(self, run: Runner, max_batch: int, max_wait_s: float, max_queue: int,
@@ -72,6 +76,10 @@ class Batcher:
     def depth(self) -> int:
         """Inputs submitted and not yet running."""
         return self._depth
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
 
     def start(self) -> None:
         self._worker.start()
@@ -94,8 +102,13 @@ class Batcher:
         stopping = False
         while not stopping or self._carried:
             jobs, stopping = self._gather(stopping)
-            if jobs:
+            try:
                 self._run_batch(jobs)
+            except Exception as error:  # noqa: BLE001 (handed to the batch's requests)
+                log.exception("a batch failed outside the model call")
+                for job in jobs:
+                    if not job.future.done():
+                        _fail(job.future, error)
 
     def _gather(self, stopping: bool) -> tuple[list[Job], bool]:
         """The next batch: the oldest job, then whatever arrives before its deadline while
@@ -145,7 +158,7 @@ class Batcher:
                     self._run_group(key, [job])
                 return
             log.exception("a request of %r failed", key)
-            group[0].future.set_exception(error)
+            _fail(group[0].future, error)
             return
         if self.on_batch:
             self.on_batch(key, len(inputs), time.perf_counter() - start)
@@ -153,3 +166,10 @@ class Batcher:
         for job in group:
             job.future.set_result(results[offset:offset + len(job.inputs)])
             offset += len(job.inputs)
+
+
+def _fail(future: Future, error: Exception) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:  # cancelled meanwhile: the client has gone
+        pass

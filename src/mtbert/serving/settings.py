@@ -18,6 +18,7 @@ class ServeSettings:
     max_inputs: int = 256  # inputs per request (413 above)
     max_chars: int = 2000  # characters per text (422 above); texts are cut at max_length tokens
     max_body_bytes: int = 1 << 20  # request body (413 above)
+    request_timeout_s: float = 60.0  # a request without its results by then gets a 504
     api_key: str | None = None  # set: /v1/* and /metrics need "Authorization: Bearer KEY"
 
     def __post_init__(self):
@@ -27,6 +28,9 @@ class ServeSettings:
                                   f"{getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms: must be at least 0, got {self.max_wait_ms}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"--request-timeout-s: must be more than 0, got "
+                              f"{self.request_timeout_s}")
         if self.max_inputs > self.max_queue:
             raise ConfigError(f"--max-inputs ({self.max_inputs}) cannot exceed --max-queue "
                               f"({self.max_queue}): such a request could never be queued")

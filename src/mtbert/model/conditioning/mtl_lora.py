@@ -8,7 +8,10 @@ h = W x + (alpha / r) sum_i softmax(w_task / temperature)_i B_i Lambda_task A x.
 Added parameters: L * sum over targets of (r in + n r out + T (r^2 + n)).
 
 B_i start at zero (the encoder is exactly the plain one at initialisation), Lambda_task at the
-identity and w_task at zero (an even mix). A and the B_i are trained by every task: like the
+identity and w_task uniform in [-1/sqrt(n), 1/sqrt(n)], as the authors' code does (Kaiming
+uniform of the (T, n) mixing matrix). Random mixes are what tell the B_i apart: from an even
+mix every B_i would get the same gradient and the w_task none (the B_i would stay equal, and
+part only through rounding noise). A and the B_i are trained by every task: like the
 projected variants, they are conditioning parameters, outside PCGrad's shared set.
 """
 
@@ -36,7 +39,8 @@ class _TaskLowRank(nn.Module):
     def __init__(self, rank: int, up_projections: int):
         super().__init__()
         self.transform = nn.Parameter(torch.eye(rank))  # Lambda_task (r, r)
-        self.mix = nn.Parameter(torch.zeros(up_projections))  # w_task (n,)
+        bound = 1 / up_projections ** 0.5
+        self.mix = nn.Parameter(torch.empty(up_projections).uniform_(-bound, bound))  # w_task
 
 
 class MultiTaskLoRA(LowRankAdapters):
