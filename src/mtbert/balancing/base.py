@@ -173,8 +173,14 @@ class GradientCombiner:
         terms: dict[str, Tensor],
         shared_params: Sequence[nn.Parameter],
         other_params: Sequence[nn.Parameter],
+        auxiliary: Tensor | None = None,
     ) -> None:
-        """ACCUMULATE (+=) into ``.grad``; never zeroes it, so gradient accumulation works."""
+        """ACCUMULATE (+=) into ``.grad``; never zeroes it, so gradient accumulation works.
+
+        ``auxiliary`` is the weighted sum of the step's auxiliary terms (``mtbert.auxiliary``:
+        MNRL, mixture-of-experts losses), or None: not a task's term, so a combiner that
+        treats tasks apart adds its plain gradient to every parameter it reaches.
+        """
         raise NotImplementedError
 
     def state_dict(self) -> dict:
