@@ -370,3 +370,89 @@ def test_rows_added_to_round_the_packed_tokens_take_no_part_in_routing():
     for name, value in exact.statistics.items():
         torch.testing.assert_close(rounded.statistics[name], value)
     assert any(v > 0 for k, v in exact.statistics.items() if "dropped" in k)  # capacity acted
+
+
+# ---------------------------------------------------------------- composition (issue 36)
+
+
+@pytest.mark.parametrize("variant", ["lora", "mtl_lora"])
+def test_adapters_reach_every_expert_and_fold_into_them(variant):
+    """LoRA / MTL-LoRA on intermediate and output adapt each expert of an MoE layer by the
+    task's update: their parameters learn there, and `fold` puts them into every expert."""
+    from mtbert.model.conditioning import CONDITIONINGS
+    from mtbert.model.conditioning.low_rank import fold
+
+    model = dense_model()
+    upcycle(model, MoEConfig(routing="token", top_k=2, experts=3, capacity_factor=None,
+                             noisy_gating=False), ["a"])
+    adapters = CONDITIONINGS[variant](CONFIG, ["a"], rank=2, targets=["intermediate", "output"])
+    torch.manual_seed(7)
+    with torch.no_grad():  # as after training: adapters non-zero, experts and gates apart
+        for name, p in [*adapters.named_parameters(), *model.named_parameters()]:
+            if "feed_forward" in name or name.split(".")[0] in ("adapters", "shared", "tasks"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ids, mask = batch()
+    model.train()(ids, mask, hooks=adapters.hooks("a"))[0].square().sum().backward()
+    for name, p in adapters.named_parameters():  # layers 1 and 3 are MoE layers
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    torch.testing.assert_close(fold(model, adapters, "a")(ids, mask)[0],
+                               model(ids, mask, hooks=adapters.hooks("a"))[0],
+                               rtol=0, atol=1e-5)
+
+
+def graph_tensors(model: torch.nn.Module) -> list[str]:
+    """Attributes of the model's modules (or fields of dataclasses they hold) that are
+    tensors with an autograd graph."""
+    import dataclasses
+
+    found = []
+    for module_name, module in model.named_modules():
+        for key, value in vars(module).items():
+            values = {key: value}
+            if dataclasses.is_dataclass(value):
+                values = {f"{key}.{f.name}": getattr(value, f.name)
+                          for f in dataclasses.fields(value)}
+            found += [f"{module_name}.{k}" for k, v in values.items()
+                      if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    return found
+
+
+def test_moe_keeps_no_graph_after_a_training_step(tmp_path, tiny_backbone, tiny_data):
+    """The auxiliary losses travel with the pass's output: after a training step no module
+    holds a graph (which kept the last step's activations alive) and the model deep-copies."""
+    config = tiny_config(tiny_backbone, tiny_data, *MOE_RUNS["token"], max_steps=1)
+    trainer = Trainer(config, tmp_path / "run")
+    logged = trainer.train_step()
+    assert logged["sst/moe_balance"] > 0
+    assert graph_tensors(trainer.model) == []
+    copied = copy.deepcopy(trainer.model)
+    assert copied.state_dict().keys() == trainer.model.state_dict().keys()
+
+
+def test_lora_and_moe_runs_export_a_task_or_refuse_in_one_line(tmp_path, tiny_backbone,
+                                                               tiny_data):
+    """Task-routed experts with LoRA on the FFN export a task as plain BERT (its path
+    extracted, its adapters folded in); token-routed ones are refused in one line."""
+    from mtbert.evaluation import predict
+    from mtbert.export import ExportError, export
+
+    lora = ["model.conditioning=lora",
+            "model.conditioning_options={rank: 2, targets: [intermediate, output]}"]
+    runs = {}
+    for routing in ("token", "task"):
+        runs[routing] = tmp_path / routing
+        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, *MOE_RUNS[routing], *lora,
+                                      max_steps=2), runs[routing])
+        trainer.fit()
+    with pytest.raises(ExportError) as refused:
+        export(runs["token"], tmp_path / "out", "hf", task="sst")
+    assert "\n" not in str(refused.value) and "mixture of experts" in str(refused.value)
+    model, _, _ = load_model(runs["task"])
+    folder = export(runs["task"], tmp_path / "hf-sts", "hf", task="sts").folder
+    dense, _, config = load_model(folder)
+    assert config.model.moe is None and config.model.conditioning is None
+    split = trainer.data["sts"].dev
+    torch.testing.assert_close(torch.as_tensor(predict(dense, "sts", split, 16)),
+                               torch.as_tensor(predict(model, "sts", split, 16)),
+                               rtol=0, atol=1e-4)
