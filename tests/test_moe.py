@@ -456,3 +456,26 @@ def test_lora_and_moe_runs_export_a_task_or_refuse_in_one_line(tmp_path, tiny_ba
     torch.testing.assert_close(torch.as_tensor(predict(dense, "sts", split, 16)),
                                torch.as_tensor(predict(model, "sts", split, 16)),
                                rtol=0, atol=1e-4)
+
+
+def test_weights_saved_before_the_ffn_was_a_module_still_load():
+    """Checkpoints name a layer's FFN `layers.N.intermediate.*` / `.output.*` and its experts
+    `layers.N.moe.*` from before `BertLayer.feed_forward`; they load into today's model."""
+    from mtbert.model.multitask import MultitaskModel
+    from mtbert.model_folder import _load_weights
+
+    def legacy(state):
+        return {re.sub(r"(layers\.\d+\.)feed_forward\.(?=experts|gate|noise)", r"\1moe.",
+                       k).replace("feed_forward.", ""): v for k, v in state.items()}
+
+    moe = dense_model()
+    upcycle(moe, MoEConfig(routing="token", experts=2), ["a"])
+    for source in (dense_model(), moe):
+        saved = {k: torch.randn_like(v) for k, v in source.state_dict().items()}
+        old = legacy(saved)
+        assert not any("feed_forward" in k for k in old)
+        source.load_state_dict(old)
+        assert all(torch.equal(source.state_dict()[k], v) for k, v in saved.items())
+        model = MultitaskModel(source, [])
+        _load_weights(model, {f"encoder.{k}": v for k, v in old.items()}, "run/best", set())
+        assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())

@@ -19,6 +19,7 @@ keeps them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -369,12 +370,7 @@ class FeedForward(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-LN block: x = LN(x + attention(x)); x = LN(x + FFN(x)).
-
-    State-dict keys: the FFN's weights are `feed_forward.intermediate.*` and
-    `feed_forward.output.*`; checkpoints that have them as `intermediate.*` and `output.*`
-    (the layer's own, before the FFN was a module) still load.
-    """
+    """Post-LN block: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -401,13 +397,20 @@ class BertLayer(nn.Module):
             return [getattr(self.attention, ATTENTION_PROJECTIONS[name])]
         return self.feed_forward.linear_maps(name)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for old in [k for k in state_dict if k.startswith((f"{prefix}intermediate.",
-                                                           f"{prefix}output.",
-                                                           f"{prefix}moe."))]:
-            rest = old[len(prefix):].removeprefix("moe.")
-            state_dict[f"{prefix}feed_forward.{rest}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def current_key(key: str, prefix: str = "") -> str:
+    """A `BertModel` state-dict key (under `prefix`) as it is named now: weights saved
+    before the feed-forward block was a module, `layers.N.intermediate.*`,
+    `layers.N.output.*` and (mixture of experts) `layers.N.moe.*`, are under
+    `layers.N.feed_forward.`; other keys are unchanged."""
+    layer = re.match(rf"{re.escape(prefix)}layers\.\d+\.", key)
+    if layer is None:
+        return key
+    head, rest = key[:layer.end()], key[layer.end():]
+    if rest.startswith(("intermediate.", "output.")):
+        return f"{head}feed_forward.{rest}"
+    return f"{head}feed_forward.{rest[4:]}" if rest.startswith("moe.") else key
 
 
 class BertPooler(nn.Module):
@@ -429,6 +432,13 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = BertPooler(config)
         self.apply(self._init_weights)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before the FFN was a module load too (`current_key`)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if (renamed := current_key(key, prefix)) != key:
+                state_dict[renamed] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT's initialisation, for weights a checkpoint does not provide."""
