@@ -79,6 +79,10 @@ def accumulate_flat_grad(flat: Tensor, params: Sequence[nn.Parameter]) -> None:
 class LossWeighting(nn.Module):
     """Turns per-task losses into the per-task terms whose sum is the objective.
 
+    The losses are the tasks' own (after distillation); auxiliary terms (MNRL,
+    mixture-of-experts losses, ``mtbert.auxiliary``) never reach a weighting: the trainer
+    hands them to the combiner beside the terms, unweighted.
+
     ``forward`` accepts any non-empty subset of the tasks (samplers that draw one task per step
     give one loss); methods that need every task say so. Learned weights are parameters of this
     module: give them to the optimizer and list them as ``other_params`` of the combiner.
