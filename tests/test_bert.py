@@ -176,7 +176,7 @@ class TestBadCheckpoints:
         config = self.save_tiny(tmp_path)
         config.intermediate_size = 48
         config.save_pretrained(tmp_path)
-        with pytest.raises(CheckpointError, match=r"layers\.0\.intermediate\.weight"):
+        with pytest.raises(CheckpointError, match=r"layers\.0\.feed_forward\.intermediate\.weight"):
             load_bert(tmp_path)
 
     def test_missing_and_unexpected_keys_named(self, tmp_path):
@@ -186,7 +186,7 @@ class TestBadCheckpoints:
         state.pop("encoder.layer.0.output.dense.bias")
         state["encoder.layer.0.extra.weight"] = torch.zeros(2)
         save_file(state, tmp_path / "model.safetensors")
-        with pytest.raises(CheckpointError, match=r"layers\.0\.output\.bias.*extra"):
+        with pytest.raises(CheckpointError, match=r"layers\.0\.feed_forward\.output\.bias.*extra"):
             load_bert(tmp_path)
 
     def test_truncated_safetensors(self, tmp_path):

@@ -34,9 +34,10 @@ def test_quantized_copy_predicts_close_to_fp32(trainer):
     model = trainer.model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quantize_dynamic(model)
-    assert isinstance(model.encoder.layers[0].intermediate, nn.Linear)  # original untouched
+    # the original is untouched
+    assert isinstance(model.encoder.layers[0].feed_forward.intermediate, nn.Linear)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not isinstance(quantized.encoder.layers[0].intermediate, nn.Linear)
+    assert not isinstance(quantized.encoder.layers[0].feed_forward.intermediate, nn.Linear)
     assert type(quantized.heads["sst"].net[-1]) is nn.Linear  # heads stay fp32
     for name in TASKS:
         dev = trainer.data[name].dev

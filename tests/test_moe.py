@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from mtbert.auxiliary import SideOutputs
 from mtbert.config import ConfigError, MoEConfig
 from mtbert.experiments.report import write_report
 from mtbert.model.bert import BertConfig, BertModel, ChainedHooks
@@ -60,12 +61,12 @@ def test_upcycled_model_computes_the_dense_model_at_step_0(routing, top_k):
     router = upcycle(moe, MoEConfig(routing=routing, top_k=top_k, experts=3,
                                     **ROUTING[routing]), ["a", "b"])
     hooks = router.hooks("b") if router is not None else None
-    assert sum(1 for name, _ in moe.named_parameters() if ".moe.experts.2." in name)
+    assert sum(1 for name, _ in moe.named_parameters() if ".feed_forward.experts.2." in name)
     for training in (False, True):  # training: noisy gates pick other experts, same copies
         moe.train(training)
         if routing != "task":
             for layer in moe.layers[1::2]:
-                layer.moe.capacity_factor = None  # dropping tokens changes the output
+                layer.feed_forward.capacity_factor = None  # dropping tokens changes the output
         torch.testing.assert_close(moe(ids, mask, hooks=hooks)[0], expected,
                                    rtol=0, atol=1e-6)
 
@@ -95,7 +96,7 @@ def test_capacity_keeps_first_choices_first_then_token_order():
     assert expert_capacity(10, 4, 2, 1.25) == 7  # ceil(6.25)
     assert expert_capacity(8, 4, 1, 1.0) == 2
     torch.manual_seed(0)
-    moe = MixtureOfExperts(CONFIG, 0, experts=2, top_k=2, capacity_factor=None,
+    moe = MixtureOfExperts(CONFIG, experts=2, top_k=2, capacity_factor=None,
                            token_gate=True, noisy=False, balance_weight=0.0, z_weight=0.0)
     x = torch.randn(3, CONFIG.hidden_size)
     # First choices: t0 -> e0, t1 -> e0, t2 -> e1; second choices: t0 -> e1, t1 -> e1, t2 -> e0.
@@ -106,7 +107,8 @@ def test_capacity_keeps_first_choices_first_then_token_order():
     # e0 keeps t0, t1 (first choices) and drops t2's second choice; e1 keeps t2's first
     # choice and t0's second, dropping t1's second.
     e0, e1 = moe.experts
-    expected = torch.stack([0.6 * e0(x[0]) + 0.4 * e1(x[0]), 0.7 * e0(x[1]), 0.8 * e1(x[2])])
+    expected = torch.stack([0.6 * e0.transform(x[0], 0, None) + 0.4 * e1.transform(x[0], 0, None),
+                            0.7 * e0.transform(x[1], 0, None), 0.8 * e1.transform(x[2], 0, None)])
     torch.testing.assert_close(y, expected)
 
 
@@ -137,14 +139,14 @@ def naive_moe(moe: MixtureOfExperts, x: torch.Tensor, experts, weights, capacity
             if capacity is not None and load[e] >= capacity:
                 continue
             load[e] += 1
-            y[token] += weights[token, choice] * moe.experts[e](x[token])
+            y[token] += weights[token, choice] * moe.experts[e].transform(x[token], 0, None)
     return y
 
 
 @pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (1, 5), (2, 7)])
 def test_grouped_dispatch_equals_a_per_token_loop(top_k, capacity):
     torch.manual_seed(3)
-    moe = MixtureOfExperts(CONFIG, 0, experts=4, top_k=top_k, capacity_factor=None,
+    moe = MixtureOfExperts(CONFIG, experts=4, top_k=top_k, capacity_factor=None,
                            token_gate=True, noisy=False, balance_weight=0.0, z_weight=0.0)
     x = torch.randn(20, CONFIG.hidden_size)
     _, experts, weights = top_k_gates(torch.randn(20, 4) * 2, top_k)
@@ -155,21 +157,24 @@ def test_grouped_dispatch_equals_a_per_token_loop(top_k, capacity):
         assert kept.tolist() == [min(c, capacity) for c in routed.tolist()]
 
 
-def test_forward_records_load_drops_and_losses():
+def test_forward_returns_load_drops_and_losses():
     torch.manual_seed(4)
-    moe = MixtureOfExperts(CONFIG, 3, experts=4, top_k=2, capacity_factor=0.5,
+    moe = MixtureOfExperts(CONFIG, experts=4, top_k=2, capacity_factor=0.5,
                            token_gate=True, noisy=True, balance_weight=0.1, z_weight=0.01)
     torch.nn.init.normal_(moe.gate.weight)
     x = torch.randn(16, CONFIG.hidden_size)
-    moe.train()(x, None)
-    record = moe.record
-    assert record.load.sum().item() == pytest.approx(1.0)
+    side = SideOutputs()
+    moe.train().route(x, 3, None, side)
+    load, dropped = side.statistics["moe_load.3"], side.statistics["moe_dropped.3"]
+    assert load.sum().item() == pytest.approx(1.0)
     capacity = expert_capacity(16, 4, 2, 0.5)  # 4 of 32 assignments per expert at most
-    kept = torch.clamp(record.load * 32, max=capacity).sum().item()
-    assert record.dropped.item() == pytest.approx(1 - kept / 32)
-    y = moe.eval()(x, None)
-    assert moe.record is None
-    _, experts, weights = top_k_gates(moe.logits(x, None), 2)  # inference drops nothing:
+    kept = torch.clamp(load * 32, max=capacity).sum().item()
+    assert dropped.item() == pytest.approx(1 - kept / 32)
+    assert {n: t.weight for n, t in side.auxiliary.items()} == {"moe_balance": 0.1,
+                                                               "moe_z": 0.01}
+    assert side.auxiliary["moe_z"].value.requires_grad
+    y = moe.eval().route(x, 3, None)
+    _, experts, weights = top_k_gates(moe.logits(x, None, 3), 2)  # inference drops nothing:
     torch.testing.assert_close(y, moe.dispatch(x, experts, weights, None)[0])
 
 
@@ -182,7 +187,7 @@ def test_extracted_task_path_equals_the_moe_model_on_that_task():
     torch.manual_seed(5)
     with torch.no_grad():  # experts and task logits as after training: all different
         for name, p in moe.named_parameters():
-            if ".moe.experts." in name:
+            if ".feed_forward.experts." in name:
                 p.add_(torch.randn_like(p) * 0.05)
         for p in router.logits.values():
             p.copy_(torch.randn_like(p))
@@ -190,7 +195,7 @@ def test_extracted_task_path_equals_the_moe_model_on_that_task():
     outputs = {}
     for task in ("a", "b", "c"):
         dense = extract_task_encoder(moe, router, task).eval()
-        assert not any(".moe." in name for name in dense.state_dict())
+        assert not any(".experts." in name for name in dense.state_dict())
         expected = moe(ids, mask, hooks=router.hooks(task))[0]
         outputs[task] = dense(ids, mask)[0]
         torch.testing.assert_close(outputs[task], expected, rtol=0, atol=1e-6)
@@ -220,7 +225,7 @@ def test_conditioning_and_task_routing_chain():
         for p in [*conditioning.parameters(), *router.parameters()]:
             p.copy_(torch.randn_like(p))
         for name, p in moe.named_parameters():
-            if ".moe.experts." in name:
+            if ".feed_forward.experts." in name:
                 p.add_(torch.randn_like(p) * 0.05)
     ids, mask = batch()
     for task in ("a", "b"):
@@ -333,7 +338,7 @@ def test_export_refuses_moe_but_extracts_a_task_path(tmp_path, tiny_backbone, ti
         folder = export(runs["task"], tmp_path / f"hf-{task}", "hf", task=task).folder
         dense, _, config = load_model(folder)
         assert [t.name for t in config.tasks] == [task] and config.model.moe is None
-        assert not any(".moe." in name for name in dense.state_dict())
+        assert not any(".experts." in name for name in dense.state_dict())
         split = trainer.data[task].dev
         torch.testing.assert_close(torch.as_tensor(predict(dense, task, split, 16)),
                                    torch.as_tensor(predict(model, task, split, 16)))
@@ -350,15 +355,127 @@ def test_rows_added_to_round_the_packed_tokens_take_no_part_in_routing():
     model.train()
     ids, mask = batch()
     for layer in model.layers[1::2]:
-        torch.nn.init.normal_(layer.moe.gate.weight)  # a router that prefers some experts
-    outputs, records = [], []
+        torch.nn.init.normal_(layer.feed_forward.gate.weight)  # a router preferring some experts
+    outputs, sides = [], []
     for multiple in (1, 64):
         layout = TokenLayout.packed(mask, row_multiple=multiple)
         assert layout.index.numel() == (int(mask.sum()) if multiple == 1 else 64)
-        outputs.append(model.encode(ids, None, layout))
-        records.append([layer.moe.record for layer in model.layers[1::2]])
+        sides.append(SideOutputs())
+        outputs.append(model.encode(ids, None, layout, side=sides[-1]))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
-    for exact, rounded in zip(*records, strict=True):
-        for field in ("balance", "z", "load", "dropped"):
-            torch.testing.assert_close(getattr(rounded, field), getattr(exact, field))
-    assert any(record.dropped > 0 for record in records[0])  # capacity did act
+    exact, rounded = sides
+    for name, term in exact.auxiliary.items():
+        torch.testing.assert_close(rounded.auxiliary[name].value, term.value)
+    assert rounded.statistics.keys() == exact.statistics.keys()
+    for name, value in exact.statistics.items():
+        torch.testing.assert_close(rounded.statistics[name], value)
+    assert any(v > 0 for k, v in exact.statistics.items() if "dropped" in k)  # capacity acted
+
+
+# ---------------------------------------------------------------- composition (issue 36)
+
+
+@pytest.mark.parametrize("variant", ["lora", "mtl_lora"])
+def test_adapters_reach_every_expert_and_fold_into_them(variant):
+    """LoRA / MTL-LoRA on intermediate and output adapt each expert of an MoE layer by the
+    task's update: their parameters learn there, and `fold` puts them into every expert."""
+    from mtbert.model.conditioning import CONDITIONINGS
+    from mtbert.model.conditioning.low_rank import fold
+
+    model = dense_model()
+    upcycle(model, MoEConfig(routing="token", top_k=2, experts=3, capacity_factor=None,
+                             noisy_gating=False), ["a"])
+    adapters = CONDITIONINGS[variant](CONFIG, ["a"], rank=2, targets=["intermediate", "output"])
+    torch.manual_seed(7)
+    with torch.no_grad():  # as after training: adapters non-zero, experts and gates apart
+        for name, p in [*adapters.named_parameters(), *model.named_parameters()]:
+            if "feed_forward" in name or name.split(".")[0] in ("adapters", "shared", "tasks"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ids, mask = batch()
+    model.train()(ids, mask, hooks=adapters.hooks("a"))[0].square().sum().backward()
+    for name, p in adapters.named_parameters():  # layers 1 and 3 are MoE layers
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    torch.testing.assert_close(fold(model, adapters, "a")(ids, mask)[0],
+                               model(ids, mask, hooks=adapters.hooks("a"))[0],
+                               rtol=0, atol=1e-5)
+
+
+def graph_tensors(model: torch.nn.Module) -> list[str]:
+    """Attributes of the model's modules (or fields of dataclasses they hold) that are
+    tensors with an autograd graph."""
+    import dataclasses
+
+    found = []
+    for module_name, module in model.named_modules():
+        for key, value in vars(module).items():
+            values = {key: value}
+            if dataclasses.is_dataclass(value):
+                values = {f"{key}.{f.name}": getattr(value, f.name)
+                          for f in dataclasses.fields(value)}
+            found += [f"{module_name}.{k}" for k, v in values.items()
+                      if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    return found
+
+
+def test_moe_keeps_no_graph_after_a_training_step(tmp_path, tiny_backbone, tiny_data):
+    """The auxiliary losses travel with the pass's output: after a training step no module
+    holds a graph (which kept the last step's activations alive) and the model deep-copies."""
+    config = tiny_config(tiny_backbone, tiny_data, *MOE_RUNS["token"], max_steps=1)
+    trainer = Trainer(config, tmp_path / "run")
+    logged = trainer.train_step()
+    assert logged["sst/moe_balance"] > 0
+    assert graph_tensors(trainer.model) == []
+    copied = copy.deepcopy(trainer.model)
+    assert copied.state_dict().keys() == trainer.model.state_dict().keys()
+
+
+def test_lora_and_moe_runs_export_a_task_or_refuse_in_one_line(tmp_path, tiny_backbone,
+                                                               tiny_data):
+    """Task-routed experts with LoRA on the FFN export a task as plain BERT (its path
+    extracted, its adapters folded in); token-routed ones are refused in one line."""
+    from mtbert.evaluation import predict
+    from mtbert.export import ExportError, export
+
+    lora = ["model.conditioning=lora",
+            "model.conditioning_options={rank: 2, targets: [intermediate, output]}"]
+    runs = {}
+    for routing in ("token", "task"):
+        runs[routing] = tmp_path / routing
+        trainer = Trainer(tiny_config(tiny_backbone, tiny_data, *MOE_RUNS[routing], *lora,
+                                      max_steps=2), runs[routing])
+        trainer.fit()
+    with pytest.raises(ExportError) as refused:
+        export(runs["token"], tmp_path / "out", "hf", task="sst")
+    assert "\n" not in str(refused.value) and "mixture of experts" in str(refused.value)
+    model, _, _ = load_model(runs["task"])
+    folder = export(runs["task"], tmp_path / "hf-sts", "hf", task="sts").folder
+    dense, _, config = load_model(folder)
+    assert config.model.moe is None and config.model.conditioning is None
+    split = trainer.data["sts"].dev
+    torch.testing.assert_close(torch.as_tensor(predict(dense, "sts", split, 16)),
+                               torch.as_tensor(predict(model, "sts", split, 16)),
+                               rtol=0, atol=1e-4)
+
+
+def test_weights_saved_before_the_ffn_was_a_module_still_load():
+    """Checkpoints name a layer's FFN `layers.N.intermediate.*` / `.output.*` and its experts
+    `layers.N.moe.*` from before `BertLayer.feed_forward`; they load into today's model."""
+    from mtbert.model.multitask import MultitaskModel
+    from mtbert.model_folder import _load_weights
+
+    def legacy(state):
+        return {re.sub(r"(layers\.\d+\.)feed_forward\.(?=experts|gate|noise)", r"\1moe.",
+                       k).replace("feed_forward.", ""): v for k, v in state.items()}
+
+    moe = dense_model()
+    upcycle(moe, MoEConfig(routing="token", experts=2), ["a"])
+    for source in (dense_model(), moe):
+        saved = {k: torch.randn_like(v) for k, v in source.state_dict().items()}
+        old = legacy(saved)
+        assert not any("feed_forward" in k for k in old)
+        source.load_state_dict(old)
+        assert all(torch.equal(source.state_dict()[k], v) for k, v in saved.items())
+        model = MultitaskModel(source, [])
+        _load_weights(model, {f"encoder.{k}": v for k, v in old.items()}, "run/best", set())
+        assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())

@@ -36,7 +36,7 @@ def test_auto_run_trains_in_the_chosen_precision_and_records_it(
                          precision="auto", device="cpu")
     trainer = Trainer(config, tmp_path / "run")
     seen = []
-    layer = trainer.model.encoder.layers[0].intermediate
+    layer = trainer.model.encoder.layers[0].feed_forward.intermediate
     layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     trainer.fit()
     assert seen[0] == expected  # the matrix products of the training step

@@ -95,14 +95,14 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, tiny_backbone, tiny
     calls = {"n": 0}
 
     def flaky(self, output, labels, epoch):
-        value, parts = original(self, output, labels, epoch)
+        value, auxiliary, parts = original(self, output, labels, epoch)
         if self is not loss:
-            return value, parts
+            return value, auxiliary, parts
         calls["n"] += 1
         if calls["n"] in (3,) or calls["n"] >= 8:  # one isolated NaN, then NaN for good
             value = value * float("nan")
             parts = {**parts, "loss": float("nan")}
-        return value, parts
+        return value, auxiliary, parts
 
     monkeypatch.setattr(type(loss), "forward", flaky)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

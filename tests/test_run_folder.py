@@ -108,12 +108,12 @@ def test_a_nan_stop_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(
     calls = {"n": 0}
 
     def diverging(self, output, labels, epoch):
-        value, parts = original(self, output, labels, epoch)
+        value, auxiliary, parts = original(self, output, labels, epoch)
         if self is trainer.losses["sst"]:
             calls["n"] += 1
             if calls["n"] > 7:  # steps 1..7 good, NaN from step 8 on
                 value, parts = value * float("nan"), {**parts, "loss": float("nan")}
-        return value, parts
+        return value, auxiliary, parts
 
     monkeypatch.setattr(type(trainer.losses["sst"]), "forward", diverging)
     with pytest.raises(TrainingError, match=r"--resume .* train\.lr=0\.0015"):

@@ -76,9 +76,9 @@ def test_uncertainty_regulariser_is_not_multiplied_by_gradient_accumulation(
     forward = type(trainer.losses["sst"]).forward
 
     def recording(self, output, labels, epoch):
-        loss, parts = forward(self, output, labels, epoch)
+        loss, auxiliary, parts = forward(self, output, labels, epoch)
         seen.append(loss.item())
-        return loss, parts
+        return loss, auxiliary, parts
 
     monkeypatch.setattr(type(trainer.losses["sst"]), "forward", recording)
     step = trainer.optimizer.step

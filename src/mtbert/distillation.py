@@ -59,7 +59,9 @@ def teacher_loss(task: TaskConfig, loss, outputs: Tensor, targets: Tensor,
 
 class TeacherAnnealing:
     """`(task, outputs, gold_loss, rows, progress) -> (loss, logged)`; tasks without a teacher
-    keep their gold loss, so with no teachers this changes nothing."""
+    keep their gold loss, so with no teachers this changes nothing. `gold_loss` is the task's
+    own loss: auxiliary terms (MNRL, mixture-of-experts losses) are added by the trainer
+    after this mix, at their full weight whatever lambda is (`mtbert.auxiliary`)."""
 
     def __init__(self, tasks: dict[str, TaskConfig], targets: dict[str, Tensor],
                  temperature: float = 1.0, anneal: bool = True):

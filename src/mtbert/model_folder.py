@@ -32,7 +32,7 @@ from mtbert.checkpoint import (
     write_checkpoint,
 )
 from mtbert.config import ConfigError, ExperimentConfig, dump_config, load_config
-from mtbert.model.bert import BertConfig, BertModel
+from mtbert.model.bert import BertConfig, BertModel, current_key
 from mtbert.model.conditioning import build_conditioning
 from mtbert.model.loading import CheckpointError, load_bert
 from mtbert.model.moe import upcycle
@@ -164,7 +164,8 @@ def load_model(path: str | Path) -> tuple[MultitaskModel, Tokenizer, ExperimentC
 
 def _load_weights(model: MultitaskModel, state: dict, folder: Path, loaded: set[str]) -> None:
     """Copy `state` into `model`; every parameter not in `loaded` must come from it, in its
-    shape."""
+    shape. Keys of weights saved before the encoder's FFN was a module are renamed."""
+    state = {current_key(k, "encoder."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys() - loaded)
     unexpected = sorted(state.keys() - expected.keys())

@@ -80,6 +80,7 @@ _REGISTRIES = {
     "sampler": ("mtbert.data.sampling", "SAMPLERS"),
     "loss": ("mtbert.losses", "LOSSES"),
     "positive_rule": ("mtbert.losses", "POSITIVE_RULES"),
+    "auxiliary_loss": ("mtbert.losses", "AUXILIARY_LOSSES"),
     "head": ("mtbert.model.heads", "HEADS"),
     "conditioning": ("mtbert.model.conditioning", "CONDITIONINGS"),
     "regularizer": ("mtbert.regularizers", "REGULARIZERS"),
@@ -96,6 +97,6 @@ def registry(kind: str) -> Registry:
 
 def register(kind: str, name: str, implementation: Any, replace: bool = False) -> Any:
     """Register a technique of `kind` (weighting, combiner, sampler, loss, positive_rule,
-    head, conditioning, regularizer, weight_average) under `name`; returns it, so it also
-    works as a decorator's body."""
+    auxiliary_loss, head, conditioning, regularizer, weight_average) under `name`; returns it,
+    so it also works as a decorator's body."""
     return registry(kind).register(name, implementation, replace)

@@ -1,8 +1,9 @@
 """The multitask training loop, top to bottom: setup, steps, evaluation, checkpoints.
 
 Every technique enters through its interface: the sampler says which tasks a step draws,
-each task's stream gives a batch, the model and the task's loss give a loss, the weighting
-turns losses into terms, the combiner turns terms into gradients. Nothing here branches on a
+each task's stream gives a batch, the model and the task's loss give a loss and auxiliary
+terms, distillation mixes in the teacher's loss, the weighting turns losses into terms, the
+combiner turns terms and the auxiliary terms into gradients. Nothing here branches on a
 method's name.
 """
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mtbert.adapting import adapt_model
+from mtbert.auxiliary import total as auxiliary_total
 from mtbert.balancing import TaskContext, build_combiner, build_weighting
 from mtbert.checkpoint import (
     LOCK_FILE,
@@ -283,33 +285,41 @@ class Trainer:
             with gradient_sync(self.forward, ddp_averages and last):
                 with autocast(self.device, self.precision):
                     outputs = self.forward(batches)
-                losses = {}
+                losses, auxiliary = {}, []
                 for task, batch in batches.items():
                     counts["tokens"] += batch.real_tokens()
                     counts[f"{task}/examples"] = counts.get(f"{task}/examples", 0) + len(batch)
-                    loss, parts = self.losses[task](outputs[task], batch.labels, self.epoch)
+                    loss, extra, parts = self.losses[task](outputs[task], batch.labels,
+                                                           self.epoch)
                     loss, taught = self.distillation(task, outputs[task].predictions, loss,
                                                      batch.rows, self.state.step / self.total_steps)
                     parts.update(taught)
                     losses[task] = loss
+                    auxiliary += extra.values()
                     if self.data_maps is not None:
                         self.data_maps.record(task, outputs[task].predictions, batch.labels,
                                               batch.rows)
                     logged.update({f"{task}/{k}": v for k, v in parts.items()})
                 with autocast(self.device, self.precision):
-                    auxiliary = {task: self.regularizers(model, self.data[task].config, batch,
-                                                         outputs[task])
-                                 for task, batch in batches.items()}
-                for task, named in auxiliary.items():
-                    logged.update({f"{task}/{name}": term.item() for name, term in named.items()})
-                # The weighting sees the tasks' own losses; the micro-step's share of the
-                # optimizer step scales its terms, regularisers (uncertainty's s/2) included.
+                    regularized = {task: self.regularizers(model, self.data[task].config, batch,
+                                                           outputs[task])
+                                   for task, batch in batches.items()}
+                for task, named in regularized.items():
+                    logged.update({f"{task}/{name}": term.value.item()
+                                   for name, term in named.items()})
+                    auxiliary += named.values()
+                # Distillation and the weighting see the tasks' own losses; the auxiliary
+                # terms (MNRL, MoE balance, regularisers such as SMART) join after them, each
+                # under its own weight (`mtbert.auxiliary`). The micro-step's share of the
+                # optimizer step scales both, regularisers (uncertainty's s/2) included.
                 terms = self.weighting(losses, model.last_shared_parameters())
-                # Regularisers are no task's loss: they join after weighting and distillation.
-                terms = {t: term + sum(auxiliary[t].values()) for t, term in terms.items()}
-                backward_loss += sum(terms.values()).item() / train.grad_accumulation
-                self.combiner.backward({t: term / train.grad_accumulation
-                                        for t, term in terms.items()}, shared, other)
+                extra_total = auxiliary_total(auxiliary)
+                backward = sum(terms.values()) + (0.0 if extra_total is None else extra_total)
+                backward_loss += backward.item() / train.grad_accumulation
+                self.combiner.backward(
+                    {t: term / train.grad_accumulation for t, term in terms.items()}, shared,
+                    other, auxiliary=None if extra_total is None
+                    else extra_total / train.grad_accumulation)
         logged["backward_loss"] = backward_loss
         average_gradients(list(self.weighting.parameters())
                           + ([] if ddp_averages else model.task_parameters()))

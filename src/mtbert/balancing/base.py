@@ -79,6 +79,10 @@ def accumulate_flat_grad(flat: Tensor, params: Sequence[nn.Parameter]) -> None:
 class LossWeighting(nn.Module):
     """Turns per-task losses into the per-task terms whose sum is the objective.
 
+    The losses are the tasks' own (after distillation); auxiliary terms (MNRL,
+    mixture-of-experts losses, ``mtbert.auxiliary``) never reach a weighting: the trainer
+    hands them to the combiner beside the terms, unweighted.
+
     ``forward`` accepts any non-empty subset of the tasks (samplers that draw one task per step
     give one loss); methods that need every task say so. Learned weights are parameters of this
     module: give them to the optimizer and list them as ``other_params`` of the combiner.
@@ -173,8 +177,14 @@ class GradientCombiner:
         terms: dict[str, Tensor],
         shared_params: Sequence[nn.Parameter],
         other_params: Sequence[nn.Parameter],
+        auxiliary: Tensor | None = None,
     ) -> None:
-        """ACCUMULATE (+=) into ``.grad``; never zeroes it, so gradient accumulation works."""
+        """ACCUMULATE (+=) into ``.grad``; never zeroes it, so gradient accumulation works.
+
+        ``auxiliary`` is the weighted sum of the step's auxiliary terms (``mtbert.auxiliary``:
+        MNRL, mixture-of-experts losses), or None: not a task's term, so a combiner that
+        treats tasks apart adds its plain gradient to every parameter it reaches.
+        """
         raise NotImplementedError
 
     def state_dict(self) -> dict:

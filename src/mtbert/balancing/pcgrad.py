@@ -51,7 +51,9 @@ class PCGrad(GradientCombiner):
     Per-task gradients ``g_i`` are taken w.r.t. the SHARED params only and projected with
     ``project_conflicting`` in a random order per task; their sum is added to the shared
     ``.grad``. Task-specific params (heads, loss-weighting params) get the plain gradient of
-    ``sum(terms)``. The order comes from a generator seeded by ``(seed, calls)``, so every DDP
+    ``sum(terms)``. The auxiliary terms (MNRL, mixture-of-experts losses) are no task: their
+    gradient is added to the projected sum unprojected, and to the task-specific params'
+    gradient. The order comes from a generator seeded by ``(seed, calls)``, so every DDP
     rank and a resumed run (after ``load_state_dict``) draw the same orders; ``calls`` counts
     ``backward`` calls, micro-batches included. Under DDP each task's gradient is averaged
     over the ranks BEFORE the projection (one all-reduce of the (T, P) matrix, T times the
@@ -95,17 +97,25 @@ class PCGrad(GradientCombiner):
         terms: dict[str, Tensor],
         shared_params: Sequence[nn.Parameter],
         other_params: Sequence[nn.Parameter],
+        auxiliary: Tensor | None = None,
     ) -> None:
         if not terms:
             raise ValueError("PCGrad needs at least one term.")
         names = sorted(terms)  # same task order whatever order the caller built the dict in
-        # (T, P), the mean over ranks: the gradients of the global batch
-        grads = mean_across_ranks(per_task_gradients({n: terms[n] for n in names}, shared_params))
-        projected = project_conflicting(grads, self.orders(len(names)))  # (T, P)
-        accumulate_flat_grad(projected.sum(dim=0), shared_params)  # (P,)
+        rows = [terms[n] for n in names]
+        if auxiliary is not None:  # one more row, averaged in the same all-reduce
+            rows.append(auxiliary)
+        # (T [+ 1], P), the mean over ranks: the gradients of the global batch
+        grads = mean_across_ranks(per_task_gradients(
+            {str(i): row for i, row in enumerate(rows)}, shared_params))
+        projected = project_conflicting(grads[:len(names)], self.orders(len(names)))  # (T, P)
+        combined = projected.sum(dim=0)  # (P,)
+        if auxiliary is not None:
+            combined = combined + grads[-1]
+        accumulate_flat_grad(combined, shared_params)
         others = trainable(other_params)
         if others:
-            total = torch.stack([terms[n] for n in names]).sum()  # ()
+            total = torch.stack(rows).sum()  # ()
             torch.autograd.backward(total, inputs=others)
         self.calls += 1
 

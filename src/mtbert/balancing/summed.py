@@ -9,7 +9,8 @@ from mtbert.balancing.base import GradientCombiner, trainable
 
 
 class SumGradients(GradientCombiner):
-    """Backpropagates ``sum(terms.values())`` into the given parameters.
+    """Backpropagates ``sum(terms.values())`` (plus the auxiliary terms) into the given
+    parameters.
 
     Equivalent to ``total.backward()`` restricted to ``shared_params + other_params`` (other
     leaves get nothing); gradients are added to existing ``.grad``.
@@ -23,6 +24,7 @@ class SumGradients(GradientCombiner):
         terms: dict[str, Tensor],
         shared_params: Sequence[nn.Parameter],
         other_params: Sequence[nn.Parameter],
+        auxiliary: Tensor | None = None,
     ) -> None:
         if not terms:
             raise ValueError("SumGradients needs at least one term.")
@@ -30,4 +32,6 @@ class SumGradients(GradientCombiner):
         if not params:
             raise ValueError("SumGradients got no trainable parameters.")
         total = torch.stack(list(terms.values())).sum()  # ()
+        if auxiliary is not None:
+            total = total + auxiliary
         torch.autograd.backward(total, inputs=params)

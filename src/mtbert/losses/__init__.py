@@ -15,6 +15,7 @@ from mtbert.losses.cross_entropy import CrossEntropyLoss
 from mtbert.losses.huber import HuberLoss
 from mtbert.losses.mnrl import (
     POSITIVE_RULES,
+    AuxiliaryMnrl,
     CosineThresholdPositives,
     LabelThresholdPositives,
     MultipleNegativesRankingLoss,
@@ -30,7 +31,13 @@ LOSSES = Registry("loss", plural="losses", entries={
     "bce": BinaryCrossEntropyLoss,
     "mse": MSELoss,
     "huber": HuberLoss,
-})  # MNRL is an auxiliary loss on a pair task's embeddings: configured by a task's `mnrl:`
+})
+
+# Auxiliary terms a task's config may switch on (`auxiliary.AuxiliaryLoss`): each class builds
+# itself from the task (`from_task`, None where unused); the name is what is logged.
+AUXILIARY_LOSSES = Registry("auxiliary_loss", plural="auxiliary_losses", entries={
+    "mnrl": AuxiliaryMnrl,  # MNRL on a pair task's embeddings, a task's `mnrl:`
+})
 
 
 # The loss of a task that names none, by task kind.
@@ -67,6 +74,7 @@ __all__ = [
     "DEFAULT_LOSSES",
     "LOSSES",
     "POSITIVE_RULES",
+    "AUXILIARY_LOSSES",
     "TaskLossFunction",
     "BinaryCrossEntropyLoss",
     "BinaryLogitOutputs",

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtbert.auxiliary import AuxiliaryLoss
 from mtbert.distributed import current_world, gather_rows
 from mtbert.registry import Registry
 
@@ -182,3 +183,28 @@ def selected_pairs_mnrl(
     targets = torch.arange(first, first + scores.shape[0], device=u.device)  # (K,)
     share = current_world().size / anchors
     return F.cross_entropy(scores, targets, reduction="sum") * share + keep_graph
+
+
+class AuxiliaryMnrl(AuxiliaryLoss):
+    """MNRL as a pair task's auxiliary term (its config's `mnrl:`): the pairs its positive
+    rule selects at the epoch are anchors and positives (`selected_pairs_mnrl`), on the
+    siamese head's two sentence embeddings.
+
+    References:
+        - OptimusBERT report (shared/papers/optimusbert.txt): MNRL beside the STS loss.
+    """
+
+    @classmethod
+    def from_task(cls, task) -> "AuxiliaryMnrl | None":
+        return None if task.mnrl is None else cls(task.mnrl)
+
+    def __init__(self, config):
+        super().__init__()
+        self.loss = MultipleNegativesRankingLoss(scale=config.scale)
+        self.rule = POSITIVE_RULES[config.rule](config.start, config.step_per_epoch)
+        self.weight = config.weight
+
+    def forward(self, output, labels: Tensor, epoch: int) -> Tensor:
+        u, v = (e.float() for e in output.embeddings)  # fp32 under bf16 autocast
+        mask = select_positive_pairs(self.rule, u, v, labels, epoch)
+        return selected_pairs_mnrl(self.loss, u, v, mask)

@@ -1,4 +1,4 @@
-"""A task's whole training loss: its loss function plus its auxiliary terms."""
+"""A task's training loss and, apart from it, its auxiliary terms."""
 
 from __future__ import annotations
 
@@ -6,43 +6,34 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from mtbert.losses import build_loss, loss_name
-from mtbert.losses.mnrl import (
-    POSITIVE_RULES,
-    MultipleNegativesRankingLoss,
-    select_positive_pairs,
-    selected_pairs_mnrl,
-)
+from mtbert.auxiliary import AuxiliaryTerm
+from mtbert.losses import AUXILIARY_LOSSES, build_loss, loss_name
 
 if TYPE_CHECKING:
     from mtbert.config import TaskConfig
 
 
 class TaskLoss(nn.Module):
-    """A task's loss on its head's output, plus its auxiliary MNRL term if configured and the
-    model's own auxiliary terms (`HeadOutput.auxiliary`: mixture-of-experts balancing and
-    z-losses, already weighted). Parts are logged; so are the output's routing statistics."""
+    """A task's loss on its head's output, and apart from it the auxiliary terms: the task's
+    auxiliary losses (`losses.AUXILIARY_LOSSES` it configures, e.g. MNRL) and the model's own
+    (`HeadOutput.auxiliary`: mixture-of-experts balance and z-losses). The task's loss goes
+    on to the weighting and distillation; the auxiliary terms do not (`mtbert.auxiliary`).
+    Values are logged, and so are the output's statistics (expert load)."""
 
     def __init__(self, task: TaskConfig):
         super().__init__()
         self.loss = build_loss(loss_name(task), **task.loss_options)
-        self.mnrl = self.rule = None
-        if task.mnrl is not None:
-            self.mnrl = MultipleNegativesRankingLoss(scale=task.mnrl.scale)
-            self.rule = POSITIVE_RULES[task.mnrl.rule](task.mnrl.start, task.mnrl.step_per_epoch)
-            self.mnrl_weight = task.mnrl.weight
+        built = {name: cls.from_task(task) for name, cls in AUXILIARY_LOSSES.items()}
+        self.auxiliary_losses = nn.ModuleDict({n: r for n, r in built.items() if r is not None})
 
-    def forward(self, output, labels: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, output, labels: Tensor, epoch: int
+                ) -> tuple[Tensor, dict[str, AuxiliaryTerm], dict[str, float]]:
+        """(the task's loss, {name: auxiliary term}, {name: value to log})."""
         loss = self.loss(output.predictions.float(), labels)  # fp32 loss under bf16 autocast
-        parts = {"loss": loss.item()}
-        if self.mnrl is not None:
-            u, v = (e.float() for e in output.embeddings)
-            mask = select_positive_pairs(self.rule, u, v, labels, epoch)
-            auxiliary = selected_pairs_mnrl(self.mnrl, u, v, mask)
-            parts["mnrl"] = auxiliary.item()
-            loss = loss + self.mnrl_weight * auxiliary
-        for name, term in output.auxiliary.items():
-            parts[name] = term.item()
-            loss = loss + term.float()
+        auxiliary = dict(output.auxiliary)
+        for name, auxiliary_loss in self.auxiliary_losses.items():
+            auxiliary[name] = AuxiliaryTerm(auxiliary_loss(output, labels, epoch),
+                                           auxiliary_loss.weight)
+        parts = {"loss": loss.item(), **{n: t.value.item() for n, t in auxiliary.items()}}
         parts.update(output.statistics)
-        return loss, parts
+        return loss, auxiliary, parts

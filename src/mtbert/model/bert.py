@@ -10,19 +10,24 @@ just around attention (`TokenLayout`): padding costs no matrix products.
 
 Task conditioning (task embeddings, PALs, LoRA) plugs in through `EncoderHooks`: the encoder
 calls the hooks at fixed points and knows nothing else about tasks. A layer's feed-forward
-block is its `feed_forward` method, which a mixture-of-experts layer (`model/moe.py`)
-overrides.
+block is a module of its own, `BertLayer.feed_forward`: a `FeedForward`, or what replaces it
+whole (a mixture of experts, `model/moe.py`). A forward pass may hand the layers a
+`SideOutputs` (`mtbert.auxiliary`) to add auxiliary loss terms and statistics to; no layer
+keeps them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mtbert.auxiliary import SideOutputs
 
 
 @dataclass
@@ -279,10 +284,11 @@ def _sum(terms) -> Tensor | None:
     return sum(present[1:], present[0]) if present else None
 
 
-# The linear maps of a layer that `EncoderHooks.projection` sees: name -> module path in
-# `BertLayer` (adapters fold into these weights).
-PROJECTIONS = {"qkv": "attention.qkv", "attention_output": "attention.output",
-               "intermediate": "intermediate", "output": "output"}
+# The linear maps of a layer that `EncoderHooks.projection` sees (adapters fold into their
+# weights, `BertLayer.linear_maps`): self-attention's two, then the feed-forward block's two.
+ATTENTION_PROJECTIONS = {"qkv": "qkv", "attention_output": "output"}  # name -> attribute
+FEED_FORWARD_PROJECTIONS = ("intermediate", "output")
+PROJECTIONS = (*ATTENTION_PROJECTIONS, *FEED_FORWARD_PROJECTIONS)
 
 
 def project(linear: nn.Linear, x: Tensor, layer: int, name: str,
@@ -333,6 +339,36 @@ class BertSelfAttention(nn.Module):
         return project(self.output, y, layer, "attention_output", hooks)
 
 
+class FeedForward(nn.Module):
+    """BERT's position-wise FFN: intermediate (H -> I), activation, output (I -> H).
+
+    The interface of a layer's feed-forward block, which a mixture of experts
+    (`model/moe.py`) implements too: `forward(x, layout, layer, hooks, side)` maps the
+    (N, H) tokens to (N, H), `linear_maps(name)` lists the linear maps the `projection` hook
+    `name` adapts (what `fold` adds an adapter's weight to).
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor, layout: TokenLayout, layer: int, hooks: EncoderHooks | None,
+                side: SideOutputs | None = None) -> Tensor:
+        """(N, H) -> (N, H), before dropout and the residual (a per-token map: `layout` only
+        says which rows are real tokens; a dense FFN adds nothing to `side`)."""
+        return self.transform(x, layer, hooks)
+
+    def transform(self, x: Tensor, layer: int, hooks: EncoderHooks | None) -> Tensor:
+        """The FFN of each row of `x` (M, H) -> (M, H), through the `projection` hooks."""
+        h = self.act(project(self.intermediate, x, layer, "intermediate", hooks))  # (M, I)
+        return project(self.output, h, layer, "output", hooks)
+
+    def linear_maps(self, name: str) -> list[nn.Linear]:
+        return [getattr(self, name)]
+
+
 class BertLayer(nn.Module):
     """Post-LN block: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
 
@@ -340,28 +376,41 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention = BertSelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.feed_forward = FeedForward(config)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor, layout: TokenLayout, layer: int,
-                hooks: EncoderHooks | None) -> Tensor:
+                hooks: EncoderHooks | None, side: SideOutputs | None = None) -> Tensor:
         attended = self.dropout(self.attention(x, layout, layer, hooks))
         if hooks is not None:
             branch = hooks.attention_branch(layer, x, layout)
             if branch is not None:
                 attended = attended + branch
         x = self.attention_norm(x + attended)
-        return self.output_norm(x + self.dropout(self.feed_forward(x, layout, layer, hooks)))
+        fed = self.feed_forward(x, layout, layer, hooks, side)
+        return self.output_norm(x + self.dropout(fed))
 
-    def feed_forward(self, x: Tensor, layout: TokenLayout, layer: int,
-                     hooks: EncoderHooks | None) -> Tensor:
-        """(N, H) -> (N, H): the position-wise FFN, before dropout and the residual (a
-        per-token map: `layout` only says which rows are real tokens)."""
-        h = self.act(project(self.intermediate, x, layer, "intermediate", hooks))  # (N, I)
-        return project(self.output, h, layer, "output", hooks)
+    def linear_maps(self, name: str) -> list[nn.Linear]:
+        """The linear maps of projection `name` (of `PROJECTIONS`): one, or one per expert."""
+        if name in ATTENTION_PROJECTIONS:
+            return [getattr(self.attention, ATTENTION_PROJECTIONS[name])]
+        return self.feed_forward.linear_maps(name)
+
+
+
+def current_key(key: str, prefix: str = "") -> str:
+    """A `BertModel` state-dict key (under `prefix`) as it is named now: weights saved
+    before the feed-forward block was a module, `layers.N.intermediate.*`,
+    `layers.N.output.*` and (mixture of experts) `layers.N.moe.*`, are under
+    `layers.N.feed_forward.`; other keys are unchanged."""
+    layer = re.match(rf"{re.escape(prefix)}layers\.\d+\.", key)
+    if layer is None:
+        return key
+    head, rest = key[:layer.end()], key[layer.end():]
+    if rest.startswith(("intermediate.", "output.")):
+        return f"{head}feed_forward.{rest}"
+    return f"{head}feed_forward.{rest[4:]}" if rest.startswith("moe.") else key
 
 
 class BertPooler(nn.Module):
@@ -384,6 +433,13 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config)
         self.apply(self._init_weights)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before the FFN was a module load too (`current_key`)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if (renamed := current_key(key, prefix)) != key:
+                state_dict[renamed] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         """BERT's initialisation, for weights a checkpoint does not provide."""
         std = self.config.initializer_range
@@ -396,17 +452,18 @@ class BertModel(nn.Module):
                 module.weight.data[module.padding_idx].zero_()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None,
-                hooks: EncoderHooks | None = None) -> tuple[Tensor, Tensor]:
+                token_type_ids: Tensor | None = None, hooks: EncoderHooks | None = None,
+                side: SideOutputs | None = None) -> tuple[Tensor, Tensor]:
         """Returns (last hidden states (B, T, H), pooled [CLS] (B, H)).
 
         `attention_mask` is (B, T) with 1 for real tokens and 0 for padding; hidden states at
-        padding are zeros.
+        padding are zeros. Given `side`, layers add this pass's auxiliary terms and
+        statistics to it (mixture-of-experts losses and expert load).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         layout = TokenLayout.packed(attention_mask, self.row_multiple(input_ids.device))
-        hidden = self.encode(input_ids, token_type_ids, layout, hooks)
+        hidden = self.encode(input_ids, token_type_ids, layout, hooks, side)
         return hidden, self.pooler(hidden)
 
     def row_multiple(self, device: torch.device) -> int:
@@ -423,13 +480,13 @@ class BertModel(nn.Module):
         return BF16_CPU_ROW_MULTIPLE if device.type == "cpu" and bf16 else 1
 
     def encode(self, input_ids: Tensor, token_type_ids: Tensor | None, layout: TokenLayout,
-               hooks: EncoderHooks | None = None) -> Tensor:
+               hooks: EncoderHooks | None = None, side: SideOutputs | None = None) -> Tensor:
         """Last hidden states (B, T, H) of the tokens `layout` computes (zeros elsewhere)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, layout, hooks)  # (N, H)
         for index, layer in enumerate(self.layers):
-            x = layer(x, layout, index, hooks)
+            x = layer(x, layout, index, hooks, side)
         return layout.unpack(x)
 
     def num_parameters(self) -> int:

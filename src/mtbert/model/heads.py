@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtbert.auxiliary import AuxiliaryTerm
 from mtbert.losses import output_size
 from mtbert.model.bert import Dropout, mean_pool
 from mtbert.registry import Registry
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
 class HeadOutput:
     predictions: Tensor  # (B, C) logits, or (B,) one logit or score per example
     embeddings: tuple[Tensor, Tensor] | None = None  # siamese heads: (u, v), (B, H) each
-    # Set by the model, not the head: weighted auxiliary loss terms of the encoder (mixture of
-    # experts) that join the task's loss, and routing statistics to log.
-    auxiliary: dict[str, Tensor] = field(default_factory=dict)
+    # Set by the model, not the head, in training: the encoder's auxiliary terms (mixture of
+    # experts; they join the final loss beside the task's, `mtbert.auxiliary`) and
+    # statistics to log.
+    auxiliary: dict[str, AuxiliaryTerm] = field(default_factory=dict)
     statistics: dict[str, float] = field(default_factory=dict)
 
 

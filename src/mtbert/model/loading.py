@@ -100,8 +100,8 @@ _NAME_PAIRS = [
     ("embeddings.LayerNorm.", "embeddings.norm."),
     ("encoder.layer.{i}.attention.output.dense.", "layers.{i}.attention.output."),
     ("encoder.layer.{i}.attention.output.LayerNorm.", "layers.{i}.attention_norm."),
-    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.intermediate."),
-    ("encoder.layer.{i}.output.dense.", "layers.{i}.output."),
+    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.feed_forward.intermediate."),
+    ("encoder.layer.{i}.output.dense.", "layers.{i}.feed_forward.output."),
     ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.output_norm."),
 ]
 

@@ -20,9 +20,17 @@ Switch). Parts, each following its paper:
   (f_i: share of assignments routed to expert i, P_i: mean router probability of i; 1 when
   both are uniform) and the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022,
   "ST-MoE: Designing Stable and Transferable Sparse Expert Models").
+- Auxiliary terms are returned with the pass (`SideOutputs`), never kept on the module: a
+  training pass adds them and the expert load to the pass's `side`, and leaves no graph
+  behind (`mtbert.auxiliary`: they join the final loss after weighting and distillation).
 - Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts
   from Dense Checkpoints"): every expert starts as a copy of the pretrained dense FFN, and
   since the combine weights sum to 1, the model computes what the dense model computes.
+
+`MixtureOfExperts` replaces a layer's whole `FeedForward` (`BertLayer.feed_forward`); each
+expert is a `FeedForward` and runs through the `projection` hooks, so low-rank adapters
+(LoRA, MTL-LoRA) on `intermediate` / `output` adapt every expert of the layer by the same
+update, and fold into each expert's weights.
 
 Dispatch works on the encoder's packed (N, H) tokens: the N * k assignments are sorted by
 expert (a permutation), each expert runs one pair of matrix products on its own contiguous
@@ -52,14 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtbert.model.bert import (
-    ACTIVATIONS,
-    BertConfig,
-    BertLayer,
-    BertModel,
-    EncoderHooks,
-    TokenLayout,
-)
+from mtbert.auxiliary import SideOutputs
+from mtbert.model.bert import BertConfig, BertModel, EncoderHooks, FeedForward, TokenLayout
 from mtbert.model.conditioning.base import TaskConditioning
 
 if TYPE_CHECKING:
@@ -96,44 +98,23 @@ def router_z_loss(logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the layer
 
 
-@dataclass
-class RoutingRecord:
-    """What an MoE layer's last forward pass measured."""
-
-    balance: Tensor  # () load-balancing loss
-    z: Tensor  # () router z-loss
-    load: Tensor  # (E,) share of the assignments routed to each expert (before capacity)
-    dropped: Tensor  # () share of the assignments dropped for capacity
-
-
-class Expert(nn.Module):
-    """One BERT FFN: intermediate (H -> I), activation, output (I -> H); BertLayer's names."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = ACTIVATIONS[config.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.output(self.act(self.intermediate(x)))
-
-
 class MixtureOfExperts(nn.Module):
-    """E experts, top-k routing with capacity, and the auxiliary losses and load of the last
-    training pass in `record` (None after an inference pass). `token_gate`: the router reads
-    each token (W_g, and W_noise if `noisy`); without it the logits come from the task alone
-    (`router_logits` hook)."""
+    """E experts (`FeedForward`s), top-k routing with capacity: a layer's feed-forward block
+    (the `FeedForward` interface). Given a pass's `side` it adds the auxiliary losses
+    (`moe_balance`, `moe_z`, weighted by `balance_weight`, `z_weight`) and the expert load
+    (`moe_load.LAYER`, `moe_dropped.LAYER`). `token_gate`: the router reads each token (W_g,
+    and W_noise if `noisy`); without it the logits come from the task alone (`router_logits`
+    hook)."""
 
-    def __init__(self, config: BertConfig, layer: int, *, experts: int, top_k: int,
+    def __init__(self, config: BertConfig, *, experts: int, top_k: int,
                  capacity_factor: float | None, token_gate: bool, noisy: bool,
                  balance_weight: float, z_weight: float):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"top_k ({top_k}) must be between 1 and experts ({experts})")
-        self.layer, self.top_k, self.capacity_factor = layer, top_k, capacity_factor
+        self.top_k, self.capacity_factor = top_k, capacity_factor
         self.balance_weight, self.z_weight = balance_weight, z_weight
-        self.experts = nn.ModuleList(Expert(config) for _ in range(experts))
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(experts))
         self.gate = self.noise = None
         if token_gate:
             self.gate = nn.Linear(config.hidden_size, experts, bias=False)
@@ -141,11 +122,22 @@ class MixtureOfExperts(nn.Module):
             if noisy:
                 self.noise = nn.Linear(config.hidden_size, experts, bias=False)
                 nn.init.zeros_(self.noise.weight)
-        self.record: RoutingRecord | None = None
 
-    def forward(self, x: Tensor, task_logits: Tensor | None) -> Tensor:
-        """(N, H) tokens, task logits (E,) or (N, E) or None -> (N, H)."""
-        logits = self.logits(x, task_logits)  # (N, E)
+    def forward(self, x: Tensor, layout: TokenLayout, layer: int, hooks: EncoderHooks | None,
+                side: SideOutputs | None = None) -> Tensor:
+        """(N, H) -> (N, H). Routes the real tokens only: rows that `TokenLayout.packed` adds
+        to round N up (bf16 on CPUs) would take capacity and enter the load statistics and
+        auxiliary losses. Their output rows are zeros (they are dropped before attention and
+        at the end)."""
+        real = len(x) if layout.tokens is None else layout.tokens
+        y = self.route(x[:real], layer, hooks, side)
+        return y if real == len(x) else torch.cat([y, y.new_zeros(len(x) - real, y.shape[1])])
+
+    def route(self, x: Tensor, layer: int, hooks: EncoderHooks | None,
+              side: SideOutputs | None = None) -> Tensor:
+        """(N, H) tokens -> (N, H): each token's experts, weighted."""
+        task_logits = None if hooks is None else hooks.router_logits(layer, x)
+        logits = self.logits(x, task_logits, layer)  # (N, E)
         noisy = logits
         if self.noise is not None and self.training:
             noisy = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
@@ -154,28 +146,33 @@ class MixtureOfExperts(nn.Module):
         if self.training and self.capacity_factor is not None:
             capacity = expert_capacity(len(x), len(self.experts), self.top_k,
                                        self.capacity_factor)
-        y, counts, kept = self.dispatch(x, experts, weights, capacity)
-        self.record = None
-        if self.training:  # what the losses and the logs need; inference skips the work
+        y, counts, kept = self.dispatch(x, experts, weights, capacity, layer, hooks)
+        if side is not None:  # what the losses and the logs need; inference skips the work
             assignments = experts.numel()
-            self.record = RoutingRecord(
-                balance=load_balancing_loss(probs, counts), z=router_z_loss(logits),
-                load=counts / assignments, dropped=1 - kept.sum() / assignments)
+            side.add("moe_balance", load_balancing_loss(probs, counts), self.balance_weight)
+            side.add("moe_z", router_z_loss(logits), self.z_weight)
+            side.statistics[f"moe_load.{layer}"] = counts / assignments
+            side.statistics[f"moe_dropped.{layer}"] = 1 - kept.sum() / assignments
         return y
 
-    def logits(self, x: Tensor, task_logits: Tensor | None) -> Tensor:
+    def linear_maps(self, name: str) -> list[nn.Linear]:
+        return [linear for expert in self.experts for linear in expert.linear_maps(name)]
+
+    def logits(self, x: Tensor, task_logits: Tensor | None, layer: int) -> Tensor:
         if self.gate is None:
             if task_logits is None:
-                raise ValueError(f"layer {self.layer}: task-routed experts need a task; "
+                raise ValueError(f"layer {layer}: task-routed experts need a task; "
                                  "run the encoder with a task's hooks")
             return task_logits.expand(len(x), len(self.experts))
         logits = self.gate(x)
         return logits if task_logits is None else logits + task_logits
 
-    def dispatch(self, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None
+    def dispatch(self, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None,
+                 layer: int = 0, hooks: EncoderHooks | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run each expert on its tokens. (N, H), (N, k) expert ids, (N, k) weights ->
-        (N, H) combined output, (E,) assignments routed and (E,) kept per expert."""
+        """Run each expert on its tokens (through `layer`'s projection hooks). (N, H),
+        (N, k) expert ids, (N, k) weights -> (N, H) combined output, (E,) assignments routed
+        and (E,) kept per expert."""
         n, k = experts.shape
         flat = experts.t().reshape(-1)  # (k N,) choice-major: first choices come first
         order = flat.argsort(stable=True)  # assignments grouped by expert, priority kept
@@ -186,7 +183,7 @@ class MixtureOfExperts(nn.Module):
         pieces, start = [], 0
         for expert, routed, keep in zip(self.experts, counts.tolist(), kept.tolist()):
             if keep:
-                pieces.append(expert(grouped[start:start + keep]))
+                pieces.append(expert.transform(grouped[start:start + keep], layer, hooks))
             if routed > keep:  # dropped: the expert adds nothing, the residual carries on
                 pieces.append(x.new_zeros(routed - keep, x.shape[-1]))
             start += routed
@@ -214,26 +211,6 @@ class _PermuteRows(torch.autograd.Function):
 def permute_rows(x: Tensor, order: Tensor) -> Tensor:
     """(M, H) rows in the order of the permutation `order` (M,)."""
     return _PermuteRows.apply(x, order)
-
-
-class MoELayer(BertLayer):
-    """A `BertLayer` whose feed-forward block is a `MixtureOfExperts`."""
-
-    def __init__(self, config: BertConfig, moe: MixtureOfExperts):
-        super().__init__(config)
-        del self.intermediate, self.output  # the experts replace the dense FFN
-        self.moe = moe
-
-    def feed_forward(self, x: Tensor, layout: TokenLayout, layer: int,
-                     hooks: EncoderHooks | None) -> Tensor:
-        """Routes the real tokens only: rows that `TokenLayout.packed` adds to round N up
-        (bf16 on CPUs) would take capacity and enter the load statistics and auxiliary
-        losses. Their output rows are zeros (they are dropped before attention and at the
-        end)."""
-        real = len(x) if layout.tokens is None else layout.tokens
-        tokens = x[:real]
-        y = self.moe(tokens, None if hooks is None else hooks.router_logits(layer, tokens))
-        return y if real == len(x) else torch.cat([y, y.new_zeros(len(x) - real, y.shape[1])])
 
 
 # ---------------------------------------------------------------- task routers
@@ -307,19 +284,15 @@ def upcycle(encoder: BertModel, config: MoEConfig, task_names: Sequence[str]
                          f"{bert_config.num_hidden_layers} layers: no layer would get experts")
     routing = ROUTINGS[config.routing]
     for index in layers:
-        dense = encoder.layers[index]
+        layer = encoder.layers[index]
         moe = MixtureOfExperts(
-            bert_config, index, experts=config.experts, top_k=config.top_k,
+            bert_config, experts=config.experts, top_k=config.top_k,
             capacity_factor=config.capacity_factor, token_gate=routing.token_gate,
             noisy=config.noisy_gating, balance_weight=config.balance_weight,
             z_weight=config.z_weight)
         for expert in moe.experts:
-            expert.intermediate.load_state_dict(dense.intermediate.state_dict())
-            expert.output.load_state_dict(dense.output.state_dict())
-        layer = MoELayer(bert_config, moe)
-        layer.attention, layer.attention_norm = dense.attention, dense.attention_norm
-        layer.output_norm = dense.output_norm
-        encoder.layers[index] = layer
+            expert.load_state_dict(layer.feed_forward.state_dict())
+        layer.feed_forward = moe
     if routing.task_router is None:
         return None
     return routing.task_router(bert_config, list(task_names), layers, config)
@@ -329,24 +302,6 @@ def experts_of(module: nn.Module) -> list[MixtureOfExperts]:
     return [m for m in module.modules() if isinstance(m, MixtureOfExperts)]
 
 
-def auxiliary_losses(layers: Sequence[MixtureOfExperts]) -> dict[str, Tensor]:
-    """The weighted auxiliary terms of the layers' last pass, summed over the layers."""
-    return {"moe_balance": sum(m.balance_weight * m.record.balance for m in layers),
-            "moe_z": sum(m.z_weight * m.record.z for m in layers)}
-
-
-def routing_statistics(layers: Sequence[MixtureOfExperts]) -> dict[str, float]:
-    """`moe_load.LAYER.EXPERT` (share of assignments) and `moe_dropped.LAYER` of the last
-    pass, as plain numbers (one transfer for all of them)."""
-    values = torch.cat([torch.cat([m.record.load, m.record.dropped[None]]) for m in layers])
-    values = iter(values.tolist())
-    stats = {}
-    for m in layers:
-        stats.update({f"moe_load.{m.layer}.{e}": next(values) for e in range(len(m.experts))})
-        stats[f"moe_dropped.{m.layer}"] = next(values)
-    return stats
-
-
 def extract_task_encoder(encoder: BertModel, router: TaskConditioning, task: str) -> BertModel:
     """A dense `BertModel` that computes what the Task-MoE `encoder` computes for `task`
     at inference: each MoE layer's FFN is the expert the task's logits choose (top-1 only:
@@ -354,22 +309,20 @@ def extract_task_encoder(encoder: BertModel, router: TaskConditioning, task: str
     if not isinstance(router, TaskRouterLogits):
         raise ValueError("only task-routed experts (model.moe.routing: task) extract to a "
                          "dense encoder; token routing depends on each token")
-    dense = BertModel(encoder.config)
-    state = {}
+    state = encoder.state_dict()
     for index, layer in enumerate(encoder.layers):
-        if not isinstance(layer, MoELayer):
+        moe = layer.feed_forward
+        if not isinstance(moe, MixtureOfExperts):
             continue
-        if layer.moe.top_k != 1:
-            raise ValueError(f"top_k is {layer.moe.top_k}: a task's path is a mix of "
+        if moe.top_k != 1:
+            raise ValueError(f"top_k is {moe.top_k}: a task's path is a mix of "
                              "experts, not one dense FFN; extraction needs top_k 1")
         logits = router.router_logits(task, index, None)
         choice = int(top_k_gates(logits[None], 1)[1])
-        expert = layer.moe.experts[choice]
-        for part in ("intermediate", "output"):
-            for name, tensor in getattr(expert, part).state_dict().items():
-                state[f"layers.{index}.{part}.{name}"] = tensor
-    for name, tensor in encoder.state_dict().items():
-        if ".moe." not in name:
-            state[name] = tensor
+        block = f"layers.{index}.feed_forward."
+        chosen = f"{block}experts.{choice}."
+        state = {block + k.removeprefix(chosen) if k.startswith(chosen) else k: v
+                 for k, v in state.items() if k.startswith(chosen) or not k.startswith(block)}
+    dense = BertModel(encoder.config)
     dense.load_state_dict(state)
     return dense.train(encoder.training)

@@ -7,18 +7,18 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from mtbert.auxiliary import SideOutputs
 from mtbert.config import TaskConfig
 from mtbert.data.batching import Batch
 from mtbert.model.bert import BertModel, ChainedHooks, EncoderHooks
 from mtbert.model.heads import HeadOutput, build_head, pool
-from mtbert.model.moe import auxiliary_losses, experts_of, routing_statistics
 
 
 class MultitaskModel(nn.Module):
     """Batches are single-task: `forward(task, batch)` runs the encoder with that task's
-    conditioning and routing (if any) and that task's head. With mixture-of-experts layers
-    in the encoder, a training pass's output carries their auxiliary losses and routing
-    statistics."""
+    conditioning and routing (if any) and that task's head. A training pass's output
+    carries the auxiliary terms and statistics the encoder's layers returned (mixture of
+    experts: balance and z-losses, expert load)."""
 
     def __init__(self, encoder: BertModel, tasks: Sequence[TaskConfig],
                  conditioning: nn.Module | None = None, routing: nn.Module | None = None):
@@ -29,16 +29,17 @@ class MultitaskModel(nn.Module):
         self.tasks = {task.name: task for task in tasks}
         self.heads = nn.ModuleDict(
             {task.name: build_head(task, encoder.config.hidden_size) for task in tasks})
-        self._experts = experts_of(encoder)  # a plain list: the encoder registers them
 
     def forward(self, task: str, batch: Batch, extra_hooks: EncoderHooks | None = None
                 ) -> HeadOutput:
         """`extra_hooks` run after the task's own (a regulariser's input perturbation)."""
-        output = self.heads[task](self.sentence_vectors(task, batch, extra_hooks=extra_hooks),
-                                  batch.pair_index)
-        if self._experts and self.training:
-            output.auxiliary = auxiliary_losses(self._experts)
-            output.statistics = routing_statistics(self._experts)
+        side = SideOutputs() if self.training else None
+        output = self.heads[task](
+            self.sentence_vectors(task, batch, extra_hooks=extra_hooks, side=side),
+            batch.pair_index)
+        if side is not None:
+            output.auxiliary = side.auxiliary
+            output.statistics = side.logged_statistics()
         return output
 
     def hooks(self, task: str, extra: EncoderHooks | None = None) -> EncoderHooks | None:
@@ -49,15 +50,17 @@ class MultitaskModel(nn.Module):
         return ChainedHooks(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     def sentence_vectors(self, task: str | None, batch: Batch, pooling: str = "mean",
-                         extra_hooks: EncoderHooks | None = None) -> Tensor:
+                         extra_hooks: EncoderHooks | None = None,
+                         side: SideOutputs | None = None) -> Tensor:
         """(R, H) pooled vectors of the batch's rows, as `task`'s head sees them (its
-        conditioning and pooling); `task=None`: the plain encoder with `pooling`."""
+        conditioning and pooling, then `extra_hooks`); `task=None`: the plain encoder with
+        `pooling`. `side` collects the pass's auxiliary terms and statistics."""
         hooks = extra_hooks
         if task is not None:
             hooks = self.hooks(task, extra_hooks)
             pooling = self.tasks[task].head.pooling
         hidden, pooled = self.encoder(batch.input_ids, batch.attention_mask,
-                                      batch.token_type_ids, hooks)
+                                      batch.token_type_ids, hooks, side)
         return pool(hidden, pooled, batch.attention_mask, pooling)
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from mtbert.auxiliary import AuxiliaryTerm
 from mtbert.registry import Registry
 from mtbert.regularizers.base import Regularizer
 from mtbert.regularizers.smart import BregmanProximal, SmoothnessRegularizer
@@ -31,15 +32,16 @@ REGULARIZERS = Registry("regularizer", {
 
 
 class Regularizers:
-    """The run's regularisers: each task's weighted terms, by the regularisers' names."""
+    """The run's regularisers: each task's terms with their weights, by the regularisers'
+    names."""
 
     def __init__(self, configs: list[RegularizerConfig], model: nn.Module):
         self.parts = [(c.name, c.weight, REGULARIZERS[c.name](model, **c.options))
                       for c in configs]
 
     def __call__(self, model: nn.Module, task: TaskConfig, batch: Batch,
-                 output: HeadOutput) -> dict[str, Tensor]:
-        return {name: weight * regularizer(model, task, batch, output)
+                 output: HeadOutput) -> dict[str, AuxiliaryTerm]:
+        return {name: AuxiliaryTerm(regularizer(model, task, batch, output), weight)
                 for name, weight, regularizer in self.parts}
 
     def after_optimizer_step(self, model: nn.Module) -> None:

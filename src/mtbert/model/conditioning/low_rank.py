@@ -72,11 +72,13 @@ class LowRankAdapters(TaskConditioning):
 
 @torch.no_grad()
 def fold(encoder: BertModel, adapters: LowRankAdapters, task: str) -> BertModel:
-    """A plain encoder with `task`'s adapters folded in (W + delta_weight): its forward
-    without hooks equals `encoder` with `adapters.hooks(task)`, to float rounding."""
+    """An encoder without adapters, `task`'s folded in (W + delta_weight): its forward
+    without hooks equals `encoder` with `adapters.hooks(task)`, to float rounding. In a
+    mixture-of-experts layer the update is every expert's (the hook adapts each of them)."""
     folded = copy.deepcopy(encoder)
     for index, layer in enumerate(folded.layers):
         for name in adapters.shapes:
-            linear = layer.get_submodule(PROJECTIONS[name])
-            linear.weight += adapters.delta_weight(task, index, name).to(linear.weight.dtype)
+            delta = adapters.delta_weight(task, index, name)
+            for linear in layer.linear_maps(name):  # each expert's, in a mixture of experts
+                linear.weight += delta.to(linear.weight.dtype)
     return folded
