@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mtbert
-from mtbert.auxiliary import AuxiliaryTerm, AuxiliaryLoss
+from mtbert.auxiliary import AuxiliaryLoss, AuxiliaryTerm
 from mtbert.balancing.pcgrad import PCGrad, project_conflicting
 from mtbert.losses.task import TaskLoss
 from mtbert.model.heads import HeadOutput

@@ -7,10 +7,11 @@ the trainer adds `weight * value` of every auxiliary term after them. PCGrad add
 gradient to its projected sum without projecting it (docs/architecture.md says which terms
 each technique sees).
 
-Two places make them: the model's forward pass (layers add to the pass's `SideOutputs`, which
-the pass returns: nothing is kept on a module) and a task's `AuxiliaryLoss`s (`losses/`,
-registered in `losses.AUXILIARY_LOSSES`), which read the head's output. This module imports
-nothing of mtbert.
+Three places make them: the model's forward pass (layers add to the pass's `SideOutputs`,
+which the pass returns: nothing is kept on a module), a task's auxiliary losses (`losses/`,
+`AuxiliaryLoss` subclasses registered in `losses.AUXILIARY_LOSSES`), which read the head's
+output, and the regularisers of `train.regularizers` (`regularizers/`: SMART), which run
+forward passes of their own. This module imports nothing of mtbert.
 """
 
 from __future__ import annotations
