@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_check = data_commands.add_parser(
         "check", help="read every task file as training would; list malformed rows")
     data_check.add_argument("folder", type=Path)
-    data_check.add_argument("--tasks", nargs="+", help="presets to check (default: all)")
+    data_check.add_argument("--tasks", nargs="+",
+                            help="presets to check (default: the ones `data download` fetches)")
 
     ablate = commands.add_parser(
         "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",

@@ -25,7 +25,7 @@ from pathlib import Path
 from mtbert.checkpoint import claim_output, file_sha256
 from mtbert.config import TaskConfig
 from mtbert.data.readers import DataError, read_examples
-from mtbert.data.tasks import SPLITS, split_file
+from mtbert.data.tasks import SPLITS, reading_options, split_file
 from mtbert.presets import PRESETS
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,13 @@ class FileCheck:
 
 
 def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCheck]:
-    """Read every file of the preset `tasks` (default: all) in `folder` as training would
-    (columns by name, labels checked) and compare it with the standard file's sha256 in
-    `FILES`; malformed rows and files other than the standard ones are listed, not fatal."""
+    """Read every file of the preset `tasks` (default: those whose files `download` fetches) in
+    `folder` as training would (columns by name, labels checked) and compare it with the
+    standard file's sha256 in `FILES`; malformed rows and files other than the standard ones
+    are listed, not fatal."""
     folder = Path(folder)
     results = []
-    for preset in tasks or PRESETS:
+    for preset in tasks or DOWNLOADED_PRESETS:
         if preset not in PRESETS:
             raise DataError(f"unknown task {preset!r}; known: {', '.join(PRESETS)}")
         task = _preset_task(preset)
@@ -186,6 +187,12 @@ def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCh
             if path is not None:
                 results.append(_check_file(task, split, path))
     return results
+
+
+def _downloaded(preset: str) -> bool:
+    task = _preset_task(preset)
+    names = [split_file(task, split, ".") for split in SPLITS]
+    return all(name is None or name.name in FILES for name in names)
 
 
 def _preset_task(preset: str) -> TaskConfig:
@@ -197,14 +204,9 @@ def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:
     if not path.is_file():
         result.problem = f"{path}: missing"
         return result
-    labelled = split != "test"
     try:
         with _quiet_reader():
-            report = read_examples(
-                path, task.text_columns, task.label_column if labelled else None,
-                id_column=task.id_column,
-                num_classes=task.num_classes if task.kind == "classification" else None,
-                label_range=tuple(task.label_range) if task.kind == "regression" else None)
+            report = read_examples(path, **reading_options(task, split))
     except DataError as error:
         result.problem = str(error)
         return result
@@ -225,3 +227,6 @@ def _quiet_reader() -> Iterator[None]:
         yield
     finally:
         reader_log.setLevel(level)
+
+
+DOWNLOADED_PRESETS = [preset for preset in PRESETS if _downloaded(preset)]  # CS224N's tasks
