@@ -79,6 +79,7 @@ def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, tiny_backbone,
                       checkpoint_every=2)
     train_and_evaluate(new, run_dir, splits=("dev",), overwrite=True)
     assert steps_on_disk(run_dir) == [2]
+    assert not (run_dir / ".replaced-run").exists()  # dropped once the new run is complete
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [2]
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
@@ -187,3 +188,24 @@ def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
         with pytest.raises(RunFolderError, match="in use"):
             with RunLock(tmp_path / "run"):
                 pass
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tmp_path, tiny_backbone,
+                                                                   tiny_data, monkeypatch):
+    """Issue 35: `train --overwrite` removed the old run when the new one started, so a new
+    run that failed left neither."""
+    run_dir = tmp_path / "run"
+    train_and_evaluate(tiny_config(tiny_backbone, tiny_data, max_steps=2), run_dir,
+                       splits=("dev",))
+    old_weights = (run_dir / "best" / "model.safetensors").read_bytes()
+
+    def crash(self):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(Trainer, "fit", crash)
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        train_and_evaluate(tiny_config(tiny_backbone, tiny_data, "train.lr=1e-3", max_steps=2),
+                           run_dir, splits=("dev",), overwrite=True)
+    kept = run_dir / ".replaced-run"
+    assert (kept / "best" / "model.safetensors").read_bytes() == old_weights
+    assert (kept / "config.yaml").is_file() and (kept / "metrics.jsonl").is_file()

@@ -30,6 +30,7 @@ from torch import Tensor
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+REPLACED_RUN = ".replaced-run"  # `train --overwrite`: the old run, until the new one completes
 # What a run writes into its folder; a folder holding any of these holds a run.
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "best", "checkpoints", "predictions",
              "report.html", "plots", "result.json", "error.txt", "tensorboard", "best-tasks")
@@ -253,6 +254,24 @@ def clear_run(run_dir: Path, everything: bool = False) -> None:
     names = [p.name for p in run_dir.iterdir()] if everything else holds_run(run_dir)
     for path in (run_dir / name for name in names if name != LOCK_FILE):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def set_run_aside(run_dir: Path) -> Path:
+    """Move the run in `run_dir` into `run_dir/.replaced-run` (replacing one an earlier
+    `--overwrite` left there) so that a new run starts in an empty folder while the old one
+    stays on disk; `drop_replaced_run` removes it once the new run is complete."""
+    recover_interrupted_writes(run_dir)
+    aside = run_dir / REPLACED_RUN
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for name in holds_run(run_dir):
+        (run_dir / name).rename(aside / name)
+    return aside
+
+
+def drop_replaced_run(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / REPLACED_RUN, ignore_errors=True)
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:

@@ -31,13 +31,14 @@ from mtbert.checkpoint import (
     RunFolderError,
     RunLock,
     claim_output,
-    clear_run,
+    drop_replaced_run,
     holds_run,
     load_json,
     load_tensors,
     recover_interrupted_writes,
     save_json,
     save_tensors,
+    set_run_aside,
     verify_checkpoint,
     write_checkpoint,
 )
@@ -678,7 +679,8 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
     `run_dir/predictions`.
 
     The run folder is locked for the whole call (`RunLock`). A new run refuses a folder that
-    is not empty, unless `overwrite` (which clears a run it holds first), and always one that
+    is not empty, unless `overwrite` (which sets a run it holds aside, in `.replaced-run`,
+    until the new run is complete), and always one that
     is or holds what the config reads (`checkpoint.claim_output`).
     Under DDP every rank trains; rank 0 alone holds the lock, scores the best model and
     writes the predictions (the other ranks return an empty table and their model).
@@ -698,6 +700,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, resume: bo
         model, tokenizer, config = load_model(run_dir)
         table = evaluate_splits(model, tokenizer, config, splits, run_dir / "predictions",
                                 limit=limit)
+        drop_replaced_run(run_dir)
     return table, seconds, model
 
 
@@ -716,5 +719,6 @@ def _claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, config: Experi
                 f"{run_dir} holds another run ({', '.join(found)}); continue it with "
                 f"--resume {run_dir}, replace it with --overwrite, or choose another "
                 "--run-dir")
-        log.info("--overwrite: removing the run in %s", run_dir)
-        clear_run(run_dir)
+        aside = set_run_aside(run_dir)
+        log.info("--overwrite: the run in %s is kept in %s until the new run completes",
+                 run_dir, aside)
