@@ -14,7 +14,7 @@ import pytest
 from mtbert.data import cache
 from mtbert.data.batching import TaskStream, collate, encode_split
 from mtbert.data.cache import cached_split, entry_key
-from mtbert.data.readers import DataError, read_examples
+from mtbert.data.readers import DataError, read_examples, stream_examples
 from mtbert.tokenizer import Tokenizer
 
 from conftest import WORDS
@@ -50,9 +50,9 @@ def builds(monkeypatch) -> list[Path]:
 
     def reading(path, **options):
         read.append(Path(path))
-        return read_examples(path, **options)
+        return stream_examples(path, **options)
 
-    monkeypatch.setattr(cache, "read_examples", reading)
+    monkeypatch.setattr(cache, "stream_examples", reading)
     return read
 
 
@@ -110,7 +110,7 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
     data = write_pairs(tmp_path / "pairs.csv")
     root = tmp_path / "cache"
     monkeypatch.setattr(cache, "CHUNK_ROWS", 4)
-    encode, calls = tokenizer.encode, []
+    encode, calls = tokenizer.encode_flat, []
 
     def killed_midway(texts):
         calls.append(len(texts))
@@ -118,7 +118,7 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
             raise KeyboardInterrupt
         return encode(texts)
 
-    monkeypatch.setattr(tokenizer, "encode", killed_midway)
+    monkeypatch.setattr(tokenizer, "encode_flat", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         cached_split(data, OPTIONS, tokenizer, True, root)
     assert not [p for p in root.iterdir() if p.is_dir()]
@@ -126,7 +126,7 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
     key = f"pairs-{entry_key(data, OPTIONS, tokenizer, True)}"
     (root / f".{key}.x1y2").mkdir()
     (root / f".{key}.x1y2" / "tokens.arrow").write_bytes(b"ARROW1")
-    monkeypatch.setattr(tokenizer, "encode", encode)
+    monkeypatch.setattr(tokenizer, "encode_flat", encode)
     split = cached_split(data, OPTIONS, tokenizer, True, root)
     assert [p.name for p in root.iterdir() if p.is_dir()] == [key]
     expected = encode_split(read_examples(data, **OPTIONS).examples, tokenizer, True)
