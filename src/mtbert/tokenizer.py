@@ -81,8 +81,10 @@ class Tokenizer:
         `encode`'s path."""
         texts = list(texts)
         by_words = self._word_backend is not None
-        fast = [i for i, text in enumerate(texts) if by_words and isinstance(text, str)
-                and not any(token in text for token in self._added)]
+        fast = [i for i, text in enumerate(texts) if by_words and isinstance(text, str)]
+        together = "\0".join(texts[i] for i in fast)  # one search where no text holds one
+        if any(token in together for token in self._added):
+            fast = [i for i in fast if not any(token in texts[i] for token in self._added)]
         other = sorted(set(range(len(texts))).difference(fast)) if fast else range(len(texts))
         parts = []
         if fast:
