@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+from tokenizers import normalizers
 
 from mtbert import tokenizer as tokenizer_module
 from mtbert.tokenizer import Tokenizer
@@ -86,6 +87,18 @@ def test_encode_flat_is_encode_laid_flat(tmp_path, backbone_dir, data_dir, sourc
     assert flat_types.tolist() == list(itertools.chain.from_iterable(types))
     assert (flat_ids.dtype, flat_types.dtype) == (np.int32, np.int8)
     assert ours.truncated == reference.truncated > 0
+
+
+def test_encode_flat_of_another_tokenizer_is_encode(backbone_dir):
+    """A pipeline that is not BERT's (here a normalizer that also strips) is encoded whole."""
+    tokenizer = Tokenizer.from_folder(backbone_dir, max_length=24)
+    tokenizer.backend.normalizer = normalizers.Sequence([normalizers.Lowercase(),
+                                                         normalizers.Replace("a", "")])
+    ids, types = tokenizer.encode(TRICKY)
+    flat_ids, flat_types, lengths = tokenizer.encode_flat(TRICKY)
+    assert tokenizer._word_backend is None
+    assert flat_ids.tolist() == list(itertools.chain.from_iterable(ids))
+    assert lengths.tolist() == [len(row) for row in ids]
 
 
 def test_short_pairs_truncate_longest_first(backbone_dir):

@@ -80,11 +80,12 @@ class Tokenizer:
         sentences holding an added token's text, and tokenizers that are not BERT's take
         `encode`'s path."""
         texts = list(texts)
-        by_words = self._word_backend is not None
-        fast = [i for i, text in enumerate(texts) if by_words and isinstance(text, str)]
-        together = "\0".join(texts[i] for i in fast)  # one search where no text holds one
-        if any(token in together for token in self._added):
-            fast = [i for i in fast if not any(token in texts[i] for token in self._added)]
+        fast = []
+        if self._word_backend is not None:
+            fast = [i for i, text in enumerate(texts) if isinstance(text, str)]
+            together = "\0".join(texts[i] for i in fast)  # one search where no text holds one
+            if any(token in together for token in self._added):
+                fast = [i for i in fast if not any(token in texts[i] for token in self._added)]
         other = sorted(set(range(len(texts))).difference(fast)) if fast else range(len(texts))
         parts = []
         if fast:

@@ -17,10 +17,10 @@ An entry is a folder `ROOT/<file stem>-<key>/`, written by `checkpoint.write_che
 - `summary.json`: what reading found (rows, skipped rows), reported again by every run.
 
 The key hashes everything an entry depends on: the file's bytes, the reading options, the
-reader's source, the tokenizer (its whole JSON: vocabulary, normalizer, template and the
-truncation at the max length) and the layout. One process builds an entry while the others
-wait on a file lock; an entry that does not open whole (killed before its rename, truncated,
-altered in size) is removed and built again.
+reader's and the tokenizer's source, the tokenizer (its whole JSON: vocabulary, normalizer,
+template and the truncation at the max length) and the layout. One process builds an entry
+while the others wait on a file lock; an entry that does not open whole (killed before its
+rename, truncated, altered in size) is removed and built again.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import tokenizers
 import torch
 from tqdm.auto import tqdm
 
+from mtbert import tokenizer as tokenizer_code
 from mtbert.checkpoint import MANIFEST, write_checkpoint
 from mtbert.data import readers
 from mtbert.data.batching import EncodedSplit, TokenRows, joint_text, sentence_table
@@ -85,6 +86,7 @@ def cached_split(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool,
 def entry_key(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool) -> str:
     inputs = {"format": FORMAT, "file": _file_digest(path), "options": options,
               "reader": hashlib.sha256(Path(readers.__file__).read_bytes()).hexdigest(),
+              "encoder": hashlib.sha256(Path(tokenizer_code.__file__).read_bytes()).hexdigest(),
               "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
               "tokenizers": tokenizers.__version__, "max_length": tokenizer.max_length,
               "siamese": siamese}
