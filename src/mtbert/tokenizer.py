@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 Text = str | tuple[str, str]
-WORDS_KEPT = 1 << 18  # distinct words whose ids `encode_flat` remembers (~200 B each)
+WORDS_KEPT = 1 << 18  # distinct words whose ids `encode_flat` remembers (~150 B each)
 
 
 class Tokenizer:
@@ -123,7 +123,7 @@ class Tokenizer:
                 or any(token.normalized for token in added)):
             return None
         self._added = [token.content for token in added]  # matched in the raw text
-        self._word_ids: dict[str, list[int]] = {}
+        self._word_ids: dict[str, bytes] = {}  # a word's ids, as int32
         words = RustTokenizer.from_str(self.backend.to_str())
         words.post_processor = None
         words.no_truncation()
@@ -140,11 +140,11 @@ class Tokenizer:
             known.clear()
             new = list(dict.fromkeys(words))
         encodings = self._word_backend.encode_batch_fast(new, add_special_tokens=False)
-        known.update(zip(new, (e.ids for e in encodings)))
+        known.update(zip(new, (np.array(e.ids, np.int32).tobytes() for e in encodings)))
         word_ids = list(map(known.__getitem__, words))
-        word_lengths = np.fromiter(map(len, word_ids), np.int64, len(word_ids))
+        word_lengths = np.fromiter(map(len, word_ids), np.int64, len(word_ids)) // 4
         content = np.add.reduceat(word_lengths, np.cumsum(counts) - counts)
-        flat = _flat(word_ids, np.int32, word_lengths)
+        flat = np.frombuffer(b"".join(word_ids), np.int32)
         kept = np.minimum(content, self.max_length - 2)
         if (kept < content).any():
             self.truncated += int((kept < content).sum())
