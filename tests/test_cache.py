@@ -117,11 +117,11 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
     monkeypatch.setattr(cache, "CHUNK_ROWS", 4)
     encode, calls = tokenizer.encode_flat, []
 
-    def killed_midway(texts):
+    def killed_midway(texts, known_words):
         calls.append(len(texts))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return encode(texts)
+        return encode(texts, known_words)
 
     monkeypatch.setattr(tokenizer, "encode_flat", killed_midway)
     with pytest.raises(KeyboardInterrupt):
@@ -213,9 +213,9 @@ def test_a_cold_build_holds_a_few_chunks_not_the_file(tmp_path, tokenizer, monke
             read[0] += 1
             yield example
 
-    def encoding(texts):
+    def encoding(texts, known_words):
         ahead.append(read[0] - 50 * len(ahead))
-        return encode(texts)
+        return encode(texts, known_words)
 
     encode = tokenizer.encode_flat
     monkeypatch.setattr(cache, "stream_examples", reading)

@@ -79,8 +79,10 @@ def test_encode_flat_is_encode_laid_flat(tmp_path, backbone_dir, data_dir, sourc
     ids, types = reference.encode(texts)
     monkeypatch.setattr(tokenizer_module, "WORDS_KEPT", 2000)
     ours = Tokenizer.from_folder(folder, max_length=24)
-    flat_ids, flat_types, lengths = (np.concatenate(parts) for parts in zip(
-        *(ours.encode_flat(texts[start:start + 100]) for start in range(0, len(texts), 100))))
+    known_words = {}
+    flat_ids, flat_types, lengths = (np.concatenate(parts) for parts in zip(*(
+        ours.encode_flat(texts[start:start + 100], known_words)
+        for start in range(0, len(texts), 100))))
     assert ours._word_backend is not None  # the word-by-word path ran
     assert lengths.tolist() == [len(row) for row in ids]
     assert flat_ids.tolist() == list(itertools.chain.from_iterable(ids))

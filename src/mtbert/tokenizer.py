@@ -68,7 +68,8 @@ class Tokenizer:
         self.truncated += sum(1 for e in encodings if e.overflowing)
         return [e.ids for e in encodings], [e.type_ids for e in encodings]
 
-    def encode_flat(self, texts: Sequence[Text]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Sequence[Text], known_words: dict[str, bytes] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What `encode` gives, laid end to end: token ids (int32), token type ids (int8) and
         each text's length, without a Python list per text.
 
@@ -76,9 +77,10 @@ class Tokenizer:
         all). BERT's normalizer and pre-tokenizer act on each character and split at spaces,
         and WordPiece acts on each word, so a sentence's ids are those of its space-separated
         words laid end to end, then truncated and framed by [CLS] ... [SEP] as `encode`
-        does: the pipeline runs once per distinct word (up to WORDS_KEPT remembered). Pairs,
-        sentences holding an added token's text, and tokenizers that are not BERT's take
-        `encode`'s path."""
+        does: the pipeline runs once per distinct word. Words already encoded are looked up
+        in `known_words`, which keeps the new ones (up to WORDS_KEPT, then it starts over):
+        give the same dict to the calls of one pass over a file. Pairs, sentences holding an
+        added token's text, and tokenizers that are not BERT's take `encode`'s path."""
         texts = list(texts)
         fast = []
         if self._word_backend is not None:
@@ -89,7 +91,8 @@ class Tokenizer:
         other = sorted(set(range(len(texts))).difference(fast)) if fast else range(len(texts))
         parts = []
         if fast:
-            parts.append((fast, *self._encode_by_words([texts[i] for i in fast])))
+            parts.append((fast, *self._encode_by_words([texts[i] for i in fast],
+                                                       {} if known_words is None else known_words)))
         if other:
             encodings = self.backend.encode_batch_fast([texts[i] for i in other])
             self.truncated += sum(1 for e in encodings if e.overflowing)
@@ -123,18 +126,17 @@ class Tokenizer:
                 or any(token.normalized for token in added)):
             return None
         self._added = [token.content for token in added]  # matched in the raw text
-        self._word_ids: dict[str, bytes] = {}  # a word's ids, as int32
         words = RustTokenizer.from_str(self.backend.to_str())
         words.post_processor = None
         words.no_truncation()
         return words
 
-    def _encode_by_words(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray,
-                                                                np.ndarray]:
+    def _encode_by_words(self, sentences: list[str], known: dict[str, bytes],
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`encode_flat` of sentences; `known` maps words to their ids as int32 bytes."""
         words = [sentence.split(" ") for sentence in sentences]
         counts = np.fromiter(map(len, words), np.int64, len(words))
         words = list(itertools.chain.from_iterable(words))
-        known = self._word_ids
         new = list(dict.fromkeys(word for word in words if word not in known))
         if len(known) + len(new) > WORDS_KEPT:
             known.clear()

@@ -221,6 +221,7 @@ def _write_entry(folder: Path, path: Path, options: dict, tokenizer: Tokenizer,
     fields += [("a", pa.int64()), ("b", pa.int64())] if siamese else []
     schema = pa.schema(fields)
     table: dict[bytes, int] = {}
+    known_words: dict[str, bytes] = {}  # `encode_flat`'s, for this build
     rows = token_rows = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(_without_cycle_collection())
@@ -240,7 +241,7 @@ def _write_entry(folder: Path, path: Path, options: dict, tokenizer: Tokenizer,
                 texts = [joint_text(e) for e in chunk]
             example_file.write_batch(pa.record_batch(columns, schema=schema))
             token_rows += _write_tokens(token_file, pending)
-            pending = tokenizing.submit(tokenizer.encode_flat, texts)
+            pending = tokenizing.submit(tokenizer.encode_flat, texts, known_words)
             rows += len(chunk)
             bar.update(len(chunk))
         token_rows += _write_tokens(token_file, pending)
