@@ -14,7 +14,7 @@ import pytest
 from mtbert.data import cache
 from mtbert.data.batching import TaskStream, collate, encode_split
 from mtbert.data.cache import cached_split, entry_key
-from mtbert.data.readers import DataError, read_examples
+from mtbert.data.readers import DataError, read_examples, stream_examples
 from mtbert.tokenizer import Tokenizer
 
 from conftest import WORDS
@@ -50,9 +50,9 @@ def builds(monkeypatch) -> list[Path]:
 
     def reading(path, **options):
         read.append(Path(path))
-        return read_examples(path, **options)
+        return stream_examples(path, **options)
 
-    monkeypatch.setattr(cache, "read_examples", reading)
+    monkeypatch.setattr(cache, "stream_examples", reading)
     return read
 
 
@@ -70,7 +70,12 @@ def assert_same_split(cached, expected, pad_id: int) -> None:
 
 
 @pytest.mark.parametrize("siamese", [True, False])
-def test_a_file_is_tokenized_once_and_mapped_after(tmp_path, tokenizer, builds, siamese):
+@pytest.mark.parametrize("chunk_rows", [7, cache.CHUNK_ROWS])
+def test_a_file_is_tokenized_once_and_mapped_after(tmp_path, tokenizer, builds, siamese,
+                                                   chunk_rows, monkeypatch):
+    """Also when the build streams the file in several chunks: siamese sentences are numbered
+    across chunks as `encode_split` numbers them."""
+    monkeypatch.setattr(cache, "CHUNK_ROWS", chunk_rows)
     data = write_pairs(tmp_path / "pairs.csv")
     expected = encode_split(read_examples(data, **OPTIONS).examples, tokenizer, siamese)
     first = cached_split(data, OPTIONS, tokenizer, siamese, tmp_path / "cache")
@@ -110,15 +115,15 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
     data = write_pairs(tmp_path / "pairs.csv")
     root = tmp_path / "cache"
     monkeypatch.setattr(cache, "CHUNK_ROWS", 4)
-    encode, calls = tokenizer.encode, []
+    encode, calls = tokenizer.encode_flat, []
 
-    def killed_midway(texts):
+    def killed_midway(texts, known_words):
         calls.append(len(texts))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return encode(texts)
+        return encode(texts, known_words)
 
-    monkeypatch.setattr(tokenizer, "encode", killed_midway)
+    monkeypatch.setattr(tokenizer, "encode_flat", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         cached_split(data, OPTIONS, tokenizer, True, root)
     assert not [p for p in root.iterdir() if p.is_dir()]
@@ -126,7 +131,7 @@ def test_an_interrupted_build_leaves_nothing_that_is_used(tmp_path, tokenizer, b
     key = f"pairs-{entry_key(data, OPTIONS, tokenizer, True)}"
     (root / f".{key}.x1y2").mkdir()
     (root / f".{key}.x1y2" / "tokens.arrow").write_bytes(b"ARROW1")
-    monkeypatch.setattr(tokenizer, "encode", encode)
+    monkeypatch.setattr(tokenizer, "encode_flat", encode)
     split = cached_split(data, OPTIONS, tokenizer, True, root)
     assert [p.name for p in root.iterdir() if p.is_dir()] == [key]
     expected = encode_split(read_examples(data, **OPTIONS).examples, tokenizer, True)
@@ -154,7 +159,12 @@ def test_a_damaged_entry_is_built_again(tmp_path, tokenizer, builds, caplog, dam
     assert_same_split(split, expected, tokenizer.pad_id)
 
 
-def test_malformed_rows_are_reported_cold_and_warm(tmp_path, tokenizer, caplog):
+@pytest.mark.parametrize("chunk_rows", [4, cache.CHUNK_ROWS])
+def test_malformed_rows_are_reported_cold_and_warm(tmp_path, tokenizer, caplog, chunk_rows,
+                                                   monkeypatch):
+    """The reader's checks hold in a streamed build: the share limit, checked once the last
+    chunk is read, still fails the build and writes nothing."""
+    monkeypatch.setattr(cache, "CHUNK_ROWS", chunk_rows)
     data = write_pairs(tmp_path / "pairs.csv")
     for start in ("cold", "warm"):
         caplog.clear()
@@ -171,6 +181,47 @@ def test_malformed_rows_are_reported_cold_and_warm(tmp_path, tokenizer, caplog):
         cached_split(data, too_many, tokenizer, True, tmp_path / "cache")
     entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(entries) == 1  # failed reads write nothing
+
+
+def test_a_build_lists_its_first_skipped_rows_and_counts_the_rest(tmp_path, tokenizer, caplog):
+    data = tmp_path / "sentences.csv"
+    rows = ["id,sentence,label"] + [f"r{i},{WORDS[i % 20]} film,{i % 2}" if i % 3 else f"r{i},,1"
+                                    for i in range(90)]
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    options = dict(text_columns=["sentence"], label_column="label", num_classes=2)
+    cached_split(data, options, tokenizer, False, tmp_path / "cache")
+    entry = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    summary = json.loads((entry / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["skipped"], len(summary["skipped_rows"])) == (30, cache.SKIPS_KEPT)
+    assert summary["skipped_rows"][0] == [2, "empty 'sentence'"]
+    with caplog.at_level(logging.INFO):
+        split = cached_split(data, options, tokenizer, False, tmp_path / "cache")
+    assert f"{data}:59: skipped row: empty 'sentence'" in caplog.text  # the 20th
+    assert "10 more malformed rows skipped, not logged individually" in caplog.text
+    assert len(split) == 60
+
+
+def test_a_cold_build_holds_a_few_chunks_not_the_file(tmp_path, tokenizer, monkeypatch):
+    """The build tokenizes and writes each chunk as it is read: the reader is never more than
+    two chunks ahead of the tokenizer (reading the whole file first held all its rows)."""
+    monkeypatch.setattr(cache, "CHUNK_ROWS", 50)
+    data = write_pairs(tmp_path / "pairs.csv", rows=500)
+    read, ahead = [0], []
+
+    def reading(path, **options):
+        for example in stream_examples(path, **options):
+            read[0] += 1
+            yield example
+
+    def encoding(texts, known_words):
+        ahead.append(read[0] - 50 * len(ahead))
+        return encode(texts, known_words)
+
+    encode = tokenizer.encode_flat
+    monkeypatch.setattr(cache, "stream_examples", reading)
+    monkeypatch.setattr(tokenizer, "encode_flat", encoding)
+    assert len(cached_split(data, OPTIONS, tokenizer, False, tmp_path / "cache")) == 499
+    assert len(ahead) == 10 and max(ahead) <= 2 * 50, ahead
 
 
 READ_ROWS = """

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtbert.data.readers import DataError, Example, ReadReport, read_examples
+from mtbert.data.readers import DataError, Example, ReadReport, read_examples, stream_examples
 
 SINGLE = ["sentence"]
 PAIR = ["sentence1", "sentence2"]
@@ -271,6 +271,24 @@ def test_too_many_malformed_rows_is_an_error(tmp_path):
     assert len(read_sentiment(path, max_skipped_share=0.2).skipped) == 3
     with pytest.raises(DataError, match=r"bad.tsv: 3 of 20 rows are malformed .*line 2"):
         read_sentiment(path, max_skipped_share=0.1)
+
+
+def test_a_stream_checks_the_share_after_its_last_row_and_lists_a_bounded_few(tmp_path):
+    """A stream holds no list of its rows: it yields every example before the share limit can
+    be judged, and a report with `listed` keeps that many skipped rows, counting the rest."""
+    rows = SENTIMENT_HEADER + "".join(f"{i}\t{i}\ttext\t{'x' if i % 2 else 1}\n"
+                                      for i in range(20))
+    path = write(tmp_path, "half.tsv", rows)
+    report = ReadReport(path, [], [], listed=3)
+    stream = stream_examples(path, SINGLE, "sentiment", num_classes=5, report=report,
+                             max_skipped_share=0.4)
+    examples = [next(stream) for _ in range(10)]  # all of them, as they come
+    assert [e.id for e in examples] == [str(i) for i in range(0, 20, 2)]
+    with pytest.raises(DataError, match=r"half.tsv: 10 of 20 rows are malformed .*line 3"):
+        next(stream)
+    reason = "'sentiment' value 'x' is not a number"
+    assert report.skipped == [(3, reason), (5, reason), (7, reason)]
+    assert report.skipped_count == 10
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])

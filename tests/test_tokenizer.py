@@ -3,8 +3,11 @@
 import csv
 import itertools
 
+import numpy as np
 import pytest
+from tokenizers import normalizers
 
+from mtbert import tokenizer as tokenizer_module
 from mtbert.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -46,6 +49,58 @@ def test_ids_match_bert_tokenizer_fast(tmp_path, backbone_dir, data_dir, source)
     assert ids == expected["input_ids"]
     assert types == expected["token_type_ids"]
     assert len(singles) + len(pairs) >= 1000
+
+
+# What word-by-word tokenizing could get wrong: spaces, tabs and other whitespace, accents
+# (combined or combining, also after a space), Chinese characters, control characters, case
+# beyond ASCII, added tokens' text, words too long for WordPiece, truncation.
+TRICKY = ["Hello  World", "tab\tand\nnewline", "caf\u00e9 na\u0131ve", "e \u0301accent",
+          "\u4e2d\u6587 mixed\u5b57", "ctrl\x07char\x1fhere", "nbsp\u00a0space\u2003em",
+          "[SEP] in text", "a[MASK]b", "[sep] lowercased", "x" * 150, "don't stop-now!!",
+          "\u01c5ungla \u0130stanbul \u03a3\u0391\u03a3", " leading", "trailing ",
+          "\U0001f600 emoji", "word " * 80, "\ufffdreplacement"]
+
+
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
+def test_encode_flat_is_encode_laid_flat(tmp_path, backbone_dir, data_dir, source,
+                                         monkeypatch):
+    """`encode_flat`, which tokenizes sentences word by word, gives `encode`'s ids, types and
+    truncation count, also once its remembered words are forgotten (WORDS_KEPT)."""
+    folder = backbone_dir
+    if source == "vocab.txt":
+        for name in ("vocab.txt", "tokenizer_config.json"):
+            (tmp_path / name).write_bytes((backbone_dir / name).read_bytes())
+        folder = tmp_path
+    singles = [r[0] for r in read_column_rows(data_dir / "ids-sst-train.csv", ["sentence"], 400)]
+    pairs = read_column_rows(data_dir / "quora-train.csv", ["sentence1", "sentence2"], 50)
+    texts = TRICKY + [t.upper() for t in TRICKY] + singles
+    texts[5::10] = pairs[:len(texts[5::10])]
+    reference = Tokenizer.from_folder(folder, max_length=24)
+    ids, types = reference.encode(texts)
+    monkeypatch.setattr(tokenizer_module, "WORDS_KEPT", 2000)
+    ours = Tokenizer.from_folder(folder, max_length=24)
+    known_words = {}
+    flat_ids, flat_types, lengths = (np.concatenate(parts) for parts in zip(*(
+        ours.encode_flat(texts[start:start + 100], known_words)
+        for start in range(0, len(texts), 100))))
+    assert ours._word_backend is not None  # the word-by-word path ran
+    assert lengths.tolist() == [len(row) for row in ids]
+    assert flat_ids.tolist() == list(itertools.chain.from_iterable(ids))
+    assert flat_types.tolist() == list(itertools.chain.from_iterable(types))
+    assert (flat_ids.dtype, flat_types.dtype) == (np.int32, np.int8)
+    assert ours.truncated == reference.truncated > 0
+
+
+def test_encode_flat_of_another_tokenizer_is_encode(backbone_dir):
+    """A pipeline that is not BERT's (here a normalizer that also strips) is encoded whole."""
+    tokenizer = Tokenizer.from_folder(backbone_dir, max_length=24)
+    tokenizer.backend.normalizer = normalizers.Sequence([normalizers.Lowercase(),
+                                                         normalizers.Replace("a", "")])
+    ids, types = tokenizer.encode(TRICKY)
+    flat_ids, flat_types, lengths = tokenizer.encode_flat(TRICKY)
+    assert tokenizer._word_backend is None
+    assert flat_ids.tolist() == list(itertools.chain.from_iterable(ids))
+    assert lengths.tolist() == [len(row) for row in ids]
 
 
 def test_short_pairs_truncate_longest_first(backbone_dir):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,9 +148,8 @@ def encode_split(examples: Sequence[Example], tokenizer: Tokenizer,
     if not siamese:
         texts = [joint_text(e) for e in examples]
         return EncodedSplit(ids, labels, TokenRows.from_lists(*tokenizer.encode(texts)), None)
-    table: dict[str, int] = {}
-    pair_index = sentence_table(examples, table)
-    return EncodedSplit(ids, labels, TokenRows.from_lists(*tokenizer.encode(list(table))),
+    pair_index, sentences = sentence_table(examples, {})
+    return EncodedSplit(ids, labels, TokenRows.from_lists(*tokenizer.encode(sentences)),
                         pair_index)
 
 
@@ -159,11 +158,21 @@ def joint_text(example: Example) -> Text:
     return example.texts[0] if len(example.texts) == 1 else example.texts
 
 
-def sentence_table(examples: Sequence[Example], table: dict[str, int]) -> np.ndarray:
-    """Number each pair's sentences in `table` (new ones in order of first use); returns the
-    (N, 2) numbers of the examples' sentences."""
-    return np.array([[table.setdefault(t, len(table)) for t in e.texts] for e in examples],
-                    dtype=np.int64).reshape(len(examples), 2)
+def sentence_table(examples: Sequence[Example], table: dict[Hashable, int],
+                   key: Callable[[str], Hashable] = str) -> tuple[np.ndarray, list[str]]:
+    """Number each pair's sentences in `table` (new ones in order of first use), which maps
+    `key(sentence)` to its number; returns the (N, 2) numbers of the examples' sentences and
+    the sentences new to the table, in that order."""
+    new, numbers = [], []
+    for example in examples:
+        for text in example.texts:
+            name = key(text)
+            number = table.get(name)
+            if number is None:
+                number = table[name] = len(table)
+                new.append(text)
+            numbers.append(number)
+    return np.array(numbers, dtype=np.int64).reshape(len(examples), 2), new
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 Reading and tokenizing a large file was most of a run's start-up and, held as Python lists,
 most of its memory. As in Hugging Face `datasets` (Lhoest et al., 2021: an Arrow table
-memory-mapped from disk, cached by fingerprint), the reader's output is tokenized once, in
-chunks (`encode_batch` runs on every core), into Arrow IPC files that every later run, seed,
-resume and process maps instead: the pages of the rows a process reads are all the memory
-the tokens cost it.
+memory-mapped from disk, cached by fingerprint), the reader's output is tokenized once into
+Arrow IPC files that every later run, seed, resume and process maps instead: the pages of the
+rows a process reads are all the memory the tokens cost it. A build streams: it reads a chunk
+of rows, appends it to the files and tokenizes it (`Tokenizer.encode_flat`, on a thread while
+the next chunk is read), so its memory is that of a few chunks, whatever the file's size.
 
 An entry is a folder `ROOT/<file stem>-<key>/`, written by `checkpoint.write_checkpoint`
 (a temporary folder, fsynced, `manifest.json` last, renamed into place):
@@ -16,22 +17,25 @@ An entry is a folder `ROOT/<file stem>-<key>/`, written by `checkpoint.write_che
 - `summary.json`: what reading found (rows, skipped rows), reported again by every run.
 
 The key hashes everything an entry depends on: the file's bytes, the reading options, the
-reader's source, the tokenizer (its whole JSON: vocabulary, normalizer, template and the
-truncation at the max length) and the layout. One process builds an entry while the others
-wait on a file lock; an entry that does not open whole (killed before its rename, truncated,
-altered in size) is removed and built again.
+reader's and the tokenizer's source, the tokenizer (its whole JSON: vocabulary, normalizer,
+template and the truncation at the max length) and the layout. One process builds an entry
+while the others wait on a file lock; an entry that does not open whole (killed before its
+rename, truncated, altered in size) is removed and built again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +44,11 @@ import tokenizers
 import torch
 from tqdm.auto import tqdm
 
+from mtbert import tokenizer as tokenizer_code
 from mtbert.checkpoint import MANIFEST, write_checkpoint
 from mtbert.data import readers
 from mtbert.data.batching import EncodedSplit, TokenRows, joint_text, sentence_table
-from mtbert.data.readers import Example, ReadReport, read_examples
+from mtbert.data.readers import ReadReport, stream_examples
 from mtbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ FORMAT = 1  # the entries' layout; a change gives every entry a new key
 CHUNK_ROWS = 16384  # rows per tokenizer call and per Arrow record batch
 SKIPS_KEPT = 20  # skipped rows a summary lists (and a warm start logs) one by one
 _FILES = ("examples.arrow", "tokens.arrow", "summary.json")
+TOKENS = pa.schema([("ids", pa.list_(pa.int32())), ("types", pa.list_(pa.int8()))])
 
 
 def cache_root(configured: str | None = None) -> Path:
@@ -65,7 +71,7 @@ def cache_root(configured: str | None = None) -> Path:
 
 def cached_split(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool,
                  root: Path) -> EncodedSplit:
-    """What `read_examples(path, **options)` reads, tokenized (siamese: a table of distinct
+    """What `stream_examples(path, **options)` reads, tokenized (siamese: a table of distinct
     sentences), mapped from its cache entry under `root`, which is built first if missing or
     damaged. A cold build runs the reader (its checks, logs and errors); a warm start logs
     the summary the reader gave."""
@@ -80,6 +86,7 @@ def cached_split(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool,
 def entry_key(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool) -> str:
     inputs = {"format": FORMAT, "file": _file_digest(path), "options": options,
               "reader": hashlib.sha256(Path(readers.__file__).read_bytes()).hexdigest(),
+              "encoder": hashlib.sha256(Path(tokenizer_code.__file__).read_bytes()).hexdigest(),
               "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
               "tokenizers": tokenizers.__version__, "max_length": tokenizer.max_length,
               "siamese": siamese}
@@ -191,53 +198,92 @@ class ArrowStrings(Sequence[str]):
 
 def _build(entry: Path, path: Path, options: dict, tokenizer: Tokenizer,
            siamese: bool) -> EncodedSplit:
-    report = read_examples(path, **options)  # every check of the reader runs here
     for stale in entry.parent.glob(f".{entry.name}.*"):  # builds killed before their rename
         shutil.rmtree(stale, ignore_errors=True)
-    write_checkpoint(entry, lambda folder: _write_entry(folder, report, tokenizer, siamese))
+    write_checkpoint(entry, lambda folder: _write_entry(folder, path, options, tokenizer,
+                                                        siamese))
     split = open_entry(entry, path, report=False)
     if split is None:
         raise OSError(f"{entry}: the token cache entry just written does not open")
     return split
 
 
-def _write_entry(folder: Path, report: ReadReport, tokenizer: Tokenizer,
+def _write_entry(folder: Path, path: Path, options: dict, tokenizer: Tokenizer,
                  siamese: bool) -> None:
-    texts = _write_examples(folder / "examples.arrow", report.examples, siamese)
-    with tqdm(total=len(texts), unit="rows", desc=f"tokenize {report.path.name}") as bar:
-        schema = pa.schema([("ids", pa.list_(pa.int32())), ("types", pa.list_(pa.int8()))])
-        with pa.OSFile(str(folder / "tokens.arrow"), "wb") as sink, \
-                pa.ipc.new_file(sink, schema) as writer:
-            for start in range(0, len(texts), CHUNK_ROWS):
-                rows = TokenRows.from_lists(*tokenizer.encode(texts[start:start + CHUNK_ROWS]))
-                offsets = pa.array(np.append(rows.starts, rows.lengths.sum()).astype(np.int32))
-                writer.write_batch(pa.record_batch(
-                    [pa.ListArray.from_arrays(offsets, rows.ids[0]),
-                     pa.ListArray.from_arrays(offsets, rows.types[0])], schema=schema))
-                bar.update(len(rows))
-    summary = {"path": str(report.path), "rows": len(report.examples),
-               "token_rows": len(texts), "skipped": len(report.skipped),
-               "skipped_rows": report.skipped[:SKIPS_KEPT]}
+    """Stream the reader's examples (every check of the reader runs here; its errors end the
+    build) in chunks of CHUNK_ROWS into the entry's files, each chunk tokenized on a thread
+    while the next is read: memory holds a few chunks, never the file. A siamese build
+    numbers sentences across chunks by `sentence_key`."""
+    report = ReadReport(path, [], [], listed=SKIPS_KEPT)
+    examples = stream_examples(path, report=report, **options)
+    fields = [("id", pa.string())]
+    fields += [("label", pa.float32())] if options.get("label_column") is not None else []
+    fields += [("a", pa.int64()), ("b", pa.int64())] if siamese else []
+    schema = pa.schema(fields)
+    table: dict[bytes, int] = {}
+    known_words: dict[str, bytes] = {}  # `encode_flat`'s, for this build
+    rows = token_rows = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_without_cycle_collection())
+        example_file = stack.enter_context(_arrow_file(folder / "examples.arrow", schema))
+        token_file = stack.enter_context(_arrow_file(folder / "tokens.arrow", TOKENS))
+        tokenizing = stack.enter_context(ThreadPoolExecutor(1))
+        bar = stack.enter_context(tqdm(unit="rows", desc=f"tokenize {path.name}"))
+        pending = None
+        for chunk in iter(lambda: list(itertools.islice(examples, CHUNK_ROWS)), []):
+            columns = [pa.array([e.id for e in chunk], pa.string())]
+            if "label" in schema.names:
+                columns.append(pa.array(np.array([e.label for e in chunk], np.float32)))
+            if siamese:
+                pairs, texts = sentence_table(chunk, table, sentence_key)
+                columns += [pa.array(pairs[:, 0]), pa.array(pairs[:, 1])]
+            else:
+                texts = [joint_text(e) for e in chunk]
+            example_file.write_batch(pa.record_batch(columns, schema=schema))
+            token_rows += _write_tokens(token_file, pending)
+            pending = tokenizing.submit(tokenizer.encode_flat, texts, known_words)
+            rows += len(chunk)
+            bar.update(len(chunk))
+        token_rows += _write_tokens(token_file, pending)
+    summary = {"path": str(path), "rows": rows, "token_rows": token_rows,
+               "skipped": report.skipped_count, "skipped_rows": report.skipped}
     (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
 
 
-def _write_examples(file: Path, examples: list[Example], siamese: bool) -> list:
-    """Write ids, labels and (siamese) sentence numbers; returns the texts to tokenize: one
-    per example, or the distinct sentences in order of first use."""
-    fields = [("id", pa.string())]
-    labelled = bool(examples) and examples[0].label is not None
-    fields += [("label", pa.float32())] if labelled else []
-    fields += [("a", pa.int64()), ("b", pa.int64())] if siamese else []
-    schema = pa.schema(fields)
-    table: dict[str, int] = {}
+@contextlib.contextmanager
+def _without_cycle_collection() -> Iterator[None]:
+    """A build allocates millions of objects without reference cycles (rows, words, their
+    ids); the cyclic garbage collector would traverse the live ones again and again: half
+    of a build's time, and it holds the interpreter lock the tokenizing thread needs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def sentence_key(text: str) -> bytes:
+    """What a siamese build's table of distinct sentences keys a sentence by: its 16-byte
+    BLAKE2b digest (the table costs ~130 B a distinct sentence, whatever its length; two
+    sentences sharing a digest is a 2^-128 event)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@contextlib.contextmanager
+def _arrow_file(file: Path, schema: pa.Schema) -> Iterator[pa.ipc.RecordBatchFileWriter]:
     with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for start in range(0, len(examples), CHUNK_ROWS):
-            chunk = examples[start:start + CHUNK_ROWS]
-            columns = [pa.array([e.id for e in chunk], pa.string())]
-            if labelled:
-                columns.append(pa.array(np.array([e.label for e in chunk], np.float32)))
-            if siamese:
-                pairs = sentence_table(chunk, table)
-                columns += [pa.array(pairs[:, 0]), pa.array(pairs[:, 1])]
-            writer.write_batch(pa.record_batch(columns, schema=schema))
-    return list(table) if siamese else [joint_text(e) for e in examples]
+        yield writer
+
+
+def _write_tokens(writer: pa.ipc.RecordBatchFileWriter, encoding: Future | None) -> int:
+    """Append a chunk's `Tokenizer.encode_flat` output, when there is one; its rows."""
+    if encoding is None:
+        return 0
+    ids, types, lengths = encoding.result()
+    offsets = pa.array(np.append(0, np.cumsum(lengths)).astype(np.int32))
+    writer.write_batch(pa.record_batch([pa.ListArray.from_arrays(offsets, ids),
+                                        pa.ListArray.from_arrays(offsets, types)],
+                                       schema=TOKENS))
+    return len(lengths)

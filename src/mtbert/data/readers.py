@@ -50,11 +50,16 @@ class Example:
 
 @dataclass
 class ReadReport:
-    """What reading a file produced: the examples and the (line, reason) of skipped rows."""
+    """What reading a file produced: the examples and the (line, reason) of skipped rows.
+
+    `listed` bounds the skipped rows kept in `skipped` (None: all of them), so a stream over
+    a large file holds a constant amount; `skipped_count` counts them all."""
 
     path: Path
     examples: list[Example]
     skipped: list[tuple[int, str]]
+    listed: int | None = None
+    skipped_count: int = 0
 
 
 class _MalformedRow(Exception):
@@ -107,7 +112,16 @@ class _Schema:
                 raise _InvalidLabel(f"label {label:g} is outside [{low:g}, {high:g}]")
 
 
-def read_examples(
+def read_examples(path: str | Path, text_columns: Sequence[str], label_column: str | None,
+                  **options: Any) -> ReadReport:
+    """The examples of a file, in a list, as `stream_examples(path, ...)` reads them."""
+    report = ReadReport(path=Path(path), examples=[], skipped=[])
+    report.examples.extend(stream_examples(path, text_columns, label_column, report=report,
+                                           **options))
+    return report
+
+
+def stream_examples(
     path: str | Path,
     text_columns: Sequence[str],
     label_column: str | None,
@@ -121,8 +135,10 @@ def read_examples(
     quoting: str = "minimal",
     columns: Sequence[str] | None = None,
     label_names: Sequence[str] = (),
-) -> ReadReport:
-    """Read the examples of a TSV, CSV or JSON-lines file, selecting columns by name.
+    report: ReadReport | None = None,
+) -> Iterator[Example]:
+    """Read the examples of a TSV, CSV or JSON-lines file one at a time (memory does not grow
+    with the file), selecting columns by name.
 
     ``label_column=None`` reads an unlabelled file (labels are None). If the file has no
     ``id_column``, ids are the 0-based data row index. ``num_classes`` or
@@ -134,29 +150,34 @@ def read_examples(
     decoded as UTF-8 (a BOM is allowed); NUL bytes are dropped; a file that looks UTF-16 is
     an error. Delimited files hold one record per line (quotes may wrap a field but not run
     past its line). ``max_skipped_share`` makes it an error when more than that share of the
-    data rows is malformed. ``quoting="none"`` reads every quote as text (GLUE's files).
-    ``columns`` names the fields of a file without a header line, in order (its first line
-    is data). A label equal to one of ``label_names`` reads as that name's index.
+    data rows is malformed: checked, like the summary logged, after the last example, so a
+    reader of the stream must reach its end before trusting what it read. ``quoting="none"``
+    reads every quote as text (GLUE's files). ``columns`` names the fields of a file without
+    a header line, in order (its first line is data). A label equal to one of
+    ``label_names`` reads as that name's index. Skipped rows go to ``report`` when given.
     """
     schema = _schema(text_columns, label_column, id_column, num_classes, label_range,
                      label_names=label_names)
     path = Path(path)
-    report = ReadReport(path=path, examples=[], skipped=[])
-    report.examples.extend(_stream(path, schema, file_format, strict, report, quoting, columns))
-    _log_outcome(report)
+    report = report or ReadReport(path=path, examples=[], skipped=[])
+    read = 0
+    for example in _stream(path, schema, file_format, strict, report, quoting, columns):
+        read += 1
+        yield example
+    _log_outcome(report, read)
     if max_skipped_share is not None:
-        check_skipped_share(report, len(report.examples), max_skipped_share)
-    return report
+        check_skipped_share(report, read, max_skipped_share)
 
 
 def check_skipped_share(report: ReadReport, read: int, max_share: float) -> None:
     """Raise DataError when more than `max_share` of the rows (`read` examples plus the
     skipped ones), or all of them, were malformed."""
-    rows = read + len(report.skipped)
-    if report.skipped and (not read or len(report.skipped) > max_share * rows):
+    skipped = report.skipped_count
+    rows = read + skipped
+    if skipped and (not read or skipped > max_share * rows):
         first_line, reason = report.skipped[0]
         share = "all of them" if not read else f"more than {max_share:.0%}"
-        raise DataError(f"{report.path}: {len(report.skipped)} of {rows} rows are malformed "
+        raise DataError(f"{report.path}: {skipped} of {rows} rows are malformed "
                         f"({share}); first at line {first_line}: {reason}")
 
 
@@ -376,7 +397,7 @@ def _examples(
             continue
         count += 1
         yield example
-    if not count and not report.skipped:
+    if not count and not report.skipped_count:
         raise DataError(f"{path}: no data rows")
 
 
@@ -444,21 +465,23 @@ def _as_number(value: object) -> float | None:
 
 
 def _record_skip(report: ReadReport, line: int, reason: str) -> None:
-    report.skipped.append((line, reason))
-    if len(report.skipped) <= _MAX_LOGGED_SKIPS:
+    report.skipped_count += 1
+    if report.listed is None or len(report.skipped) < report.listed:
+        report.skipped.append((line, reason))
+    if report.skipped_count <= _MAX_LOGGED_SKIPS:
         logger.warning("%s:%d: skipped row: %s", report.path, line, reason)
 
 
-def _log_outcome(report: ReadReport) -> None:
-    unlogged = len(report.skipped) - _MAX_LOGGED_SKIPS
+def _log_outcome(report: ReadReport, read: int) -> None:
+    unlogged = report.skipped_count - _MAX_LOGGED_SKIPS
     if unlogged > 0:
         logger.warning(
             "%s: %d more malformed rows skipped, not logged individually", report.path, unlogged
         )
     logger.log(
-        logging.WARNING if report.skipped else logging.INFO,
+        logging.WARNING if report.skipped_count else logging.INFO,
         "%s: read %d examples, skipped %d malformed rows",
         report.path,
-        len(report.examples),
-        len(report.skipped),
+        read,
+        report.skipped_count,
     )
