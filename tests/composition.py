@@ -110,11 +110,14 @@ ACTIONS = [name for name, feature in FEATURES.items() if feature.action]
 TECHNIQUES = [name for name, feature in FEATURES.items() if not feature.action]
 PAIRS = list(combinations(FEATURES, 2))  # techniques first, actions in chain order
 
-BASE = ["tasks.quora.head={type: pair_features, pooling: mean}",
-        "tasks.sts.head={type: cosine, pooling: mean}", "train.batch_size=8",
+SIAMESE = ["tasks.quora.head={type: pair_features, pooling: mean}",
+           "tasks.sts.head={type: cosine, pooling: mean}"]
+BASE = ["train.batch_size=8",
         f"train.max_steps={STEPS}", f"train.checkpoint_every={RESUME_FROM}",
         "train.max_eval_examples=16"]
 TASKS = "[sst, quora, sts]"
+# With the encoder frozen (train --from) a cosine head would leave STS nothing to train.
+ADDED_HEAD = ("tasks.sts.head={type: pair_features, pooling: mean}",)
 OLD_TASK = "[{preset: sst, name: sst_old}]"  # the run a task is added to
 PARTNER_TASK = "[{preset: sst, name: sst_merged}]"  # the run merged with a run of the matrix
 
@@ -148,6 +151,7 @@ class Outcome:
 
 def refusal(error: Exception, *names: str) -> Refused:
     """`error` as a refusal of `names`' pair, after checking it is one line naming both."""
+    assert names, f"not a refusal of a pair: {error}"
     message = str(error)
     assert "\n" not in message, f"a refusal must be one line: {message!r}"
     for name in names:
@@ -163,10 +167,11 @@ class GradientLog:
     """Which trainable parameters and auxiliary terms got a non-zero gradient in a run."""
 
     def __init__(self, trainer):
-        self.params = dict(trainer.model.named_parameters())
-        self.params.update({f"weighting.{n}": p
-                            for n, p in trainer.weighting.named_parameters()})
-        self.params = {n: p for n, p in self.params.items() if p.requires_grad}
+        every = dict(trainer.model.named_parameters())
+        every.update({f"weighting.{n}": p for n, p in trainer.weighting.named_parameters()})
+        self.names = list(every)  # frozen ones too (train --from freezes the encoder)
+        self.params = {n: p for n, p in every.items() if p.requires_grad}
+        self.frozen_encoder = trainer.config.adapt.freeze_encoder
         self.learned: set[str] = set()
         self.terms: dict[str, list[float]] = {}
         trainer.optimizer.register_step_pre_hook(lambda *_: self.learned.update(
@@ -185,6 +190,8 @@ class GradientLog:
 
     def watch(self, terms: dict) -> None:
         for name, term in terms.items():
+            if term.weight == 0:  # logged only, as the config asks (task MoE's balance)
+                continue
             seen = self.terms.setdefault(name, [])
             if not term.value.requires_grad:
                 seen.append(0.0)  # no graph: no gradient can reach it
@@ -197,13 +204,14 @@ class GradientLog:
         assert not idle, f"parameters that never got a gradient: {idle[:6]}"
         for name in features:
             for prefix in FEATURES[name].learns:
-                assert any(n.startswith(prefix) for n in self.params), (
-                    f"{FEATURES[name].label}: no trainable parameter {prefix}*")
-            for term in FEATURES[name].auxiliary:
-                grads = self.terms.get(term)
-                assert grads, f"{FEATURES[name].label}: auxiliary term {term} never computed"
-                assert all(g > 0 for g in grads), (
-                    f"auxiliary term {term} got no gradient from the final loss: {grads}")
+                assert any(n.startswith(prefix) for n in self.names), (
+                    f"{FEATURES[name].label}: no parameter {prefix}*")
+            for term in FEATURES[name].auxiliary:  # (a frozen encoder may leave one out)
+                assert term in self.terms or self.frozen_encoder, (
+                    f"{FEATURES[name].label}: auxiliary term {term} never computed")
+        for term, grads in self.terms.items():
+            assert all(g > 0 for g in grads), (
+                f"auxiliary term {term} got no gradient from the final loss: {grads}")
         return f"{len(self.params)} parameters, {len(self.terms)} auxiliary terms"
 
 
@@ -275,18 +283,23 @@ class Setup:
             encoding="utf-8")
 
     def config(self, techniques: tuple[str, ...], tasks: str = TASKS,
-               overrides: tuple[str, ...] | None = None):
+               overrides: tuple[str, ...] | None = None, head: tuple[str, ...] = ()):
         """The config of a run of `techniques` (their `overrides` unless given); a refusal
         naming them when it is read."""
-        from conftest import tiny_config
         from mtbert.errors import ConfigError
+
+        from conftest import tiny_config
 
         if overrides is None:
             overrides = [o.replace(TEACHER, str(self.teacher))
                          for name in techniques for o in FEATURES[name].overrides]
+        siamese = SIAMESE if "quora" in tasks else []
         try:
-            return tiny_config(self.backbone, self.data, *BASE, *overrides, tasks=tasks)
+            return tiny_config(self.backbone, self.data, *BASE, *siamese, *head, *overrides,
+                               tasks=tasks)
         except ConfigError as error:
+            if not techniques:
+                raise
             raise refusal(error, *techniques) from None
 
     def run(self, techniques: tuple[str, ...] = ()) -> Path:
@@ -310,7 +323,7 @@ class Setup:
             self.runs[key] = folder
         return self.runs[key]
 
-    def added_task_config(self, techniques: tuple[str, ...]):
+    def added_task_config(self, techniques: tuple[str, ...], pair: tuple[str, ...]):
         """`train --from` a run of SST with the techniques' model settings: Quora and STS
         added, training under the techniques' settings."""
         from mtbert.adapting import config_from_run
@@ -319,19 +332,20 @@ class Setup:
 
         model = model_settings(techniques)
         old = self.plain_run(model, OLD_TASK)
-        new = self.config(techniques, tasks="[quora, sts]")
+        new = self.config(techniques, tasks="[quora, sts]", head=ADDED_HEAD)
         try:
             config = config_from_run(old, new)
             check_techniques(config)
         except ConfigError as error:
-            raise refusal(error, "add_task", *techniques) from None
+            raise refusal(error, *pair) from None
         return config
 
 
 # ---------------------------------------------------------------- actions on a run
 
 
-def merge(setup: Setup, run: Path, techniques: tuple[str, ...]) -> Path:
+def merge(setup: Setup, run: Path, techniques: tuple[str, ...], pair: tuple[str, ...]
+          ) -> Path:
     """`mtbert merge` of `run` and a run of another task with the same model settings; the
     merged model must predict every task."""
     from mtbert.errors import ConfigError
@@ -343,12 +357,12 @@ def merge(setup: Setup, run: Path, techniques: tuple[str, ...]) -> Path:
     try:
         merge_runs([run, partner], "average", out, overwrite=True)
     except ConfigError as error:
-        raise refusal(error, "merge", *techniques) from None
+        raise refusal(error, *pair) from None
     predicts_every_task(out)
     return out
 
 
-def export(run: Path, techniques: tuple[str, ...]) -> tuple[Path, str]:
+def export(run: Path, pair: tuple[str, ...]) -> tuple[Path, str]:
     """`mtbert export` to hf and onnx; each format as a whole model, else per task
     (`--task`, where the model has one plain-BERT path per task), else a refusal. The hf
     folder must predict like the run, and the ONNX graphs like PyTorch."""
@@ -373,9 +387,11 @@ def export(run: Path, techniques: tuple[str, ...]) -> tuple[Path, str]:
                 same_predictions(run, out, [task] if task else None)
             break
         else:  # the first error says why the whole model cannot go
-            refused.append(f"{fmt}: {refusal(errors[0], 'export', *techniques)}")
+            refused.append((fmt, str(refusal(errors[0], *pair))))
     if refused:
-        raise Refused("; ".join(refused) + (f" ({', '.join(said)} works)" if said else ""))
+        formats = ", ".join(fmt for fmt, _ in refused)
+        reasons = "; ".join(dict.fromkeys(message for _, message in refused))
+        raise Refused(f"{formats}: {reasons}" + (f" ({', '.join(said)} works)" if said else ""))
     return hf, ", ".join(said)
 
 
@@ -420,25 +436,25 @@ def same_predictions(run: Path, exported: Path, tasks: list[str] | None) -> None
                 assert a.label == b.label or abs(a.label - b.label) < 1e-4, (task, a, b)
 
 
-def act(setup: Setup, action: str, run: Path, techniques: tuple[str, ...]) -> tuple[Path, str]:
+def act(setup: Setup, action: str, run: Path, techniques: tuple[str, ...],
+        pair: tuple[str, ...]) -> tuple[Path, str]:
     """Do `action` on `run` (a run of `techniques`); returns what the next action of a
-    chain acts on, and what was checked."""
+    chain acts on, and what was checked. A refusal must name both features of `pair`."""
     if action == "resume":  # train_checked resumed it: act on the resumed copy
         return run.with_name(run.name + "-resumed"), f"{run.name}: resumed bit-identically"
     if action == "add_task":
         folder = run.with_name(run.name + "-added")
-        checked = train_checked(setup.added_task_config(techniques), folder, list(techniques))
-        return folder, f"Quora and STS added to a run: {checked}"
+        if ("added", folder) not in setup.runs:  # one added run for every chain from `run`
+            setup.runs[("added", folder)] = train_checked(
+                setup.added_task_config(techniques, pair), folder, list(techniques))
+        return folder, f"Quora and STS added to a run: {setup.runs[('added', folder)]}"
     if action == "merge":
-        return merge(setup, run, techniques), "merged with a run of another task; predicts"
+        return merge(setup, run, techniques, pair), "merged with a run of another task; predicts"
     if action == "export":
-        folder, formats = export(run, techniques)
+        folder, formats = export(run, pair)
         return folder, f"exported: {formats}"
     serve(run)
     return run, "served: /health, /v1/predict for every task, /v1/embed"
-
-
-__all__ = ["ACTIONS", "FEATURES", "PAIRS", "TECHNIQUES", "Outcome", "Refused", "Setup"]
 
 
 # ---------------------------------------------------------------- the table

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from composition import Refused, Setup, train_checked
+
 from mtbert import distributed
 from mtbert.config import DistributedConfig
 
@@ -25,7 +26,7 @@ def main(spec_file: str) -> None:
             techniques = (name,) if name else ()
             try:
                 if name == "add_task":
-                    config, techniques = setup.added_task_config(()), ()
+                    config, techniques = setup.added_task_config((), ("processes", "add_task")), ()
                 else:
                     config = setup.config(techniques)
                 results[name] = {"checked": train_checked(

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from composition import (
     DOCS,
     FEATURES,
@@ -75,13 +74,13 @@ def check_pair(setup: Setup, a: str, b: str, request) -> str:
             raise Refused(result["refused"])
         checked = f"2 processes: {result['checked']}"
         if other in ("merge", "export", "serve"):
-            checked += "; " + act(setup, other, setup.work / "ddp-base", ())[1]
+            checked += "; " + act(setup, other, setup.work / "ddp-base", (), (a, b))[1]
         return checked
     if not first.action:
-        return act(setup, b, setup.run((a,)), (a,))[1]
+        return act(setup, b, setup.run((a,)), (a,), (a, b))[1]
     run, said = setup.run(), []
     for action in (a, b):
-        run, checked = act(setup, action, run, ())
+        run, checked = act(setup, action, run, (), (a, b))
         said.append(checked)
     return "; then ".join(said)
 
@@ -105,4 +104,5 @@ def test_docs_show_the_matrix_these_tests_found():
     expected = replace_section(text, table(OUTCOMES))
     if os.environ.get("MTBERT_WRITE_MATRIX"):
         DOCS.write_text(expected, encoding="utf-8")
+        return
     assert text == expected, "docs/architecture.md: run python tests/composition.py"
