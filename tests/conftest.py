@@ -30,6 +30,10 @@ WORDS = ["good", "bad", "great", "awful", "fine", "movie", "film", "plot", "acto
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_tiny_backbone(folder: Path) -> Path:
     """A randomly initialised 2-layer BERT saved the way Hugging Face saves one."""
     import json
 
@@ -39,7 +43,6 @@ def tiny_backbone(tmp_path_factory) -> Path:
     from mtbert.model.bert import BertConfig, BertModel
     from mtbert.model.loading import mtbert_to_hf
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
@@ -59,11 +62,14 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_data(tmp_path_factory.mktemp("tiny-data"))
+
+
+def write_tiny_data(folder: Path) -> Path:
     """Small learnable tasks in the standard file layout, named like the real ones."""
     import random
 
     rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("tiny-data")
     sentiment = {"good": 4, "great": 3, "fine": 2, "bad": 1, "awful": 0}
     nouns = WORDS[5:]
 

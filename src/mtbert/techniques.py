@@ -122,6 +122,9 @@ def check_techniques(config: ExperimentConfig) -> None:
             raise ConfigError(f"model.moe.balance_weight: under {moe.routing!r} routing a "
                               "batch loads only its task's experts, and balancing it would "
                               "only push the task off them; set it to 0")
+    # Parameters of a task inside the encoder: conditioning, or task routing's logits.
+    task_aware_encoder = config.model.conditioning is not None or (
+        moe is not None and ROUTINGS[moe.routing].task_router is not None)
     for i, task in enumerate(config.tasks):
         where = f"tasks[{i}] ({task.name})"
         _check_metrics(where, task)
@@ -135,6 +138,10 @@ def check_techniques(config: ExperimentConfig) -> None:
         if task.mnrl is not None and not head.siamese:
             raise ConfigError(f"{where}.mnrl: needs a siamese head (one that encodes the two "
                               "sentences apart)")
+        if task.mnrl is not None and config.adapt.freeze_encoder and not task_aware_encoder:
+            raise ConfigError(f"{where}.mnrl: trains the sentence embeddings, and with "
+                              "adapt.freeze_encoder (or train --from) no parameter of theirs "
+                              "trains; add model.conditioning (e.g. lora) or drop mnrl")
         if task.weight != 1.0 and not weighting.uses_task_weights:
             raise ConfigError(f"{where}.weight: train.weighting {train.weighting!r} does not "
                               "read task weights (use static)")

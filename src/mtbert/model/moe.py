@@ -149,8 +149,9 @@ class MixtureOfExperts(nn.Module):
         y, counts, kept = self.dispatch(x, experts, weights, capacity, layer, hooks)
         if side is not None:  # what the losses and the logs need; inference skips the work
             assignments = experts.numel()
-            side.add("moe_balance", load_balancing_loss(probs, counts), self.balance_weight)
-            side.add("moe_z", router_z_loss(logits), self.z_weight)
+            if logits.requires_grad:  # a frozen router (train --from): they train nothing
+                side.add("moe_balance", load_balancing_loss(probs, counts), self.balance_weight)
+                side.add("moe_z", router_z_loss(logits), self.z_weight)
             side.statistics[f"moe_load.{layer}"] = counts / assignments
             side.statistics[f"moe_dropped.{layer}"] = 1 - kept.sum() / assignments
         return y

@@ -66,7 +66,11 @@ class MultiTaskLoRA(LowRankAdapters):
         """(A (r, in), Lambda_task (r, r), sum_i weight_i B_i (out, r))."""
         shared, own = self.shared[layer][name], self.tasks[task][layer][name]
         weights = (own.mix / self.temperature).softmax(0)  # (n,)
-        return shared.down, own.transform, torch.einsum("n,nor->or", weights, shared.up)
+        # The mix in fp32 under bf16 autocast too: the B_i part only slowly (Adam moves them
+        # alike), and in bf16 their difference, hence the w_task's gradient, rounds to zero.
+        with torch.autocast(shared.up.device.type, enabled=False):
+            up = torch.einsum("n,nor->or", weights, shared.up)
+        return shared.down, own.transform, up
 
     def delta(self, task: str, layer: int, name: str, x: Tensor) -> Tensor:
         down, transform, up = self._parts(task, layer, name)
