@@ -37,9 +37,10 @@ from bench_train import (
 )
 from torch import nn
 
+from mtbert.auxiliary import SideOutputs, total
 from mtbert.config import MoEConfig
 from mtbert.data.batching import collate
-from mtbert.model.moe import auxiliary_losses, experts_of, upcycle
+from mtbert.model.moe import experts_of, upcycle
 from mtbert.optim import AdamW
 
 
@@ -59,10 +60,12 @@ class Contender(MtbertTraining):
 
     def step(self, rows: np.ndarray) -> tuple[int, int]:
         batch = collate(self.split, rows, self.pad_id)
-        _, pooled = self.encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        side = SideOutputs()  # the pass's auxiliary terms (the experts' balance and z-losses)
+        _, pooled = self.encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                 side=side)
         loss = F.cross_entropy(self.head(pooled), batch.labels.long())
-        if self.experts:
-            loss = loss + sum(auxiliary_losses(self.experts).values())
+        if side.auxiliary:
+            loss = loss + total(side.auxiliary.values())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
