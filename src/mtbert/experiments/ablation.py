@@ -61,7 +61,8 @@ from mtbert.config import (
     to_dict,
     validate,
 )
-from mtbert.data.tasks import read_split, subsample
+from mtbert.data.readers import stream_examples
+from mtbert.data.tasks import reading_options, sample_rows, split_file
 from mtbert.experiments.budgets import budget_max_steps, get_budget, match_draws, planned_draws
 from mtbert.merging import METHODS as MERGE_METHODS
 from mtbert.metrics import METRICS
@@ -247,17 +248,20 @@ _SIZES: dict[str, int] = {}  # training examples of a task as subsampled, read o
 
 def train_sizes(config: ExperimentConfig) -> dict[str, int]:
     """Training examples of each task of `config` after its subsampling (what the trainer's
-    sampler is given); each task's files are read once per process."""
+    sampler is given); each task's file is streamed once per process, its rows counted, not
+    held (a task may be larger than memory)."""
     train = config.train
     sizes = {}
     for task in config.tasks:
         key = json.dumps([to_dict(task), config.data_dir, train.train_fraction,
                           train.max_train_examples], sort_keys=True, default=str)
         if key not in _SIZES:
-            examples = read_split(task, "train", config.data_dir, config.strict_data,
-                                  config.max_skipped_share)
-            _SIZES[key] = len(subsample(examples, train.max_train_examples,
-                                        train.train_fraction, train.seed))
+            options = reading_options(task, "train", config.strict_data,
+                                      config.max_skipped_share)
+            rows = sum(1 for _ in stream_examples(split_file(task, "train", config.data_dir),
+                                                  **options))
+            sample = sample_rows(rows, train.max_train_examples, train.train_fraction)
+            _SIZES[key] = rows if sample is None else len(sample)
         sizes[task.name] = _SIZES[key]
     return sizes
 
