@@ -50,6 +50,7 @@ from mtbert.checkpoint import (
     RunLock,
     clear_run,
     holds_run,
+    load_json,
     write_json_atomically,
 )
 from mtbert.config import (
@@ -269,7 +270,7 @@ def train_sizes(config: ExperimentConfig) -> dict[str, int]:
 def made_by_other_code(result_file: Path) -> bool:
     """The run of `result_file` was trained by other code than this process runs (or does
     not say by which): it is stale, to be trained again."""
-    code = json.loads(result_file.read_text(encoding="utf-8")).get("code") or {}
+    code = load_json(result_file).get("code") or {}
     return code.get("source") != code_version()["source"]
 
 
