@@ -2,7 +2,7 @@
 
     python benchmarks/bench_glue_hf.py [--tasks cola mrpc rte stsb] [--seeds 1 2 3]
         [--data-dir ../shared/data/glue] [--backbone all-minilm-l6-v2] [--out DIR]
-        [--max-steps N] [--limit N]
+        [--max-steps N] [--limit N] [--beside ABLATION_OUT]
 
 Per task and seed: `AutoModelForSequenceClassification` on the backbone mtbert fine-tunes
 (all-MiniLM-L6-v2 by default), sentence pairs cross-encoded ([CLS] a [SEP] b [SEP]); STS-B a
@@ -21,11 +21,17 @@ class" scores each classification task's most frequent training label (GLUE's ba
 predict it for WNLI). Each (task, seed) result is kept in OUT/results.json as soon as it is
 known, so an interrupted run resumes; `--max-steps` and `--limit` (examples per split) are for
 smoke tests.
+
+`--beside ABLATION_OUT` (an `mtbert ablate --single-task` output folder, e.g. of
+`configs/glue/small-tasks.yaml`) adds the goal table: per task, the ablation's multitask model
+against its mtbert single-task rows (paired by seed, as the ablation's own table) and against
+these models (independent seeds: Welch's 95% interval), in points, and the GLUE score of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import shlex
 import sys
@@ -36,13 +42,14 @@ import numpy as np
 import torch
 from bench_accuracy import hf_inputs
 from bench_train import markdown_table
+from scipy import stats
 from tqdm.auto import tqdm
 
 from mtbert.checkpoint import load_json, write_json_atomically
 from mtbert.config import TaskConfig
 from mtbert.data.tasks import read_split
 from mtbert.evaluation import overall_score, score_columns, task_scores
-from mtbert.experiments.ablation import display_name, metric_name
+from mtbert.experiments.ablation import Interval, display_name, metric_name, paired_interval
 from mtbert.model.loading import resolve_checkpoint
 from mtbert.presets import PRESETS
 
@@ -153,6 +160,76 @@ def table(results: dict, args, command: str) -> str:
             + markdown_table(header, rows))
 
 
+def welch_interval(a: list[float], b: list[float]) -> Interval:
+    """mean(a) - mean(b) for independent samples (seeds not shared between the two sides) and
+    its 95% Welch t interval (Welch 1947: each side's own variance, Welch-Satterthwaite df)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mean = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return Interval(mean, math.nan, math.nan, min(len(a), len(b)))
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return Interval(mean, mean, mean, min(len(a), len(b)))
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+    return Interval(mean, mean - half, mean + half, min(len(a), len(b)))
+
+
+def ablation_scores(folder: Path) -> tuple[str, dict[str, dict[int, float]],
+                                            dict[str, dict[int, float]]]:
+    """From an `mtbert ablate --single-task` folder: the multitask config's name, its per-seed
+    scores ({task or "overall": {seed_index: score}}) and each task's single-task scores."""
+    summary = list(csv.DictReader((folder / "results.csv").open(encoding="utf-8")))
+    per_seed = list(csv.DictReader((folder / "results-per-seed.csv").open(encoding="utf-8")))
+    baseline = next(row["config"] for row in summary if not row["single_task_of"])
+    alone_of = {row["config"]: row["config"].rsplit("-only-", 1)[1] for row in summary
+                if row["single_task_of"] == baseline}
+    joint: dict[str, dict[int, float]] = {}
+    alone: dict[str, dict[int, float]] = {}
+    for row in per_seed:
+        seed = int(row["seed_index"])
+        if row["config"] == baseline:
+            for key, value in row.items():
+                if value and (key == "overall" or key in alone_of.values()):
+                    joint.setdefault(key, {})[seed] = float(value)
+        elif row["config"] in alone_of:
+            task = alone_of[row["config"]]
+            alone.setdefault(task, {})[seed] = float(row[task])
+    return baseline, joint, alone
+
+
+def beside_table(results: dict, args, folder: Path) -> str:
+    """The goal table: the ablation's one model against mtbert's and these single-task models,
+    per task and on the GLUE score, in points (x100)."""
+    baseline, joint, alone = ablation_scores(folder)
+    tasks = [name for name in alone if name in args.tasks]
+    missing = sorted(set(alone) - set(args.tasks))
+    if missing:
+        sys.exit(f"{folder} trains {', '.join(missing)}, which --tasks leaves out")
+    seeds = sorted(set.intersection(*(set(alone[t]) for t in tasks), set(joint["overall"])))
+    hf = {t: [results[f"{t}/{s}"]["scores"][t] for s in args.seeds] for t in tasks}
+    hf["overall"] = list(np.mean([hf[t] for t in tasks], axis=0))
+    alone["overall"] = {s: float(np.mean([alone[t][s] for t in tasks])) for s in seeds}
+    rows = []
+    for key in [*tasks, "overall"]:
+        ours = [joint[key][s] for s in seeds]
+        versus_alone = paired_interval([joint[key][s] - alone[key][s] for s in seeds])
+        versus_hf = welch_interval(ours, hf[key])
+        reached = versus_alone.mean >= 0 and versus_hf.mean >= 0
+        rows.append([f"GLUE score ({', '.join(display_name(t, {}) for t in tasks)})"
+                     if key == "overall" else display_name(key, {}),
+                     mean_std(ours), mean_std([alone[key][s] for s in seeds]),
+                     mean_std(hf[key]), versus_alone.format(scale=100, digits=2),
+                     versus_hf.format(scale=100, digits=2), "yes" if reached else "no"])
+    header = ["task (x100, mean ± std over seeds)", f"one model ({baseline}, mtbert)",
+              "mtbert alone", "Hugging Face alone (run_glue)",
+              "one model - mtbert alone [95% CI, paired by seed]",
+              "one model - Hugging Face alone [95% Welch CI]", "at or above both (means)"]
+    return (f"One model against each task alone: `{folder}` ({len(seeds)} seeds, its own "
+            "seeds) beside the table above; `tie` marks an interval that holds 0.\n\n"
+            + markdown_table(header, rows))
+
+
 def mean_std(values: list[float]) -> str:
     values = np.asarray(values) * 100
     return (f"{values.mean():.1f}" if len(values) < 2
@@ -174,12 +251,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="stop each model early (smoke tests)")
     parser.add_argument("--limit", type=int, help="first N examples of each split (smoke tests)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--beside", type=Path, metavar="ABLATION_OUT",
+                        help="an `mtbert ablate --single-task` folder of the same tasks: add "
+                             "the goal table (its one model against both single-task sides)")
     args = parser.parse_args()
     command = "python benchmarks/bench_glue_hf.py " + shlex.join(sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {key: str(value) for key, value in vars(args).items()
-                if key not in ("tasks", "seeds", "out", "threads")}
+                if key not in ("tasks", "seeds", "out", "threads", "beside")}
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = load_json(results_path) if results_path.exists() else {"settings": settings}
@@ -193,6 +273,8 @@ def main() -> None:
                 results[f"{name}/{seed}"] = train_task(name, seed, folder, args)
                 write_json_atomically(results_path, results)
     print(table(results, args, command))
+    if args.beside:
+        print("\n" + beside_table(results, args, args.beside))
 
 
 if __name__ == "__main__":

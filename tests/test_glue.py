@@ -274,6 +274,63 @@ def test_bench_glue_hf_smoke(tiny_backbone, glue_dir, tmp_path):
     assert {"cola/1", "cola/2", "wnli/2"} <= results.keys()
     assert results["mrpc/1"]["steps"] == 1
 
+    # --beside: an ablation's one model against its single-task rows (paired by seed) and these
+    # models; the trained results are reused, nothing is trained again.
+    ablation = tmp_path / "ablation"
+    ablation.mkdir()
+    write_rows(ablation / "results.csv", ["config", "single_task_of"], [
+        ["glue", ""], ["glue-only-cola", "glue"], ["glue-only-mrpc", "glue"],
+        ["glue-only-stsb", "glue"]])
+    write_rows(ablation / "results-per-seed.csv",
+               ["config", "seed_index", "cola", "mrpc", "stsb", "overall"], [
+                   ["glue", 0, 0.30, 0.80, 0.86, 0.65], ["glue", 1, 0.34, 0.82, 0.88, 0.68],
+                   ["glue-only-cola", 0, 0.28, "", "", 0.28],
+                   ["glue-only-cola", 1, 0.30, "", "", 0.30],
+                   ["glue-only-mrpc", 0, "", 0.81, "", 0.81],
+                   ["glue-only-mrpc", 1, "", 0.80, "", 0.80],
+                   ["glue-only-stsb", 0, "", "", 0.85, 0.85],
+                   ["glue-only-stsb", 1, "", "", 0.87, 0.87]])
+    done = subprocess.run(
+        [sys.executable, str(script), "--tasks", "cola", "mrpc", "stsb", "wnli", "--seeds",
+         "1", "2", "--max-steps", "1", "--limit", "8", "--max-length", "32",
+         "--backbone", str(tiny_backbone), "--data-dir", str(glue_dir), "--out",
+         str(tmp_path), "--beside", str(ablation)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HF cola" not in done.stderr  # reused
+    goal = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in done.stdout.split("One model against each task alone")[1].splitlines()
+            if r.startswith("| ")}
+    assert goal["CoLA"][:2] == ["32.0 ± 2.8", "29.0 ± 1.4"]
+    # Paired by seed: +2 and +4 points, mean +3, t(0.975, 1) * std / sqrt(2) = 12.706 * 1.
+    assert goal["CoLA"][3] == "+3.00 [-9.71, +15.71] tie"
+    assert goal["MRPC"][3] == "+0.50 [-18.56, +19.56] tie"  # -1 and +2 points
+    hf_cola = [results[f"cola/{seed}"]["scores"]["cola"] * 100 for seed in (1, 2)]
+    assert goal["CoLA"][4].startswith(f"{32 - np.mean(hf_cola):+.2f}")
+    # The GLUE score of the single-task side is the mean of its task scores, seed by seed.
+    assert goal["GLUE score (CoLA, MRPC, STS-B)"][:2] == ["66.5 ± 2.1", "65.2 ± 0.7"]
+
+
+def test_welch_interval_equals_a_hand_computation(monkeypatch):
+    from scipy import stats
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_glue_hf import welch_interval
+
+    # a: mean 0.2, variance 0.01; b: mean 0.3, variance 0.02. Standard error sqrt(0.01 / 3 +
+    # 0.02 / 2) = 0.11547; Welch-Satterthwaite df = 0.013333^2 / (0.003333^2 / 2 + 0.01^2 / 1)
+    # = 1.68421.
+    interval = welch_interval([0.1, 0.2, 0.3], [0.2, 0.4])
+    half = stats.t.ppf(0.975, 1.68421) * 0.115470
+    assert interval.mean == pytest.approx(-0.1)
+    assert (interval.low, interval.high) == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-5)
+    assert interval.tie
+    assert welch_interval([0.5, 0.5], [0.4, 0.4]).format(digits=1) == "+0.1 [+0.1, +0.1]"
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+
 
 def test_report_shows_each_metric_and_the_task_score(glue_run):
     from mtbert.experiments.report import write_report
