@@ -354,3 +354,49 @@ def test_model_card_lists_each_metric_of_a_task():
                      "mrpc": [{"type": "f1", "value": 0.85, "name": "dev f1"},
                               {"type": "accuracy", "value": 0.75, "name": "dev accuracy"}]}
     assert "as they are (the GLUE score)" in card
+
+
+def test_data_check_verifies_the_folders_sha256sums_and_names_glue_files_by_path(
+        glue_dir, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "glue"
+    shutil.copytree(glue_dir, folder)
+    files = ["CoLA/train.tsv", "CoLA/dev.tsv", "RTE/train.tsv", "RTE/dev.tsv"]
+    sums = [f"{hashlib.sha256((folder / f).read_bytes()).hexdigest()}  {f}" for f in files]
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    assert main(["data", "check", str(folder), "--tasks", "cola", "rte", "mrpc"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok    CoLA/train.tsv: {TRAIN_ROWS} rows, 0 malformed; sha256 as in SHA256SUMS" in out
+    assert f"ok    RTE/dev.tsv: {DEV_ROWS} rows, 0 malformed; sha256 as in SHA256SUMS" in out
+    assert f"ok    MRPC/train.tsv: {TRAIN_ROWS} rows, 0 malformed\n" in out  # not listed
+
+    # A row repeated: the file still reads, but it is not the file the folder lists.
+    damaged = folder / "RTE" / "train.tsv"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data + data.splitlines(keepends=True)[-1])
+    assert main(["data", "check", str(folder), "--tasks", "cola", "rte"]) == 2
+    captured = capsys.readouterr()
+    listed = folder / "SHA256SUMS"
+    assert f"ERROR {damaged}: sha256 differs from its sum in {listed}" in captured.out
+    assert "1 of 4 task files are missing or unreadable" in captured.err
+
+    (folder / "SHA256SUMS").write_text(sums[0] + "\nnot a sum line\n")
+    assert main(["data", "check", str(folder), "--tasks", "cola"]) == 2
+    assert f"{folder / 'SHA256SUMS'}:2: not a sha256sum line" in capsys.readouterr().err
+
+
+def test_data_check_verifies_the_shared_glue_folder(data_dir, capsys):
+    glue = data_dir / "glue"
+    if not (glue / "SHA256SUMS").is_file():
+        pytest.skip(f"no GLUE folder with SHA256SUMS at {glue}")
+    assert main(["data", "check", str(glue), "--tasks", "cola", "mrpc", "rte", "stsb",
+                 "wnli"]) == 0
+    out = capsys.readouterr().out
+    for name, folder in (("cola", "CoLA"), ("mrpc", "MRPC"), ("rte", "RTE"), ("stsb", "STS-B"),
+                         ("wnli", "WNLI")):
+        train, dev = OFFICIAL_ROWS[name]
+        assert (f"ok    {folder}/train.tsv: {train} rows, 0 malformed; sha256 as in "
+                "SHA256SUMS") in out
+        assert f"ok    {folder}/dev.tsv: {dev} rows, 0 malformed; sha256 as in SHA256SUMS" in out

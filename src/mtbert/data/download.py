@@ -9,6 +9,9 @@ identifies the subset only: a different `quora-train.csv` is kept, with a warnin
 could not be verified, only if it reads as that task's training file (columns, labels) with
 at least the subset's rows. No file larger than `MAX_FILE_BYTES` is kept. Offline, copy the
 files named in `FILES` into the folder by hand.
+
+`check` also honours a folder's own `SHA256SUMS` (the `sha256sum` format, paths relative to the
+folder, as `../shared/data/glue` ships): a checked file listed there must match its sum.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ FILES: dict[str, DataFile] = {
         "dee455745b72e9ca3ff74e7c056bd73e34bad5b8d5641045a2c1e7e131866f47", 1725),
 }
 OFFLINE_HINT = "offline, copy the task files into the folder by hand (names: `mtbert data check`)"
+SUMS_FILE = "SHA256SUMS"
 MAX_FILE_BYTES = 64 << 20  # the largest task file (the public quora-train.csv) is ~20 MB
 
 
@@ -149,11 +153,12 @@ class FileCheck:
     """One task file of a data folder: rows read, skipped rows, or the problem with it, and
     whether it is the standard file (None: no standard sum is known for its name)."""
 
-    name: str
+    name: str  # the path inside the checked folder
     rows: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
-    problem: str | None = None  # missing or unreadable: the folder is not usable
+    problem: str | None = None  # missing, unreadable or damaged: the folder is not usable
     standard: bool | None = None
+    listed: bool = False  # matches its sum in the folder's SHA256SUMS
 
     def lines(self, folder: Path) -> list[str]:
         if self.problem:
@@ -166,6 +171,8 @@ class FileCheck:
                     "subset of the public file" if expected.subset else
                     f"; not the standard file (its sha256 differs; the standard file has "
                     f"{expected.rows} rows)")
+        if self.listed:
+            note += f"; sha256 as in {SUMS_FILE}"
         lines = [f"{status} {self.name}: {self.rows} rows, {len(self.skipped)} malformed{note}"]
         return lines + [f"      {folder / self.name}:{line}: {reason}"
                         for line, reason in self.skipped]
@@ -175,8 +182,10 @@ def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCh
     """Read every file of the preset `tasks` (default: those whose files `download` fetches) in
     `folder` as training would (columns by name, labels checked) and compare it with the
     standard file's sha256 in `FILES`; malformed rows and files other than the standard ones
-    are listed, not fatal."""
+    are listed, not fatal. A file whose sum differs from the one the folder's own
+    `SHA256SUMS` lists for it is damaged or replaced: a problem."""
     folder = Path(folder)
+    sums = folder_sums(folder)
     results = []
     for preset in tasks or DOWNLOADED_PRESETS:
         if preset not in PRESETS:
@@ -185,8 +194,34 @@ def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCh
         for split in SPLITS:
             path = split_file(task, split, folder)
             if path is not None:
-                results.append(_check_file(task, split, path))
+                result = _check_file(task, split, path, path.relative_to(folder).as_posix())
+                expected = sums.get(result.name)
+                if expected and not result.problem:
+                    result.listed = file_sha256(path) == expected
+                    if not result.listed:
+                        result.problem = (f"{path}: sha256 differs from its sum in "
+                                          f"{folder / SUMS_FILE} (damaged or replaced)")
+                results.append(result)
     return results
+
+
+def folder_sums(folder: Path) -> dict[str, str]:
+    """{path inside `folder`: sha256} from `folder/SHA256SUMS` (`sha256sum`'s output: the
+    hex digest, two spaces or a space and `*`, the path); {} where the folder has none."""
+    path = folder / SUMS_FILE
+    if not path.is_file():
+        return {}
+    sums = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, _, name = line.partition(" ")
+        name = name[1:] if name[:1] in (" ", "*") else ""
+        if len(digest) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digest) \
+                or not name:
+            raise DataError(f"{path}:{number}: not a sha256sum line (digest, two spaces, path)")
+        sums[name] = digest.lower()
+    return sums
 
 
 def _downloaded(preset: str) -> bool:
@@ -199,8 +234,9 @@ def _preset_task(preset: str) -> TaskConfig:
     return TaskConfig(name=preset, **PRESETS[preset])
 
 
-def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:
-    result = FileCheck(path.name)
+def _check_file(task: TaskConfig, split: str, path: Path, name: str | None = None
+                ) -> FileCheck:
+    result = FileCheck(name or path.name)
     if not path.is_file():
         result.problem = f"{path}: missing"
         return result
@@ -212,8 +248,8 @@ def _check_file(task: TaskConfig, split: str, path: Path) -> FileCheck:
         return result
     result.rows = len(report.examples) + len(report.skipped)
     result.skipped = report.skipped
-    if path.name in FILES:
-        result.standard = is_standard(path, FILES[path.name])
+    if result.name in FILES:
+        result.standard = is_standard(path, FILES[result.name])
     return result
 
 
