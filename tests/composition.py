@@ -39,7 +39,10 @@ class Feature:
     `learns`: name prefixes of parameters it adds, each of which must get a gradient;
     `idle`: prefixes of parameters that may get none (an expert no task routes to);
     `auxiliary`: the auxiliary terms it adds, each of which must get a gradient from the
-    final loss; `mentions`: words by which a refusal names it (any one suffices)."""
+    final loss; `leaves`: files (globs in the run folder) it writes at the end of training,
+    which a resumed run must write again byte for byte; `logs`: keys it adds to the last
+    `metrics.jsonl` record; `mentions`: words by which a refusal names it (any one
+    suffices)."""
 
     label: str
     short: str
@@ -48,6 +51,8 @@ class Feature:
     learns: tuple[str, ...] = ()
     auxiliary: tuple[str, ...] = ()
     idle: tuple[str, ...] = ()
+    leaves: tuple[str, ...] = ()
+    logs: tuple[str, ...] = ()
     action: bool = False
 
     def keys(self) -> set[str]:
@@ -98,6 +103,12 @@ FEATURES: dict[str, Feature] = {
                      auxiliary=("smart", "smart_proximal")),
     "ema": Feature("EMA weights", "EMA", ("weight_average", "ema"),
                    ("train.weight_average={method: ema, decay: 0.5}",)),
+    "swa": Feature("SWA weights", "SWA", ("weight_average", "swa"),
+                   ("train.weight_average={method: swa, start: 0.5}",)),
+    "tag": Feature("TAG look-ahead affinity", "TAG", ("affinity", "look-ahead"),
+                   ("train.affinity_every=2",), logs=("affinity",)),
+    "data_maps": Feature("data maps", "DMap", ("data_maps", "data map"),
+                         ("train.data_maps=true",), leaves=("data_maps/*.csv",)),
     # actions, in the order in which they chain
     "processes": Feature("2 processes", "2P", ("process", "world size", "rank"), action=True),
     "resume": Feature("resume", "Res", ("resume", "checkpoint"), action=True),
@@ -178,6 +189,17 @@ class GradientLog:
             n for n, p in self.params.items() if p.grad is not None and bool(p.grad.ne(0).any())))
         trainer.losses = {task: self.watched(loss, 1) for task, loss in trainer.losses.items()}
         trainer.regularizers = RegularizerProxy(trainer.regularizers, self)
+        self.measuring = False  # TAG's look-ahead losses train nothing: not watched
+        measure = trainer._measure_affinity
+
+        def measure_unwatched(*args):
+            self.measuring = True
+            try:
+                return measure(*args)
+            finally:
+                self.measuring = False
+
+        trainer._measure_affinity = measure_unwatched
 
     def watched(self, function: Callable, position: int | None) -> Callable:
         """`function` whose auxiliary terms (`position` of its result; None: the result)
@@ -189,6 +211,8 @@ class GradientLog:
         return call
 
     def watch(self, terms: dict) -> None:
+        if self.measuring:
+            return
         for name, term in terms.items():
             if term.weight == 0:  # logged only, as the config asks (task MoE's balance)
                 continue
@@ -239,15 +263,45 @@ def train_checked(config, run_dir: Path, features: list[str]) -> str:
     log = GradientLog(trainer)
     trainer.fit()
     checked = log.check(features)
+    leaves = [glob for name in features for glob in FEATURES[name].leaves]
+    logs = [key for name in features for key in FEATURES[name].logs]
     copy = run_dir.with_name(run_dir.name + "-resumed")
     last = f"checkpoints/step-{STEPS:08d}"
-    run_on_main(lambda: (shutil.copytree(run_dir, copy), shutil.rmtree(copy / last)))
+
+    def copy_to_resume():
+        shutil.copytree(run_dir, copy)
+        shutil.rmtree(copy / last)
+        for path in (p for glob in leaves for p in copy.glob(glob)):
+            path.unlink()
+
+    run_on_main(copy_to_resume)
     resumed = Trainer(config, copy)
     assert resumed.resume().name == f"step-{RESUME_FROM:08d}"
     resumed.fit()
     if current_world().is_main:
         same_checkpoint(run_dir / last, copy / last)
+        for folder in (run_dir, copy):
+            last_record = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+            assert all(key in last_record for key in logs), (folder, logs, list(last_record))
+        for glob in leaves:
+            written = sorted(p.relative_to(run_dir) for p in run_dir.glob(glob))
+            assert written, f"{glob}: not written"
+            for path in written:
+                same_numbers(run_dir / path, copy / path)
     return f"{checked}; resumed at step {RESUME_FROM} bit-identically"
+
+
+def same_numbers(one: Path, two: Path) -> None:
+    """The same text, numbers equal to 1e-9 relative: under DDP a resumed run adds the
+    ranks' sums in another order."""
+    a, b = (p.read_text(encoding="utf-8").replace(",", " ").split() for p in (one, two))
+    assert len(a) == len(b), f"{two.name}: another length after resuming"
+    for x, y in zip(a, b):
+        try:
+            same = abs(float(x) - float(y)) <= 1e-9 * max(abs(float(x)), 1e-300)
+        except ValueError:
+            same = x == y
+        assert same, f"{two.name} differs after resuming: {x} != {y}"
 
 
 def same_checkpoint(one: Path, two: Path) -> None:
@@ -262,6 +316,8 @@ def same_checkpoint(one: Path, two: Path) -> None:
     a, b = (json.loads((p / "state.json").read_text()) for p in (one, two))
     for key in ("optimizer_steps", "scheduler", "streams", "combiner"):
         assert a[key] == b[key], key
+    for key in ("step", "examples_seen", "affinity", "affinity_steps"):
+        assert a["train_state"][key] == b["train_state"][key], key
 
 
 # ---------------------------------------------------------------- the world of the matrix

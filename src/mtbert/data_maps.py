@@ -7,9 +7,10 @@ epoch), the probability the model gave its gold label in that training forward p
 paper's code records it. Per example: **confidence**, the mean of those probabilities;
 **variability**, their standard deviation (population, as the paper's); **correctness**, the
 share of passes whose argmax was the gold label. Regression tasks have no gold-label
-probability and get no map. The sums live in the resume checkpoints
-(`data_maps.safetensors`); at the end of training `RUN_DIR/data_maps/TASK.csv` holds one row
-per training example drawn at least once (`row` is its position in the run's training split).
+probability and get no map. The sums, over every rank's examples under DDP, live in the
+resume checkpoints (`data_maps.safetensors`); at the end of training
+`RUN_DIR/data_maps/TASK.csv` holds one row per training example drawn at least once (`row`
+is its position in the run's training split).
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def check_techniques(config: ExperimentConfig) -> None:
     if train.affinity_every is not None and (not several or config.adapt.freeze_encoder):
         raise ConfigError("train.affinity_every: the look-ahead affinity steps the shared "
                           "encoder on each task's batch of a step; it needs two or more tasks, "
-                          "train.sampler: round_robin, and an encoder that trains")
+                          "train.sampler: round_robin, and an encoder that trains (train --from "
+                          "and adapt.freeze_encoder freeze it)")
     for key, name, technique in (("train.weighting", train.weighting, weighting),
                                  ("train.combiner", train.combiner, combiner)):
         if config.adapt.freeze_encoder and technique.needs_encoder_gradients:

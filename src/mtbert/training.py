@@ -482,12 +482,19 @@ class Trainer:
             self._keep_task_best(scores)
 
     def _write_data_maps(self) -> None:
-        """`RUN_DIR/data_maps/TASK.csv`; under DDP each rank saw its own examples: summed."""
-        if self.world.active:
-            for value in self.data_maps.state_dict().values():
-                value.copy_(mean_across_ranks(value) * self.world.size)
+        """`RUN_DIR/data_maps/TASK.csv`, of every rank's examples."""
+        self.data_maps.load_state_dict(self._data_maps_of_every_rank())
         if self.world.is_main:
             self.data_maps.write(self.run_dir / DATA_MAPS_FOLDER)
+
+    def _data_maps_of_every_rank(self) -> dict[str, Tensor]:
+        """The data maps' sums over the examples of every rank (under DDP each records its
+        own); a collective, every rank calls it."""
+        state = self.data_maps.state_dict()
+        if self.world.active:
+            state = {key: mean_across_ranks(value) * self.world.size
+                     for key, value in state.items()}
+        return state
 
     def _keep_task_best(self, scores: dict[str, float]) -> None:
         """`best-tasks/TASK/`: the model at the task's own best dev score, which may come at
@@ -520,6 +527,7 @@ class Trainer:
         balancing state, RNG state. Every rank calls it (each sends its RNG state); rank 0
         writes it, and returns the folder (the others None)."""
         rng = gather_objects(rng_states())
+        data_maps = None if self.data_maps is None else self._data_maps_of_every_rank()
         if not self.world.is_main:
             return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -535,8 +543,8 @@ class Trainer:
             save_tensors(tmp / "model.safetensors", self.model.state_dict())
             save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
             save_tensors(tmp / "weighting.safetensors", self.weighting.state_dict())
-            if self.data_maps is not None:
-                save_tensors(tmp / "data_maps.safetensors", self.data_maps.state_dict())
+            if data_maps is not None:
+                save_tensors(tmp / "data_maps.safetensors", data_maps)
             if self.regularizers.parts:
                 save_tensors(tmp / "regularizers.safetensors", self.regularizers.state_dict())
             if self.averaging is not None:
@@ -623,8 +631,10 @@ class Trainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(self.scheduler.last_epoch)
         self.weighting.load_state_dict(load_tensors(folder / "weighting.safetensors"))
-        if self.data_maps is not None:
-            self.data_maps.load_state_dict(load_tensors(folder / "data_maps.safetensors"))
+        if self.data_maps is not None:  # every rank's sums: rank 0 carries them on
+            sums = load_tensors(folder / "data_maps.safetensors")
+            self.data_maps.load_state_dict(sums if self.world.is_main else
+                                           {k: torch.zeros_like(v) for k, v in sums.items()})
         if self.regularizers.parts:
             self.regularizers.load_state_dict(load_tensors(folder / "regularizers.safetensors"))
         if self.averaging is not None:
