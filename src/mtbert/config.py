@@ -39,7 +39,8 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """`value` as an error message quotes it: one line, at most 120 characters."""
     return _one_line(_repr.repr(value), 120)
 
 
@@ -273,13 +274,13 @@ class ExperimentConfig:
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from plain data, checking names and types; errors name the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_short(data)}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{_join(where, unknown[0])}: unknown key; known keys: {sorted(known)}")
-    return cls(**{key: _convert(hints[key], value, _join(where, key))
+    return cls(**{key: convert_value(hints[key], value, _join(where, key))
                   for key, value in data.items()})
 
 
@@ -287,7 +288,9 @@ def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def convert_value(hint: Any, value: Any, where: str) -> Any:
+    """`value` (parsed YAML) as the type `hint` asks (dataclasses, lists, dicts, unions,
+    literals, scalars), or a ConfigError naming `where`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -297,22 +300,22 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _convert(option, value, where)
+                return convert_value(option, value, where)
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {_short(value)}")
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
-        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
+        return [convert_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
-        return {k: _convert(args[1], v, _join(where, k)) for k, v in value.items()}
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
+        return {k: convert_value(args[1], v, _join(where, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -323,7 +326,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
         raise ConfigError(f"{where}: expected {kind.get(hint, hint.__name__)}, got "
-                          f"{_short(value)}")
+                          f"{short_repr(value)}")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value}")
     return value
@@ -503,7 +506,8 @@ def validate(config: ExperimentConfig) -> None:
         if task.label_names is not None and (task.kind != "classification"
                                              or len(task.label_names) != task.num_classes):
             raise ConfigError(f"{where}.label_names: one name per class of a classification "
-                              f"task ({task.num_classes} classes), got {_short(task.label_names)}")
+                              f"task ({task.num_classes} classes), got "
+                              f"{short_repr(task.label_names)}")
         if task.train_file is None:
             raise ConfigError(f"{where}.train_file: missing")
         if task.columns is not None:
@@ -512,10 +516,10 @@ def validate(config: ExperimentConfig) -> None:
             if unnamed:
                 raise ConfigError(f"{where}.columns: names the fields of a file without a "
                                   f"header, and lacks {', '.join(map(repr, unnamed))}; "
-                                  f"columns: {_short(task.columns)}")
+                                  f"columns: {short_repr(task.columns)}")
     for key, value, ok, requirement in _bounds(config):
         if value is not None and not ok(value):
-            raise ConfigError(f"{key}: must be {requirement}, got {_short(value)}")
+            raise ConfigError(f"{key}: must be {requirement}, got {short_repr(value)}")
     finetune = config.adapt.finetune
     if finetune is not None and (config.adapt.from_run is None or names != [finetune]):
         raise ConfigError(f"adapt.finetune: {finetune!r} fine-tunes that task of "
@@ -616,8 +620,8 @@ def config_differences(before: dict, after: dict, ignore: tuple[str, ...] = (),
     starting with one of `ignore`; `common_only` skips keys that only one of them has."""
     old, new = flatten(before), flatten(after)
     keys = old.keys() & new.keys() if common_only else old.keys() | new.keys()
-    return [f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}" for key in sorted(keys)
-            if old.get(key) != new.get(key) and not key.startswith(ignore)]
+    return [f"{key}: {short_repr(old.get(key))} -> {short_repr(new.get(key))}"
+            for key in sorted(keys) if old.get(key) != new.get(key) and not key.startswith(ignore)]
 
 
 def dump_config(config: ExperimentConfig, path: Path) -> None:

@@ -14,7 +14,7 @@ import typing
 from typing import Any
 
 from mtbert.balancing import COMBINERS, WEIGHTINGS
-from mtbert.config import ExperimentConfig, TaskConfig, _convert, _short
+from mtbert.config import ExperimentConfig, TaskConfig, convert_value, short_repr
 from mtbert.data.sampling import SAMPLERS
 from mtbert.errors import ConfigError
 from mtbert.losses import LOSSES, POSITIVE_RULES
@@ -35,7 +35,7 @@ def _registered(key: str, name: str, registry: dict) -> Any:
 def _check_metrics(where: str, task: TaskConfig) -> None:
     if not task.metrics or len(set(task.metrics)) != len(task.metrics):
         raise ConfigError(f"{where}.metric: one metric, or a list of different ones; got "
-                          f"{_short(task.metric)}")
+                          f"{short_repr(task.metric)}")
     metrics = [_registered(f"{where}.metric", name, METRICS) for name in task.metrics]
     for name, metric in zip(task.metrics, metrics):
         if metric.task_kind != task.kind or (metric.binary and task.num_classes != 2):
@@ -60,7 +60,7 @@ def _check_options(key: str, technique: Any, options: dict[str, Any]) -> None:
             raise ConfigError(f"{key}.{name}: {technique.__name__} has no such option; its "
                               f"options: {sorted(known)}")
         if name in hints:
-            options[name] = _convert(hints[name], value, f"{key}.{name}")
+            options[name] = convert_value(hints[name], value, f"{key}.{name}")
     try:
         technique.check(**{**known, **options})
     except ValueError as error:
