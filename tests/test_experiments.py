@@ -556,3 +556,22 @@ def test_a_run_made_by_other_code_is_trained_again(tmp_path, tiny_backbone, tiny
     assert results_of(out, "a")[1]["code"] == code
     with open(out / "results-per-seed.csv") as f:
         assert [row["source"] for row in csv.DictReader(f)] == [code["source"]] * 2
+
+
+def test_no_delta_m_where_a_single_task_score_is_zero():
+    """A model that predicts one class scores MCC 0 alone (CoLA at the small budget): the
+    relative gain over it is undefined, so the row shows no Δm% but each task's gain."""
+    from mtbert.experiments.ablation import Row, compare
+
+    def row(name, tasks, dev, single_task_of=None):
+        return Row(name, 2, {}, 0.0, 0.0, 10, {"total": 1, "task_specific": 1}, "b",
+                   {t: {} for t in tasks}, by_seed={k: dev for k in (0, 1)},
+                   single_task_of=single_task_of)
+
+    joint = row("joint", ("cola", "sst"), {"cola": 0.1, "sst": 0.5, "overall": 0.3})
+    cola = row("joint-only-cola", ("cola",), {"cola": 0.0, "overall": 0.0}, "joint")
+    sst = row("joint-only-sst", ("sst",), {"sst": 0.4, "overall": 0.4}, "joint")
+    compare([joint, cola, sst])
+    assert joint.delta_m is None
+    assert joint.task_gains["cola"].mean == pytest.approx(0.1)
+    assert joint.task_gains["sst"].mean == pytest.approx(0.1)

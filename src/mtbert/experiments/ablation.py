@@ -541,7 +541,9 @@ def paired_interval(differences: Sequence[float]) -> Interval:
 def delta_m(scores: dict[str, float], single: dict[str, float]) -> float:
     """Δm (Maninis et al. 2019; Vandenhende et al. 2021): the mean over tasks of the relative
     gain over each task's single-task score, as a fraction. mtbert's metrics (accuracy,
-    Pearson, Spearman) are all higher-is-better, so no sign is flipped."""
+    Pearson, Spearman) are all higher-is-better, so no sign is flipped. Undefined where a
+    single-task score is 0 (CoLA's MCC when the model predicts one class): `compare` leaves
+    such a row's Δm% out ("–") and shows each task's gain in points."""
     gains = [(scores[t] - single[t]) / abs(single[t]) for t in single]
     return float(np.mean(gains))
 
@@ -603,8 +605,9 @@ def compare(rows: list[Row]) -> None:
         if not tasks or not seeds:
             continue
         reference = {k: {t: single[t].by_seed[k][t] for t in tasks} for k in seeds}
-        row.delta_m = paired_interval(
-            [delta_m({t: row.by_seed[k][t] for t in tasks}, reference[k]) for k in seeds])
+        if all(reference[k][t] != 0 for k in seeds for t in tasks):  # else Δm% is undefined
+            row.delta_m = paired_interval(
+                [delta_m({t: row.by_seed[k][t] for t in tasks}, reference[k]) for k in seeds])
         row.task_gains = {t: paired_interval([row.by_seed[k][t] - reference[k][t]
                                               for k in seeds]) for t in tasks}
 
