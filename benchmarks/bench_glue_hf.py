@@ -23,9 +23,10 @@ known, so an interrupted run resumes; `--max-steps` and `--limit` (examples per 
 smoke tests.
 
 `--beside ABLATION_OUT` (an `mtbert ablate --single-task` output folder, e.g. of
-`configs/glue/small-tasks.yaml`) adds the goal table: per task, the ablation's multitask model
-against its mtbert single-task rows (paired by seed, as the ablation's own table) and against
-these models (independent seeds: Welch's 95% interval), in points, and the GLUE score of each.
+`configs/glue/small-tasks.yaml`, with technique rows or not) adds the goal table: per task,
+each of the ablation's multitask models against its mtbert single-task rows (paired by seed,
+as the ablation's own table) and against these models (independent seeds: Welch's 95%
+interval), in points, and the GLUE score of each.
 """
 
 from __future__ import annotations
@@ -144,8 +145,7 @@ def table(results: dict, args, command: str) -> str:
                      f"{np.mean([r['train_s'] for r in runs]) / 60:.1f} min",
                      f"{runs[0]['train_examples']:,} / {runs[0]['dev_examples']:,}"])
     scored = [name for name in tasks if name != "wnli"]
-    glue = [overall_score({n: tasks[n] for n in scored},
-                          {n: results[f"{n}/{seed}"]["scores"][n] for n in scored}, how="mean")
+    glue = [glue_score(scored, {n: results[f"{n}/{seed}"]["scores"][n] for n in scored})
             for seed in args.seeds]
     rows.append([f"GLUE score ({', '.join(display_name(n, {}) for n in scored)})", "",
                  mean_std(glue), "", "", ""])
@@ -175,59 +175,78 @@ def welch_interval(a: list[float], b: list[float]) -> Interval:
     return Interval(mean, mean - half, mean + half, min(len(a), len(b)))
 
 
-def ablation_scores(folder: Path) -> tuple[str, dict[str, dict[int, float]],
+def ablation_scores(folder: Path) -> tuple[dict[str, dict[str, dict[int, float]]],
                                             dict[str, dict[int, float]]]:
-    """From an `mtbert ablate --single-task` folder: the multitask config's name, its per-seed
-    scores ({task or "overall": {seed_index: score}}) and each task's single-task scores."""
+    """From an `mtbert ablate --single-task` folder: each multitask row's per-seed scores
+    ({config: {task or "overall": {seed_index: score}}}, in the table's order) and each task's
+    single-task scores ({task: {seed_index: score}}). A single-task row's task is the one task
+    it scores (tasks: the per-seed CSV's `examples_TASK` columns)."""
     summary = list(csv.DictReader((folder / "results.csv").open(encoding="utf-8")))
     per_seed = list(csv.DictReader((folder / "results-per-seed.csv").open(encoding="utf-8")))
-    baseline = next(row["config"] for row in summary if not row["single_task_of"])
-    alone_of = {row["config"]: row["config"].rsplit("-only-", 1)[1] for row in summary
-                if row["single_task_of"] == baseline}
-    joint: dict[str, dict[int, float]] = {}
+    single = {row["config"] for row in summary if row["single_task_of"]}
+    task_columns = [key.removeprefix("examples_") for key in (per_seed[0] if per_seed else {})
+                    if key.startswith("examples_")]
+    joint: dict[str, dict[str, dict[int, float]]] = {
+        row["config"]: {} for row in summary if not row["single_task_of"]}
     alone: dict[str, dict[int, float]] = {}
     for row in per_seed:
         seed = int(row["seed_index"])
-        if row["config"] == baseline:
-            for key, value in row.items():
-                if value and (key == "overall" or key in alone_of.values()):
-                    joint.setdefault(key, {})[seed] = float(value)
-        elif row["config"] in alone_of:
-            task = alone_of[row["config"]]
-            alone.setdefault(task, {})[seed] = float(row[task])
-    return baseline, joint, alone
+        scored = {key: float(row[key]) for key in [*task_columns, "overall"] if row.get(key)}
+        if row["config"] in single:
+            (task,) = (key for key in scored if key != "overall")
+            alone.setdefault(task, {})[seed] = scored[task]
+        elif row["config"] in joint:
+            for key, value in scored.items():
+                joint[row["config"]].setdefault(key, {})[seed] = value
+    return joint, alone
+
+
+def glue_score(tasks: list[str], scores: dict[str, float]) -> float:
+    """The GLUE score of these task scores (their mean), as `mtbert` computes it."""
+    return overall_score({name: TaskConfig(name=name, **PRESETS[name]) for name in tasks},
+                         scores, how="mean")
 
 
 def beside_table(results: dict, args, folder: Path) -> str:
-    """The goal table: the ablation's one model against mtbert's and these single-task models,
-    per task and on the GLUE score, in points (x100)."""
-    baseline, joint, alone = ablation_scores(folder)
+    """The goal table: each multitask row of the ablation (its baseline first, then each
+    technique) against mtbert's and these single-task models, per task and on the GLUE score,
+    in points (x100)."""
+    joint, alone = ablation_scores(folder)
     tasks = [name for name in alone if name in args.tasks]
     missing = sorted(set(alone) - set(args.tasks))
     if missing:
         sys.exit(f"{folder} trains {', '.join(missing)}, which --tasks leaves out")
-    seeds = sorted(set.intersection(*(set(alone[t]) for t in tasks), set(joint["overall"])))
     hf = {t: [results[f"{t}/{s}"]["scores"][t] for s in args.seeds] for t in tasks}
-    hf["overall"] = list(np.mean([hf[t] for t in tasks], axis=0))
-    alone["overall"] = {s: float(np.mean([alone[t][s] for t in tasks])) for s in seeds}
-    rows = []
-    for key in [*tasks, "overall"]:
-        ours = [joint[key][s] for s in seeds]
-        versus_alone = paired_interval([joint[key][s] - alone[key][s] for s in seeds])
-        versus_hf = welch_interval(ours, hf[key])
-        reached = versus_alone.mean >= 0 and versus_hf.mean >= 0
-        rows.append([f"GLUE score ({', '.join(display_name(t, {}) for t in tasks)})"
-                     if key == "overall" else display_name(key, {}),
-                     mean_std(ours), mean_std([alone[key][s] for s in seeds]),
-                     mean_std(hf[key]), versus_alone.format(scale=100, digits=2),
-                     versus_hf.format(scale=100, digits=2), "yes" if reached else "no"])
-    header = ["task (x100, mean ± std over seeds)", f"one model ({baseline}, mtbert)",
+    hf["overall"] = [glue_score(tasks, {t: hf[t][i] for t in tasks})
+                     for i in range(len(args.seeds))]
+    rows, seed_counts = [], set()
+    for config, scores in joint.items():
+        seeds = sorted(set.intersection(*(set(alone[t]) for t in tasks),
+                                        *(set(scores.get(t, {})) for t in tasks)))
+        if not seeds:
+            continue
+        seed_counts.add(len(seeds))
+        mine = {**{t: alone[t] for t in tasks},
+                "overall": {s: glue_score(tasks, {t: alone[t][s] for t in tasks})
+                            for s in seeds}}
+        for key in [*tasks, "overall"]:
+            ours = [scores[key][s] for s in seeds]
+            versus_alone = paired_interval([scores[key][s] - mine[key][s] for s in seeds])
+            versus_hf = welch_interval(ours, hf[key])
+            reached = versus_alone.mean >= 0 and versus_hf.mean >= 0
+            rows.append([config, f"GLUE score ({', '.join(display_name(t, {}) for t in tasks)})"
+                         if key == "overall" else display_name(key, {}),
+                         mean_std(ours), mean_std([mine[key][s] for s in seeds]),
+                         mean_std(hf[key]), versus_alone.format(scale=100, digits=2),
+                         versus_hf.format(scale=100, digits=2), "yes" if reached else "no"])
+    header = ["one model (mtbert)", "task (x100, mean ± std over seeds)", "one model",
               "mtbert alone", "Hugging Face alone (run_glue)",
               "one model - mtbert alone [95% CI, paired by seed]",
               "one model - Hugging Face alone [95% Welch CI]", "at or above both (means)"]
-    return (f"One model against each task alone: `{folder}` ({len(seeds)} seeds, its own "
-            "seeds) beside the table above; `tie` marks an interval that holds 0.\n\n"
-            + markdown_table(header, rows))
+    counts = " or ".join(str(n) for n in sorted(seed_counts))
+    return (f"One model against each task alone: `{folder}` ({counts} seeds, its own seeds, "
+            "those every task alone has) beside the table above; `tie` marks an interval that "
+            "holds 0.\n\n" + markdown_table(header, rows))
 
 
 def mean_std(values: list[float]) -> str:

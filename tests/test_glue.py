@@ -279,17 +279,21 @@ def test_bench_glue_hf_smoke(tiny_backbone, glue_dir, tmp_path):
     ablation = tmp_path / "ablation"
     ablation.mkdir()
     write_rows(ablation / "results.csv", ["config", "single_task_of"], [
-        ["glue", ""], ["glue-only-cola", "glue"], ["glue-only-mrpc", "glue"],
+        ["glue", ""], ["glue-ema", ""], ["glue-only-cola", "glue"], ["glue-only-mrpc", "glue"],
         ["glue-only-stsb", "glue"]])
     write_rows(ablation / "results-per-seed.csv",
-               ["config", "seed_index", "cola", "mrpc", "stsb", "overall"], [
-                   ["glue", 0, 0.30, 0.80, 0.86, 0.65], ["glue", 1, 0.34, 0.82, 0.88, 0.68],
-                   ["glue-only-cola", 0, 0.28, "", "", 0.28],
-                   ["glue-only-cola", 1, 0.30, "", "", 0.30],
-                   ["glue-only-mrpc", 0, "", 0.81, "", 0.81],
-                   ["glue-only-mrpc", 1, "", 0.80, "", 0.80],
-                   ["glue-only-stsb", 0, "", "", 0.85, 0.85],
-                   ["glue-only-stsb", 1, "", "", 0.87, 0.87]])
+               ["config", "seed_index", "examples_cola", "examples_mrpc", "examples_stsb",
+                "cola", "mrpc/f1", "mrpc", "stsb", "overall"], [
+                   ["glue", 0, 9, 9, 9, 0.30, 0.9, 0.80, 0.86, 0.65],
+                   ["glue", 1, 9, 9, 9, 0.34, 0.9, 0.82, 0.88, 0.68],
+                   ["glue-ema", 0, 9, 9, 9, 0.31, 0.9, 0.81, 0.90, 0.67],
+                   ["glue-ema", 1, 9, 9, 9, 0.33, 0.9, 0.81, 0.92, 0.69],
+                   ["glue-only-cola", 0, 9, "", "", 0.28, "", "", "", 0.28],
+                   ["glue-only-cola", 1, 9, "", "", 0.30, "", "", "", 0.30],
+                   ["glue-only-mrpc", 0, "", 9, "", "", 0.9, 0.81, "", 0.81],
+                   ["glue-only-mrpc", 1, "", 9, "", "", 0.9, 0.80, "", 0.80],
+                   ["glue-only-stsb", 0, "", "", 9, "", "", "", 0.85, 0.85],
+                   ["glue-only-stsb", 1, "", "", 9, "", "", "", 0.87, 0.87]])
     done = subprocess.run(
         [sys.executable, str(script), "--tasks", "cola", "mrpc", "stsb", "wnli", "--seeds",
          "1", "2", "--max-steps", "1", "--limit", "8", "--max-length", "32",
@@ -297,17 +301,22 @@ def test_bench_glue_hf_smoke(tiny_backbone, glue_dir, tmp_path):
          str(tmp_path), "--beside", str(ablation)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HF cola" not in done.stderr  # reused
-    goal = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+    goal = {tuple(c.strip() for c in r.split("|")[1:3]): [c.strip() for c in r.split("|")[3:-1]]
             for r in done.stdout.split("One model against each task alone")[1].splitlines()
             if r.startswith("| ")}
-    assert goal["CoLA"][:2] == ["32.0 ± 2.8", "29.0 ± 1.4"]
+    # A block per multitask row, the baseline first, each against the same single-task rows.
+    assert [key for key in goal if key[1] == "CoLA"] == [("glue", "CoLA"), ("glue-ema", "CoLA")]
+    assert goal["glue", "CoLA"][:2] == ["32.0 ± 2.8", "29.0 ± 1.4"]
     # Paired by seed: +2 and +4 points, mean +3, t(0.975, 1) * std / sqrt(2) = 12.706 * 1.
-    assert goal["CoLA"][3] == "+3.00 [-9.71, +15.71] tie"
-    assert goal["MRPC"][3] == "+0.50 [-18.56, +19.56] tie"  # -1 and +2 points
+    assert goal["glue", "CoLA"][3] == "+3.00 [-9.71, +15.71] tie"
+    assert goal["glue", "MRPC"][3] == "+0.50 [-18.56, +19.56] tie"  # -1 and +2 points
+    assert goal["glue-ema", "STS-B"][3] == "+5.00 [+5.00, +5.00]"  # +5 points on both seeds
     hf_cola = [results[f"cola/{seed}"]["scores"]["cola"] * 100 for seed in (1, 2)]
-    assert goal["CoLA"][4].startswith(f"{32 - np.mean(hf_cola):+.2f}")
+    assert goal["glue", "CoLA"][4].startswith(f"{32 - np.mean(hf_cola):+.2f}")
     # The GLUE score of the single-task side is the mean of its task scores, seed by seed.
-    assert goal["GLUE score (CoLA, MRPC, STS-B)"][:2] == ["66.5 ± 2.1", "65.2 ± 0.7"]
+    glue_score = "GLUE score (CoLA, MRPC, STS-B)"
+    assert goal["glue", glue_score][:2] == ["66.5 ± 2.1", "65.2 ± 0.7"]
+    assert goal["glue-ema", glue_score][:2] == ["68.0 ± 1.4", "65.2 ± 0.7"]
 
 
 def test_welch_interval_equals_a_hand_computation(monkeypatch):
