@@ -187,19 +187,11 @@ class GradientLog:
         self.terms: dict[str, list[float]] = {}
         trainer.optimizer.register_step_pre_hook(lambda *_: self.learned.update(
             n for n, p in self.params.items() if p.grad is not None and bool(p.grad.ne(0).any())))
-        trainer.losses = {task: self.watched(loss, 1) for task, loss in trainer.losses.items()}
-        trainer.regularizers = RegularizerProxy(trainer.regularizers, self)
-        self.measuring = False  # TAG's look-ahead losses train nothing: not watched
-        measure = trainer._measure_affinity
-
-        def measure_unwatched(*args):
-            self.measuring = True
-            try:
-                return measure(*args)
-            finally:
-                self.measuring = False
-
-        trainer._measure_affinity = measure_unwatched
+        # Each task's auxiliary terms are watched; TAG's look-ahead calls `task_loss`, the
+        # task's loss alone, which makes no term (it trains nothing).
+        trainer.losses = {task: WatchedProxy(loss, self, 1)
+                          for task, loss in trainer.losses.items()}
+        trainer.regularizers = WatchedProxy(trainer.regularizers, self, None)
 
     def watched(self, function: Callable, position: int | None) -> Callable:
         """`function` whose auxiliary terms (`position` of its result; None: the result)
@@ -211,8 +203,6 @@ class GradientLog:
         return call
 
     def watch(self, terms: dict) -> None:
-        if self.measuring:
-            return
         for name, term in terms.items():
             if term.weight == 0:  # logged only, as the config asks (task MoE's balance)
                 continue
@@ -239,17 +229,18 @@ class GradientLog:
         return f"{len(self.params)} parameters, {len(self.terms)} auxiliary terms"
 
 
-class RegularizerProxy:
-    """The trainer's `Regularizers`, with their terms watched."""
+class WatchedProxy:
+    """The trainer's `TaskLoss` or `Regularizers`, calls watched (`GradientLog.watched`),
+    every other attribute its own."""
 
-    def __init__(self, regularizers, log: GradientLog):
-        self._regularizers, self._call = regularizers, log.watched(regularizers, None)
+    def __init__(self, watched, log: GradientLog, position: int | None):
+        self._watched, self._call = watched, log.watched(watched, position)
 
     def __call__(self, *args):
         return self._call(*args)
 
     def __getattr__(self, name):
-        return getattr(self._regularizers, name)
+        return getattr(self._watched, name)
 
 
 def train_checked(config, run_dir: Path, features: list[str]) -> str:

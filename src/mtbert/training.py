@@ -356,7 +356,7 @@ class Trainer:
         """TAG's look-ahead affinity on this step's batches (lookahead.py), summed."""
         measured = lookahead_affinity(
             self.model, batches,
-            lambda task, output, batch: self.losses[task](output, batch.labels, self.epoch)[0],
+            lambda task, output, batch: self.losses[task].task_loss(output, batch.labels),
             self.config.train.lr)
         add_affinity(self.state.affinity, mean_over_ranks(measured))
         self.state.affinity_steps += 1

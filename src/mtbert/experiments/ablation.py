@@ -99,7 +99,9 @@ COMPARISON_NOTE = (
     "tasks than the baseline, so its overall score is not comparable (read its tasks' gains "
     "over the single-task rows instead). Δm%: the mean over tasks of the "
     "relative gain over the same task trained alone with the same recipe, budget and seed "
-    "(Maninis et al. 2019), in percent, with its interval over seeds. Steps / examples seen: "
+    "(Maninis et al. 2019), in percent, with its interval over seeds; `–` where a single-task "
+    "score is 0 on some seed (a relative gain over 0 is undefined: read the per-task gains in "
+    "points). Steps / examples seen: "
     "optimizer steps and the training examples drawn from each task, mean over seeds; a "
     "single-task row draws as many batches of its task as the baseline drew, with the same "
     "seed: the same examples (a merged row counts its single-task runs').")

@@ -26,10 +26,15 @@ class TaskLoss(nn.Module):
         built = {name: cls.from_task(task) for name, cls in AUXILIARY_LOSSES.items()}
         self.auxiliary_losses = nn.ModuleDict({n: r for n, r in built.items() if r is not None})
 
+    def task_loss(self, output, labels: Tensor) -> Tensor:
+        """The task's loss alone, in fp32 under bf16 autocast; no auxiliary term is made (TAG's
+        look-ahead steps measure this)."""
+        return self.loss(output.predictions.float(), labels)
+
     def forward(self, output, labels: Tensor, epoch: int
                 ) -> tuple[Tensor, dict[str, AuxiliaryTerm], dict[str, float]]:
         """(the task's loss, {name: auxiliary term}, {name: value to log})."""
-        loss = self.loss(output.predictions.float(), labels)  # fp32 loss under bf16 autocast
+        loss = self.task_loss(output, labels)
         auxiliary = dict(output.auxiliary)
         for name, auxiliary_loss in self.auxiliary_losses.items():
             auxiliary[name] = AuxiliaryTerm(auxiliary_loss(output, labels, epoch),
