@@ -42,6 +42,26 @@ def test_check_lists_malformed_rows_and_accepts_a_usable_folder(tmp_path, capsys
     assert "3 task files readable" in out and "3 of them are not the standard files" in out
 
 
+def test_a_file_with_a_known_sum_and_a_listed_one_is_hashed_once(tmp_path, capsys,
+                                                                 monkeypatch):
+    import mtbert.data.download as download_module
+
+    folder = sst_folder(tmp_path)
+    names = ["ids-sst-train.csv", "ids-sst-dev.csv", "ids-sst-test-student.csv"]
+    (folder / "SHA256SUMS").write_text("".join(
+        f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
+    hashed = []
+    real = download_module.file_sha256
+    monkeypatch.setattr(download_module, "file_sha256",
+                        lambda path: hashed.append(path.name) or real(path))
+    assert main(["data", "check", str(folder), "--tasks", "sst"]) == 0
+    out = capsys.readouterr().out
+    # Each file has a standard sum (FILES) and its folder's: one hash serves both.
+    assert sorted(hashed) == sorted(names)
+    assert ("other ids-sst-train.csv: 2 rows, 0 malformed; not the standard file (its sha256 "
+            "differs; the standard file has 8544 rows); sha256 as in SHA256SUMS") in out
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing", "ids-sst-test-student.csv: missing"),
     ("no label column", "header lacks column(s) 'sentiment'"),

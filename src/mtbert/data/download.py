@@ -195,14 +195,25 @@ def check(folder: str | Path, tasks: Sequence[str] | None = None) -> list[FileCh
             path = split_file(task, split, folder)
             if path is not None:
                 result = _check_file(task, split, path, path.relative_to(folder).as_posix())
-                expected = sums.get(result.name)
-                if expected and not result.problem:
-                    result.listed = file_sha256(path) == expected
-                    if not result.listed:
-                        result.problem = (f"{path}: sha256 differs from its sum in "
-                                          f"{folder / SUMS_FILE} (damaged or replaced)")
+                _compare_sums(result, path, sums, folder)
                 results.append(result)
     return results
+
+
+def _compare_sums(result: FileCheck, path: Path, sums: dict[str, str], folder: Path) -> None:
+    """Mark `result` standard (its sum in `FILES`) and listed (its sum in the folder's
+    `SHA256SUMS`; a different sum there is a problem), hashing the file once for both."""
+    standard, listed = FILES.get(result.name), sums.get(result.name)
+    if result.problem or not (standard or listed):
+        return
+    digest = file_sha256(path)
+    if standard:
+        result.standard = digest == standard.sha256
+    if listed:
+        result.listed = digest == listed
+        if not result.listed:
+            result.problem = (f"{path}: sha256 differs from its sum in {folder / SUMS_FILE} "
+                              "(damaged or replaced)")
 
 
 def folder_sums(folder: Path) -> dict[str, str]:
@@ -248,8 +259,6 @@ def _check_file(task: TaskConfig, split: str, path: Path, name: str | None = Non
         return result
     result.rows = len(report.examples) + len(report.skipped)
     result.skipped = report.skipped
-    if result.name in FILES:
-        result.standard = is_standard(path, FILES[result.name])
     return result
 
 
