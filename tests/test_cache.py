@@ -282,3 +282,39 @@ def test_an_unusable_cache_folder_is_one_sentence(tmp_path, tokenizer):
     (tmp_path / "file").write_text("not a folder", encoding="utf-8")
     with pytest.raises(OSError, match="as the token cache .* set MTBERT_CACHE or the config's"):
         cached_split(data, OPTIONS, tokenizer, True, tmp_path / "file" / "cache")
+
+
+def test_data_cache_lists_and_prunes_only_the_cache_s_unused_entries(tmp_path, tokenizer,
+                                                                    builds, capsys):
+    import os
+
+    from mtbert.cli import main
+
+    root = tmp_path / "cache"
+    old, new = write_pairs(tmp_path / "old.csv"), write_pairs(tmp_path / "new.csv", seed=1)
+    for path in (old, new):
+        cached_split(path, dict(OPTIONS), tokenizer, False, root)
+    (root / "notes-of-mine").mkdir()  # a user's folder in the cache folder: never touched
+    (root / "notes-of-mine" / "manifest.json").write_text("{}")
+    (old_entry,) = [p for p in root.glob("old-*") if p.is_dir()]  # not its .lock
+    os.utime(old_entry, (0, 1_000_000))  # last used in 1970
+    main(["data", "cache", "--dir", str(root)])
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].startswith(old_entry.name)  # least recently used first
+    assert listing[-1].startswith("2 entries, ") and str(root) in listing[-1]
+
+    main(["data", "cache", "--dir", str(root), "--prune", "30"])
+    pruned = capsys.readouterr().out.splitlines()
+    assert pruned[0].startswith(old_entry.name) and len(pruned) == 2
+    assert pruned[-1].startswith("removed 1 entries (") and "unused for 30 days" in pruned[-1]
+    assert pruned[-1].endswith("; 1 left")
+    assert not old_entry.exists() and (root / "notes-of-mine").is_dir()
+    # A use stamps the entry: the new file's entry was used just now, and stays.
+    builds.clear()
+    cached_split(new, dict(OPTIONS), tokenizer, False, root)
+    assert builds == []
+    cached_split(old, dict(OPTIONS), tokenizer, False, root)  # pruned: built again
+    assert builds == [old]
+    main(["data", "cache", "--dir", str(root), "--prune"])
+    assert capsys.readouterr().out.splitlines()[-1].endswith("; 0 left")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["notes-of-mine"]

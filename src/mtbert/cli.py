@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_check.add_argument("--tasks", nargs="+",
                             help="presets to check (default: the ones `data download` fetches)")
 
+    data_cache = data_commands.add_parser(
+        "cache", help="list the token cache's entries (size, last use); --prune removes them")
+    data_cache.add_argument("--dir", type=Path, dest="cache_dir",
+                            help="the cache folder (default: $MTBERT_CACHE, else "
+                                 "~/.cache/mtbert/tokens)")
+    data_cache.add_argument("--prune", nargs="?", const=0.0, type=float, metavar="DAYS",
+                            help="remove the entries unused for DAYS days (without DAYS: all); "
+                                 "a later run builds what it needs again")
+
     ablate = commands.add_parser(
         "ablate", help="train configs x seeds under a compute budget; tabulate dev scores",
         description="Train each config for each seed into OUT/<config name>/seed-<k> "
@@ -447,6 +456,9 @@ def cmd_data(args: argparse.Namespace) -> None:
             print(line)
         print(f"task files in {args.dest}")
         return
+    if args.data_command == "cache":
+        _data_cache(args.cache_dir, args.prune)
+        return
     results = check(args.folder, args.tasks)
     for result in results:
         print("\n".join(result.lines(args.folder)))
@@ -460,6 +472,24 @@ def cmd_data(args: argparse.Namespace) -> None:
               f"are not the standard files: {', '.join(others)}")
     else:
         print(f"{len(results)} task files ok in {args.folder}")
+
+
+def _data_cache(folder: Path | None, prune_days: float | None) -> None:
+    import time
+
+    from mtbert.data.cache import cache_root, entries, prune
+
+    root = cache_root(str(folder) if folder else None)
+    listed = prune(root, prune_days) if prune_days is not None else entries(root)
+    for entry in listed:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"{entry.folder.name}  {entry.bytes / 2**20:8.1f} MiB  last used {used}")
+    total = sum(e.bytes for e in listed) / 2**20
+    if prune_days is None:
+        print(f"{len(listed)} entries, {total:.1f} MiB in {root}")
+    else:
+        print(f"removed {len(listed)} entries ({total:.1f} MiB) unused for {prune_days:g} days "
+              f"from {root}; {len(entries(root))} left")
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:

@@ -20,7 +20,8 @@ The key hashes everything an entry depends on: the file's bytes, the reading opt
 reader's and the tokenizer's source, the tokenizer (its whole JSON: vocabulary, normalizer,
 template and the truncation at the max length) and the layout. One process builds an entry
 while the others wait on a file lock; an entry that does not open whole (killed before its
-rename, truncated, altered in size) is removed and built again.
+rename, truncated, altered in size) is removed and built again. Each use stamps the entry's
+folder; `mtbert data cache` lists the entries and `--prune` removes the unused ones.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # the entries' layout; a change gives every entry a new key
 CHUNK_ROWS = 16384  # rows per tokenizer call and per Arrow record batch
+KEY_LENGTH = 20  # hex digits of an entry's key
 SKIPS_KEPT = 20  # skipped rows a summary lists (and a warm start logs) one by one
 _FILES = ("examples.arrow", "tokens.arrow", "summary.json")
 TOKENS = pa.schema([("ids", pa.list_(pa.int32())), ("types", pa.list_(pa.int8()))])
@@ -80,7 +84,47 @@ def cached_split(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool,
     if split is None:
         with _locked(root, entry.name):  # another process may have built it meanwhile
             split = open_entry(entry, path) or _build(entry, path, options, tokenizer, siamese)
+    with contextlib.suppress(OSError):  # a read-only cache still serves
+        os.utime(entry)  # last use: what `prune` goes by
     return split
+
+
+@dataclass
+class CacheEntry:
+    """One entry of the cache: its folder, bytes on disk and last use (seconds since epoch)."""
+
+    folder: Path
+    bytes: int
+    last_used: float
+
+
+def entries(root: Path) -> list[CacheEntry]:
+    """The cache's entries under `root`, least recently used first: folders named
+    `<stem>-<key>` holding a manifest. Anything else there is not the cache's and is left out."""
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        stem, _, key = folder.name.rpartition("-")
+        if (folder.is_dir() and stem and len(key) == KEY_LENGTH
+                and all(c in "0123456789abcdef" for c in key) and (folder / MANIFEST).is_file()):
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            found.append(CacheEntry(folder, size, folder.stat().st_mtime))
+    return sorted(found, key=lambda e: e.last_used)
+
+
+def prune(root: Path, unused_for_days: float = 0.0) -> list[CacheEntry]:
+    """Remove the entries not used for `unused_for_days` (0: every entry), each under its
+    build lock, so no process is building it meanwhile; returns them. Only the cache's own
+    entries are touched (`entries`); a run that has an entry mapped keeps reading it (the
+    files stay until it closes them), a later run builds it again."""
+    cutoff = time.time() - unused_for_days * 86400
+    removed = []
+    for entry in entries(root):
+        if entry.last_used > cutoff:
+            continue
+        with _locked(root, entry.folder.name):
+            shutil.rmtree(entry.folder)
+        removed.append(entry)
+    return removed
 
 
 def entry_key(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool) -> str:
@@ -91,7 +135,7 @@ def entry_key(path: Path, options: dict, tokenizer: Tokenizer, siamese: bool) ->
               "tokenizers": tokenizers.__version__, "max_length": tokenizer.max_length,
               "siamese": siamese}
     text = json.dumps(inputs, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
 def _file_digest(path: Path) -> str:
