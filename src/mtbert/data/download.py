@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mtbert.checkpoint import claim_output, file_sha256
 from mtbert.config import TaskConfig
-from mtbert.data.readers import DataError, read_examples
+from mtbert.data.readers import DataError, ReadReport, stream_examples
 from mtbert.data.tasks import SPLITS, reading_options, split_file
 from mtbert.presets import PRESETS
 
@@ -251,13 +251,15 @@ def _check_file(task: TaskConfig, split: str, path: Path, name: str | None = Non
     if not path.is_file():
         result.problem = f"{path}: missing"
         return result
+    report = ReadReport(path=path, examples=[], skipped=[])  # rows are counted, not held
     try:
         with _quiet_reader():
-            report = read_examples(path, **reading_options(task, split))
+            read = sum(1 for _ in stream_examples(path, report=report,
+                                                  **reading_options(task, split)))
     except DataError as error:
         result.problem = str(error)
         return result
-    result.rows = len(report.examples) + len(report.skipped)
+    result.rows = read + report.skipped_count
     result.skipped = report.skipped
     return result
 

@@ -31,7 +31,7 @@ def split_file(task: TaskConfig, split: str, data_dir: str | Path) -> Path | Non
 
 
 def file_layout(task: TaskConfig) -> dict:
-    """How the task's files are written (`read_examples` / `iter_examples` keywords): their
+    """How the task's files are written (`stream_examples` / `read_examples` keywords): their
     quoting, and the names of their fields when they have no header line."""
     return {"quoting": task.quoting, "columns": task.columns}
 
