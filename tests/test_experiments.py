@@ -575,3 +575,73 @@ def test_no_delta_m_where_a_single_task_score_is_zero():
     assert joint.delta_m is None
     assert joint.task_gains["cola"].mean == pytest.approx(0.1)
     assert joint.task_gains["sst"].mean == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- issue 40: two-stage row
+
+def test_two_stage_row_fine_tunes_each_task_from_the_baseline_and_teaches_a_student(
+        tmp_path, tiny_backbone, tiny_data, capsys):
+    """MT-DNN's recipe as a row: each task fine-tuned from the baseline's run of its seed,
+    drawing what the task's single-task row draws; the row scores each task with its own
+    model and counts every model's compute and parameters; its models can teach a student,
+    which trains after them."""
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, tasks="[sst, sts]", max_steps=3)
+    student = tiny_yaml(tmp_path, "student", tiny_backbone, tasks="[sst, sts]", max_steps=3)
+    student.write_text(student.read_text() + "distill: {teachers: {sst: two-stage, "
+                                              "sts: two-stage}}\n")
+    out = tmp_path / "two-stage"
+    planned = plan_runs([base, student], "full", 1, out, str(tiny_data), single_task=True,
+                        two_stage=True)
+    order = [run.name for run in planned]
+    assert order.index("student") > max(order.index("base-two-stage-sst"),
+                                        order.index("base-two-stage-sts"))
+    assert order.index("base-two-stage") > order.index("base-two-stage-sts")
+    assert main(["ablate", str(base), str(student), "--single-task", "--two-stage", "--seeds",
+                 "1", "--budget", "full", "--out", str(out), "--data-dir", str(tiny_data),
+                 "--no-report"]) == 0
+    capsys.readouterr()
+    stage_one = results_of(out, "base")[0]
+    row = results_of(out, "base-two-stage")[0]
+    parts = {t: results_of(out, f"base-two-stage-{t}")[0] for t in ("sst", "sts")}
+    for task, part in parts.items():
+        saved = load_config(out / f"base-two-stage-{task}" / "seed-0" / "config.yaml")
+        assert saved.adapt.from_run == str(out / "base" / "seed-0")
+        assert saved.adapt.finetune == task and [t.name for t in saved.tasks] == [task]
+        alone = results_of(out, f"base-only-{task}")[0]
+        assert part["examples_seen"] == alone["examples_seen"]
+        assert row["dev"][task] == part["dev"][task]
+    assert row["steps"] == stage_one["steps"] + sum(p["steps"] for p in parts.values())
+    assert row["examples_seen"] == {t: stage_one["examples_seen"][t]
+                                    + parts[t]["examples_seen"][t] for t in parts}
+    assert row["parameters"]["total"] == sum(p["parameters"]["total"] for p in parts.values())
+    pearson = (row["dev"]["sts"] + 1) / 2
+    assert row["dev"]["overall"] == pytest.approx((row["dev"]["sst"] + pearson) / 2)
+    assert load_config(out / "student" / "seed-0" / "config.yaml").distill.teachers == {
+        t: str(out / f"base-two-stage-{t}" / "seed-0") for t in ("sst", "sts")}
+    with open(out / "results.csv") as f:
+        rows = [r["config"] for r in csv.DictReader(f)]
+    assert "base-two-stage" in rows and not any(r.startswith("base-two-stage-") for r in rows)
+    with pytest.raises(ConfigError, match="'two-stage' needs --two-stage"):
+        plan_runs([base, student], "full", 1, tmp_path / "other", str(tiny_data),
+                  single_task=True)
+
+
+def test_a_run_whose_stage_one_failed_waits_instead_of_failing_obscurely(
+        tmp_path, tiny_backbone, tiny_data, monkeypatch):
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, tasks="[sst, sts]", max_steps=2)
+    out = tmp_path / "waits"
+    original = ablation.run_one
+
+    def fails_for_the_baseline(run, budget):
+        if run.name == "base":
+            raise RuntimeError("out of memory")
+        return original(run, budget)
+
+    monkeypatch.setattr(ablation, "run_one", fails_for_the_baseline)
+    outcome = run_ablation([base], budget="full", seeds=1, out=out, data_dir=str(tiny_data),
+                           report=False, two_stage=True)
+    failed = {run.name: message for run, message in outcome.failed}
+    assert failed["base"] == "RuntimeError: out of memory"
+    assert failed["base-two-stage-sst"].startswith(f"waits for {out / 'base' / 'seed-0'}")
+    assert "waits for" in failed["base-two-stage"]
+    assert not (out / "base-two-stage-sst" / "seed-0").exists()

@@ -33,11 +33,7 @@ def config_from_run(run: str | Path, new: ExperimentConfig,
 
     base = load_config(model_folder(run) / "experiment.yaml")
     if finetune is not None:
-        config = dataclasses.replace(
-            new, name=f"{new.name}-{finetune}", model=base.model, tasks=[base.task(finetune)],
-            adapt=dataclasses.replace(new.adapt, from_run=str(run), finetune=finetune))
-        validate(config)
-        return config
+        return finetune_config(base, new, run, finetune)
     old = {t.name for t in base.tasks}
     clashes = [t.name for t in new.tasks if t.name in old]
     if clashes:
@@ -46,6 +42,17 @@ def config_from_run(run: str | Path, new: ExperimentConfig,
     config = dataclasses.replace(
         new, model=base.model, tasks=[*base.tasks, *new.tasks],
         adapt=dataclasses.replace(new.adapt, from_run=str(run), freeze_encoder=True))
+    validate(config)
+    return config
+
+
+def finetune_config(base: ExperimentConfig, new: ExperimentConfig, run: str | Path,
+                    task: str) -> ExperimentConfig:
+    """Stage two of MT-DNN: `base`'s model and its `task` alone, trained with `new`'s
+    settings from RUN (a run of `base`, which need not be trained yet), named NAME-TASK."""
+    config = dataclasses.replace(
+        new, name=f"{new.name}-{task}", model=base.model, tasks=[base.task(task)],
+        adapt=dataclasses.replace(new.adapt, from_run=str(run), finetune=task))
     validate(config)
     return config
 

@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["average", "task-arithmetic", "ties"],
                         help="with --single-task: also a row per method merging each seed's "
                              "single-task runs (mtbert merge)")
+    ablate.add_argument("--two-stage", action="store_true",
+                        help="also a row <baseline>-two-stage (MT-DNN, Liu et al. 2019): each "
+                             "task fine-tuned alone from the baseline's run of the same seed, "
+                             "one model per task")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")
@@ -499,12 +503,14 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     overrides = [i for i in args.items if i not in configs]
     if args.plan:
         print(plan_table(plan_runs(configs, args.budget, args.seeds, args.out, args.data_dir,
-                                   overrides, args.single_task, args.merge)))
+                                   overrides, args.single_task, args.merge,
+                                   args.two_stage)))
         return
     configure_process()
     outcome = run_ablation(configs, args.budget, args.seeds, args.out, args.data_dir,
                            overrides, report=args.report, tensorboard=args.tensorboard,
-                           single_task=args.single_task, merges=args.merge)
+                           single_task=args.single_task, merges=args.merge,
+                           two_stage=args.two_stage)
     print(outcome.files["md"].read_text(encoding="utf-8"))
     print(f"{len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
           f"results: {', '.join(str(p) for p in outcome.files.values())}")

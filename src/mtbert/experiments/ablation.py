@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 SINGLE_TASK_TEACHERS = "single-task"  # distill.teachers value: the baseline's single-task runs
+TWO_STAGE_TEACHERS = "two-stage"  # distill.teachers value: the baseline's two-stage models
 DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
 
 # How the reports name the tasks in their tables; any other task is shown by its own name.
@@ -122,7 +123,11 @@ class PlannedRun:
     run_dir: Path
     single_task_of: str | None = None  # the multitask config whose task this run trains alone
     merge_method: str | None = None  # not trained: `sources` merged (`mtbert merge`)
+    # Not trained: each task's scores are those of its own model in `sources` (two-stage).
+    per_task: bool = False
     sources: list[Path] = field(default_factory=list)
+    part_of: str | None = None  # a run of another row's (its per-task models): no row itself
+    needs: list[Path] = field(default_factory=list)  # runs that must finish first
 
     @property
     def result_file(self) -> Path:
@@ -131,7 +136,11 @@ class PlannedRun:
     @property
     def finished(self) -> bool:
         """`result.json` is there and was made by this code (else the run is stale)."""
-        return self.result_file.is_file() and not made_by_other_code(self.result_file)
+        return finished_run(self.run_dir)
+
+    @property
+    def trains(self) -> bool:
+        return self.merge_method is None and not self.per_task
 
 
 @dataclass
@@ -157,14 +166,19 @@ def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) 
 def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
               out: str | Path = "runs/ablation", data_dir: str | None = None,
               overrides: Sequence[str] = (), single_task: bool = False,
-              merges: Sequence[str] = ()) -> list[PlannedRun]:
-    """Resolve every config x seed under the budget; checks names and finished runs.
+              merges: Sequence[str] = (), two_stage: bool = False) -> list[PlannedRun]:
+    """Resolve every config x seed under the budget; checks names and finished runs. A run
+    comes after the runs it needs (`needs`).
 
     `single_task`: also train each task of the first config (the baseline) alone, with the
     same recipe, budget and seeds, as `<name>-only-<task>`: the rows Δm% is measured against.
     A config may name them as its teachers, `distill.teachers: {TASK: single-task}` (a BAM!
     student taught by the runs of its own seed). `merges`: methods of `mtbert merge`, each a
-    row `<name>-merged-<method>` merging the single-task runs of each seed.
+    row `<name>-merged-<method>` merging the single-task runs of each seed. `two_stage`: a
+    row `<name>-two-stage`, MT-DNN's recipe (Liu et al. 2019): each task fine-tuned alone
+    from the baseline's run of the same seed (`mtbert train --from RUN --finetune TASK`),
+    drawing what the task's single-task row draws; one model per task, each scored on its
+    task. Its models can teach a student: `distill.teachers: {TASK: two-stage}`.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1, got {seeds}")
@@ -191,15 +205,20 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
             check_techniques(config)
             config.name = name
             baseline = next(iter(names))
-            teachers = {task: out / f"{baseline}-only-{task}" / f"seed-{k}"
-                        for task, source in config.distill.teachers.items()
-                        if source == SINGLE_TASK_TEACHERS}
-            if teachers and (not single_task or len(names) == 1):
-                raise ConfigError(f"{path}: distill.teachers 'single-task' needs --single-task "
-                                  "and another config first (the baseline whose tasks train "
-                                  "alone)")
+            teachers = {}
+            for task, source in config.distill.teachers.items():
+                row, flag, given = {SINGLE_TASK_TEACHERS: ("only", "--single-task", single_task),
+                                    TWO_STAGE_TEACHERS: ("two-stage", "--two-stage", two_stage)
+                                    }.get(source, (None, "", False))
+                if row is None:
+                    continue
+                if not given or len(names) == 1:
+                    raise ConfigError(f"{path}: distill.teachers {source!r} needs {flag} and "
+                                      "another config first (the baseline whose models teach)")
+                teachers[task] = out / f"{baseline}-{row}-{task}" / f"seed-{k}"
             config.distill.teachers.update({task: str(run) for task, run in teachers.items()})
-            runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}"))
+            runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}",
+                                   needs=list(teachers.values())))
             if single_task and len(names) == 1:
                 runs += [PlannedRun(f"{name}-only-{task.name}", path, k, alone, out /
                                     f"{name}-only-{task.name}" / f"seed-{k}", name)
@@ -216,11 +235,49 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
                 out / merged / f"seed-{run.seed_index}", merge_method=method,
                 sources=[out / f"{run.name}-only-{t.name}" / f"seed-{run.seed_index}"
                          for t in run.config.tasks]))
+            runs[-1].needs = runs[-1].sources
+    if two_stage:
+        runs += [part for run in baselines for part in two_stage_runs(run, out)]
     stale = [message for run in runs if (message := _stale(run))]
     if stale:
         raise ConfigError("finished runs were trained with another config; delete them or use "
                           "another --out:\n  " + "\n  ".join(stale))
-    return runs
+    return in_dependency_order(runs)
+
+
+def two_stage_runs(baseline: PlannedRun, out: Path) -> list[PlannedRun]:
+    """The `<name>-two-stage` row of one seed: a fine-tune of each task from `baseline`'s run
+    (drawing the batches its single-task row draws), then the row that collects them."""
+    from mtbert.adapting import finetune_config
+
+    row, k = f"{baseline.name}-two-stage", baseline.seed_index
+    parts = [PlannedRun(f"{row}-{alone.tasks[0].name}", baseline.config_file, k,
+                        finetune_config(baseline.config, alone, baseline.run_dir,
+                                        alone.tasks[0].name),
+                        out / f"{row}-{alone.tasks[0].name}" / f"seed-{k}", part_of=row,
+                        needs=[baseline.run_dir])
+             for alone in single_task_configs(baseline.config, True)]
+    for part in parts:
+        part.config.name = part.name
+    collected = PlannedRun(row, baseline.config_file, k, baseline.config,
+                           out / row / f"seed-{k}", per_task=True,
+                           sources=[part.run_dir for part in parts])
+    collected.needs = collected.sources
+    return [*parts, collected]
+
+
+def in_dependency_order(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """`runs` in their order, except that each comes after the runs it needs."""
+    depth: dict[Path, int] = {}
+    planned = {run.run_dir: run for run in runs}
+
+    def depth_of(run: PlannedRun) -> int:
+        if run.run_dir not in depth:
+            depth[run.run_dir] = 1 + max((depth_of(planned[p]) for p in run.needs
+                                          if p in planned), default=-1)
+        return depth[run.run_dir]
+
+    return sorted(runs, key=depth_of)
 
 
 def single_task_configs(config: ExperimentConfig, equal_examples: bool = False
@@ -267,6 +324,12 @@ def train_sizes(config: ExperimentConfig) -> dict[str, int]:
             _SIZES[key] = rows if sample is None else len(sample)
         sizes[task.name] = _SIZES[key]
     return sizes
+
+
+def finished_run(run_dir: Path) -> bool:
+    """`run_dir` holds a `result.json` made by this code (else the run is stale)."""
+    result = run_dir / RESULT_FILE
+    return result.is_file() and not made_by_other_code(result)
 
 
 def made_by_other_code(result_file: Path) -> bool:
@@ -321,6 +384,7 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         "dev_step": trainer.state.history[-1]["step"] if trainer.state.history else -1,
         "best_dev": dev,
         "single_task_of": run.single_task_of,
+        "from_run": config.adapt.from_run,
         "best_step": trainer.state.best_step,
         "steps": trainer.state.step,
         "examples_seen": trainer.state.examples_seen,
@@ -374,6 +438,44 @@ def run_merged(run: PlannedRun, budget: str) -> dict:
     return result
 
 
+def run_per_task(run: PlannedRun, budget: str) -> dict:
+    """The two-stage row of one seed: each task's dev score from its own model in
+    `run.sources` (a user keeps one model per task). Its compute is the stage-one run's plus
+    every stage-two run's; its parameters are all the models' (every one is task-specific)."""
+    from mtbert.evaluation import overall_score
+
+    parts = [json.loads((s / RESULT_FILE).read_text(encoding="utf-8")) for s in run.sources]
+    stage_one = json.loads((Path(parts[0]["from_run"]) / RESULT_FILE).read_text(encoding="utf-8"))
+    # A part's dev scores are its one task's (each of its metrics and their mean) and overall.
+    dev = {key: value for part in parts for key, value in part["dev"].items()
+           if key != "overall"}
+    dev["overall"] = overall_score({t.name: t for t in run.config.tasks}, dev,
+                                   run.config.overall_score)
+    seen = dict(stage_one["examples_seen"])
+    for part in parts:
+        for task, n in part["examples_seen"].items():
+            seen[task] = seen.get(task, 0) + n
+    everyone = [stage_one, *parts]
+    total = sum(part["parameters"]["total"] for part in parts)
+    result = {
+        "config": run.name, "config_file": str(run.config_file), "seed": run.config.train.seed,
+        "seed_index": run.seed_index, "budget": budget, "backbone": run.config.model.backbone,
+        "tasks": stage_one["tasks"], "dev": dev, "selection": SELECTION,
+        "single_task_of": None, "per_task_models": [str(s) for s in run.sources],
+        "from_run": parts[0]["from_run"], "best_step": -1,
+        "steps": sum(r["steps"] for r in everyone), "examples_seen": seen, "first_losses": [],
+        "total_steps": sum(r["total_steps"] for r in everyone),
+        "wall_time_s": round(sum(r["wall_time_s"] for r in everyone), 2),
+        "train_time_s": round(sum(r["train_time_s"] for r in everyone), 2),
+        "parameters": {"total": total, "task_specific": total},
+        "precision": stage_one["precision"], "code": code_version(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with RunLock(run.run_dir):
+        write_json_atomically(run.result_file, result)
+    return result
+
+
 def read_result(run: PlannedRun) -> dict:
     return json.loads(run.result_file.read_text(encoding="utf-8"))
 
@@ -382,7 +484,7 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
                  out: str | Path = "runs/ablation", data_dir: str | None = None,
                  overrides: Sequence[str] = (), report: bool = True,
                  tensorboard: bool = False, single_task: bool = False,
-                 merges: Sequence[str] = ()) -> AblationOutcome:
+                 merges: Sequence[str] = (), two_stage: bool = False) -> AblationOutcome:
     """Train every config x seed not finished yet, then write the result tables.
 
     The first config is the baseline every other row is compared with; `single_task` adds
@@ -390,7 +492,7 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
     for a finished run that lacks one); `tensorboard`: each newly trained run's scalars.
     """
     runs = plan_runs(config_files, budget, seeds, out, data_dir, overrides, single_task,
-                     merges)
+                     merges, two_stage)
     outcome = AblationOutcome(runs, {})
     todo = [r for r in runs if not r.finished]
     log.info("ablation: %d rows x %d seeds = %d runs (%d finished), budget %s, in %s",
@@ -400,13 +502,20 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
             log.info("%s was made by other code: training it again", run.run_dir)
         if run.finished:
             outcome.skipped.append(run)
-            if report and run.merge_method is None and not (run.run_dir / "report.html").is_file():
+            if report and run.trains and not (run.run_dir / "report.html").is_file():
                 _extras(run.run_dir, report=True, tensorboard=False)
             continue
         log.info("[%d/%d] %s seed-%d (seed %d)", len(outcome.trained) + len(outcome.failed) + 1,
                  len(todo), run.name, run.seed_index, run.config.train.seed)
+        waiting = [str(path) for path in run.needs if not finished_run(path)]
+        if waiting:  # failed, or another process into the same --out is training it
+            message = f"waits for {', '.join(waiting)} (not finished): run the command again"
+            log.warning("%s %s", run.run_dir, message)
+            outcome.failed.append((run, message))
+            continue
         try:
-            (run_one if run.merge_method is None else run_merged)(run, budget)
+            make = run_merged if run.merge_method else run_per_task if run.per_task else run_one
+            make(run, budget)
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the rest
             message = f"{type(error).__name__}: {error}"
             log.error("%s failed: %s", run.run_dir, message)
@@ -417,10 +526,10 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
             outcome.failed.append((run, message))
             continue
         outcome.trained.append(run)
-        if run.merge_method is None:  # a merged model has no training curves to report
+        if run.trains:  # a merged or collected row has no training curves to report
             _extras(run.run_dir, report, tensorboard)
     for run in runs:
-        if run.finished:
+        if run.finished and run.part_of is None:
             outcome.results.setdefault(run.name, []).append(read_result(run))
     outcome.files = write_results(Path(out), outcome.results, budget=budget,
                                   failed=[f"{r.name}/seed-{r.seed_index}: {m}"
@@ -665,7 +774,7 @@ def plan_table(runs: Sequence[PlannedRun]) -> str:
              "|---|---:|---:|"]
     rows: dict[str, list[PlannedRun]] = {}
     for run in runs:
-        if run.merge_method is None:
+        if run.trains:
             rows.setdefault(run.name, []).append(run)
     for name, group in rows.items():
         before = "same" if group[0].single_task_of is None else _mean_draws(
@@ -674,6 +783,10 @@ def plan_table(runs: Sequence[PlannedRun]) -> str:
     merged = sorted({run.name for run in runs if run.merge_method})
     if merged:
         lines += ["", f"Merged rows ({', '.join(merged)}): the single-task runs' sum."]
+    collected = sorted({run.name for run in runs if run.per_task})
+    if collected:
+        lines += ["", f"Two-stage rows ({', '.join(collected)}): the baseline's run plus its "
+                      "fine-tunes (the rows named after them)."]
     return "\n".join(lines)
 
 
