@@ -220,3 +220,38 @@ def test_bench_data_smoke(tiny_backbone, tmp_path):
     assert rows["mtbert in memory (before)"][0].startswith("2,000")
     assert float(rows["mtbert in memory (before)"][2].replace(",", "")) > 0  # rows/s
     assert float(rows["mtbert token cache"][4]) > 0  # a warm first step was taken
+
+
+def test_compare_readings_lists_what_a_change_of_rules_changed(tmp_path):
+    """Two versions of an ablation table: the compute of each row in both, and each
+    difference whose reading (above, below, tie) differs; a row only in one is left out."""
+    before = ("| Model configuration | Δ overall vs base [95% CI] | Δm% vs single-task [95% CI] "
+              "| Steps / examples seen |\n|---|---:|---:|---:|\n"
+              "| base | – | -1.62 [-4.00, +0.76] tie | 600 / sst 19k |\n"
+              "| base-only-sst | – | – | 534 / sst 17k |\n"
+              "| dwa ⚠ same first-step losses as the baseline | +0.000 [-0.001, +0.001] tie "
+              "| -1.62 [-3.91, +0.67] tie | 600 / sst 19k |\n"
+              "| gone | +0.010 [+0.001, +0.020] | +1.00 [+0.50, +1.50] | 600 / sst 19k |\n\n"
+              "| Model configuration | sst vs alone (points) |\n|---|---:|\n"
+              "| base | -1.33 [-4.34, +1.67] tie |\n| dwa | -1.58 [-2.83, -0.34] |\n")
+    after = before.replace("534 / sst 17k", "600 / sst 19k").replace(
+        "-1.62 [-4.00, +0.76] tie", "-2.10 [-3.00, -1.20]").replace(
+        "-1.58 [-2.83, -0.34]", "+0.20 [-0.50, +0.90] tie").replace(
+        "| gone |", "| new |")
+    (tmp_path / "before.md").write_text(before)
+    (tmp_path / "after.md").write_text(after)
+    out = run("compare_readings.py", tmp_path / "before.md", tmp_path / "after.md")
+    assert table_rows(out, "base-only-sst") == [["base-only-sst", "534 / sst 17k",
+                                                 "600 / sst 19k"]]
+    changes = [row for row in table_rows(out, "base |") + table_rows(out, "dwa |")
+               if len(row) == 5]  # the readings table's rows (the compute table has 3 cells)
+    assert [row[1:] for row in changes] == [
+        ["Δm% vs single-task [95% CI]", "-1.62 [-4.00, +0.76] tie", "-2.10 [-3.00, -1.20]",
+         "tie → below"],
+        ["sst vs alone (points)", "-1.58 [-2.83, -0.34]", "+0.20 [-0.50, +0.90] tie",
+         "below → tie"]]
+    assert "2 reading(s) changed over 3 rows in both tables." in out
+    assert not table_rows(out, "gone") and not table_rows(out, "new")
+    # A second ablation in the same file (the results docs hold several) is not read.
+    (tmp_path / "after.md").write_text(after + "\n## Another budget\n\n" + before)
+    assert run("compare_readings.py", tmp_path / "before.md", tmp_path / "after.md") == out
