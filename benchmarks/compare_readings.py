@@ -63,7 +63,8 @@ def is_difference(column: str) -> bool:
 
 def compare(before: str, after: str, everything: bool = False) -> str:
     old, new = tables(before), tables(after)
-    rows = list(dict.fromkeys(row for row, _ in new if any(r == row for r, _ in old)))
+    old_rows = {row for row, _ in old}
+    rows = list(dict.fromkeys(row for row, _ in new if row in old_rows))
     lines = ["| Row | Steps / examples seen, before | After |", "|---|---:|---:|"]
     lines += [f"| {row} | {old.get((row, COMPUTE), '–')} | {new.get((row, COMPUTE), '–')} |"
               for row in rows]

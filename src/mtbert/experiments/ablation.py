@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 SINGLE_TASK_TEACHERS = "single-task"  # distill.teachers value: the baseline's single-task runs
 TWO_STAGE_TEACHERS = "two-stage"  # distill.teachers value: the baseline's two-stage models
+# distill.teachers value -> (the teaching row's suffix after the baseline's name, its option)
+TEACHER_ROWS = {SINGLE_TASK_TEACHERS: ("only", "--single-task"),
+                TWO_STAGE_TEACHERS: ("two-stage", "--two-stage")}
 DEFAULT_BACKBONES = ("all-minilm-l6-v2", "default")
 
 # How the reports name the tasks in their tables; any other task is shown by its own name.
@@ -127,7 +130,7 @@ class PlannedRun:
     per_task: bool = False
     sources: list[Path] = field(default_factory=list)
     part_of: str | None = None  # a run of another row's (its per-task models): no row itself
-    needs: list[Path] = field(default_factory=list)  # runs that must finish first
+    after: list[Path] = field(default_factory=list)  # other runs it reads: its teachers, ...
 
     @property
     def result_file(self) -> Path:
@@ -141,6 +144,11 @@ class PlannedRun:
     @property
     def trains(self) -> bool:
         return self.merge_method is None and not self.per_task
+
+    @property
+    def needs(self) -> list[Path]:
+        """The runs that must finish before this one: those it reads."""
+        return [*self.after, *self.sources]
 
 
 @dataclass
@@ -206,19 +214,18 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
             config.name = name
             baseline = next(iter(names))
             teachers = {}
+            planned = {SINGLE_TASK_TEACHERS: single_task, TWO_STAGE_TEACHERS: two_stage}
             for task, source in config.distill.teachers.items():
-                row, flag, given = {SINGLE_TASK_TEACHERS: ("only", "--single-task", single_task),
-                                    TWO_STAGE_TEACHERS: ("two-stage", "--two-stage", two_stage)
-                                    }.get(source, (None, "", False))
-                if row is None:
+                if source not in TEACHER_ROWS:
                     continue
-                if not given or len(names) == 1:
+                row, flag = TEACHER_ROWS[source]
+                if not planned[source] or len(names) == 1:
                     raise ConfigError(f"{path}: distill.teachers {source!r} needs {flag} and "
                                       "another config first (the baseline whose models teach)")
                 teachers[task] = out / f"{baseline}-{row}-{task}" / f"seed-{k}"
             config.distill.teachers.update({task: str(run) for task, run in teachers.items()})
             runs.append(PlannedRun(name, path, k, config, out / name / f"seed-{k}",
-                                   needs=list(teachers.values())))
+                                   after=list(teachers.values())))
             if single_task and len(names) == 1:
                 runs += [PlannedRun(f"{name}-only-{task.name}", path, k, alone, out /
                                     f"{name}-only-{task.name}" / f"seed-{k}", name)
@@ -235,7 +242,6 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
                 out / merged / f"seed-{run.seed_index}", merge_method=method,
                 sources=[out / f"{run.name}-only-{t.name}" / f"seed-{run.seed_index}"
                          for t in run.config.tasks]))
-            runs[-1].needs = runs[-1].sources
     if two_stage:
         runs += [part for run in baselines for part in two_stage_runs(run, out)]
     stale = [message for run in runs if (message := _stale(run))]
@@ -251,18 +257,16 @@ def two_stage_runs(baseline: PlannedRun, out: Path) -> list[PlannedRun]:
     from mtbert.adapting import finetune_config
 
     row, k = f"{baseline.name}-two-stage", baseline.seed_index
-    parts = [PlannedRun(f"{row}-{alone.tasks[0].name}", baseline.config_file, k,
-                        finetune_config(baseline.config, alone, baseline.run_dir,
-                                        alone.tasks[0].name),
-                        out / f"{row}-{alone.tasks[0].name}" / f"seed-{k}", part_of=row,
-                        needs=[baseline.run_dir])
-             for alone in single_task_configs(baseline.config, True)]
-    for part in parts:
-        part.config.name = part.name
+    parts = []
+    for alone in single_task_configs(baseline.config, True):
+        alone.name = row  # the fine-tune of TASK is named ROW-TASK
+        config = finetune_config(baseline.config, alone, baseline.run_dir, alone.tasks[0].name)
+        parts.append(PlannedRun(config.name, baseline.config_file, k, config,
+                                out / config.name / f"seed-{k}", part_of=row,
+                                after=[baseline.run_dir]))
     collected = PlannedRun(row, baseline.config_file, k, baseline.config,
                            out / row / f"seed-{k}", per_task=True,
                            sources=[part.run_dir for part in parts])
-    collected.needs = collected.sources
     return [*parts, collected]
 
 
@@ -352,6 +356,20 @@ def _stale(run: PlannedRun) -> str | None:
 # ---------------------------------------------------------------- running
 
 
+def run_result(run: PlannedRun, budget: str, **fields) -> dict:
+    """`run`'s `result.json`: what every row records (its config, seed, budget, tasks, the
+    selection rule and the code that made it) and `fields`."""
+    config = run.config
+    return {
+        "config": run.name, "config_file": str(run.config_file), "seed": config.train.seed,
+        "seed_index": run.seed_index, "budget": budget, "backbone": config.model.backbone,
+        "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
+                  for t in config.tasks},
+        "selection": SELECTION, **fields, "code": code_version(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def run_one(run: PlannedRun, budget: str) -> dict:
     """Train one run from scratch and write its `result.json`; returns the result."""
     from mtbert.training import Trainer
@@ -369,34 +387,16 @@ def run_one(run: PlannedRun, budget: str) -> dict:
         # finished; at ~4x the model's size each they would fill the disk. best/ stays.
         shutil.rmtree(getattr(trainer, "checkpoints_dir", run.run_dir / "checkpoints"),
                       ignore_errors=True)
-    config = run.config
-    result = {
-        "config": run.name,
-        "config_file": str(run.config_file),
-        "seed": config.train.seed,
-        "seed_index": run.seed_index,
-        "budget": budget,
-        "backbone": config.model.backbone,
-        "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
-                  for t in config.tasks},
-        "dev": trainer.state.history[-1]["dev"] if trainer.state.history else dev,
-        "selection": SELECTION,
-        "dev_step": trainer.state.history[-1]["step"] if trainer.state.history else -1,
-        "best_dev": dev,
-        "single_task_of": run.single_task_of,
-        "from_run": config.adapt.from_run,
-        "best_step": trainer.state.best_step,
-        "steps": trainer.state.step,
-        "examples_seen": trainer.state.examples_seen,
-        "first_losses": trainer.state.first_losses,
-        "total_steps": trainer.total_steps,
-        "wall_time_s": round(end - start, 2),
-        "train_time_s": round(end - fit_start, 2),
-        "parameters": trainer.parameter_counts(),
-        "precision": trainer.precision,
-        "code": code_version(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    result = run_result(
+        run, budget,
+        dev=trainer.state.history[-1]["dev"] if trainer.state.history else dev,
+        dev_step=trainer.state.history[-1]["step"] if trainer.state.history else -1,
+        best_dev=dev, single_task_of=run.single_task_of, from_run=run.config.adapt.from_run,
+        best_step=trainer.state.best_step, steps=trainer.state.step,
+        examples_seen=trainer.state.examples_seen, first_losses=trainer.state.first_losses,
+        total_steps=trainer.total_steps, wall_time_s=round(end - start, 2),
+        train_time_s=round(end - fit_start, 2), parameters=trainer.parameter_counts(),
+        precision=trainer.precision)
     write_json_atomically(run.result_file, result)
     return result
 
@@ -417,23 +417,14 @@ def run_merged(run: PlannedRun, budget: str) -> dict:
         trainer.model.load_state_dict(merged.state_dict())
         dev = trainer.evaluate("dev")
         own = time.perf_counter() - start
-    result = {
-        "config": run.name, "config_file": str(run.config_file), "seed": run.config.train.seed,
-        "seed_index": run.seed_index, "budget": budget, "backbone": run.config.model.backbone,
-        "tasks": {t.name: {"metric": t.metric, "kind": t.kind, "preset": t.preset}
-                  for t in run.config.tasks},
-        "dev": dev, "selection": SELECTION, "single_task_of": None,
-        "merged_from": [str(s) for s in run.sources],
-        "merge_method": run.merge_method, "best_step": -1,
-        "steps": sum(s["steps"] for s in sources),
-        "examples_seen": {t: n for s in sources for t, n in s["examples_seen"].items()},
-        "first_losses": [], "total_steps": sum(s["total_steps"] for s in sources),
-        "wall_time_s": round(own + sum(s["wall_time_s"] for s in sources), 2),
-        "train_time_s": round(sum(s["train_time_s"] for s in sources), 2),
-        "parameters": trainer.parameter_counts(), "precision": trainer.precision,
-        "code": code_version(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    result = run_result(
+        run, budget, dev=dev, single_task_of=None, merged_from=[str(s) for s in run.sources],
+        merge_method=run.merge_method, best_step=-1, steps=sum(s["steps"] for s in sources),
+        examples_seen={t: n for s in sources for t, n in s["examples_seen"].items()},
+        first_losses=[], total_steps=sum(s["total_steps"] for s in sources),
+        wall_time_s=round(own + sum(s["wall_time_s"] for s in sources), 2),
+        train_time_s=round(sum(s["train_time_s"] for s in sources), 2),
+        parameters=trainer.parameter_counts(), precision=trainer.precision)
     write_json_atomically(run.result_file, result)
     return result
 
@@ -457,20 +448,14 @@ def run_per_task(run: PlannedRun, budget: str) -> dict:
             seen[task] = seen.get(task, 0) + n
     everyone = [stage_one, *parts]
     total = sum(part["parameters"]["total"] for part in parts)
-    result = {
-        "config": run.name, "config_file": str(run.config_file), "seed": run.config.train.seed,
-        "seed_index": run.seed_index, "budget": budget, "backbone": run.config.model.backbone,
-        "tasks": stage_one["tasks"], "dev": dev, "selection": SELECTION,
-        "single_task_of": None, "per_task_models": [str(s) for s in run.sources],
-        "from_run": parts[0]["from_run"], "best_step": -1,
-        "steps": sum(r["steps"] for r in everyone), "examples_seen": seen, "first_losses": [],
-        "total_steps": sum(r["total_steps"] for r in everyone),
-        "wall_time_s": round(sum(r["wall_time_s"] for r in everyone), 2),
-        "train_time_s": round(sum(r["train_time_s"] for r in everyone), 2),
-        "parameters": {"total": total, "task_specific": total},
-        "precision": stage_one["precision"], "code": code_version(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    result = run_result(
+        run, budget, dev=dev, single_task_of=None,
+        per_task_models=[str(s) for s in run.sources], from_run=parts[0]["from_run"],
+        best_step=-1, steps=sum(r["steps"] for r in everyone), examples_seen=seen,
+        first_losses=[], total_steps=sum(r["total_steps"] for r in everyone),
+        wall_time_s=round(sum(r["wall_time_s"] for r in everyone), 2),
+        train_time_s=round(sum(r["train_time_s"] for r in everyone), 2),
+        parameters={"total": total, "task_specific": total}, precision=stage_one["precision"])
     with RunLock(run.run_dir):
         write_json_atomically(run.result_file, result)
     return result
