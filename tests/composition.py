@@ -113,6 +113,7 @@ FEATURES: dict[str, Feature] = {
     "processes": Feature("2 processes", "2P", ("process", "world size", "rank"), action=True),
     "resume": Feature("resume", "Res", ("resume", "checkpoint"), action=True),
     "add_task": Feature("add a task", "Add", ("--from", "from_run"), action=True),
+    "finetune": Feature("fine-tune a task (two-stage)", "Fin", ("finetune",), action=True),
     "merge": Feature("merge", "Mrg", ("merge",), action=True),
     "export": Feature("export hf / onnx", "Exp", ("export", "format"), action=True),
     "serve": Feature("serve", "Srv", ("serve",), action=True),
@@ -130,6 +131,7 @@ TASKS = "[sst, quora, sts]"
 # With the encoder frozen (train --from) a cosine head would leave STS nothing to train.
 ADDED_HEAD = ("tasks.sts.head={type: pair_features, pooling: mean}",)
 OLD_TASK = "[{preset: sst, name: sst_old}]"  # the run a task is added to
+FINETUNED = "quora"  # the task fine-tuned alone (MT-DNN's second stage)
 PARTNER_TASK = "[{preset: sst, name: sst_merged}]"  # the run merged with a run of the matrix
 
 
@@ -183,6 +185,10 @@ class GradientLog:
         self.names = list(every)  # frozen ones too (train --from freezes the encoder)
         self.params = {n: p for n, p in every.items() if p.requires_grad}
         self.frozen_encoder = trainer.config.adapt.freeze_encoder
+        # BERT's pooler learns only where a head pools with it (a fine-tuned siamese task
+        # alone does not).
+        self.may_idle = () if any(task.head.pooling == "pooler" for task in
+                                  trainer.config.tasks) else ("encoder.pooler.",)
         self.learned: set[str] = set()
         self.terms: dict[str, list[float]] = {}
         trainer.optimizer.register_step_pre_hook(lambda *_: self.learned.update(
@@ -213,7 +219,8 @@ class GradientLog:
             term.value.register_hook(lambda grad, seen=seen: seen.append(grad.abs().item()))
 
     def check(self, features: list[str]) -> str:
-        may_idle = tuple(prefix for name in features for prefix in FEATURES[name].idle)
+        may_idle = self.may_idle + tuple(
+            prefix for name in features for prefix in FEATURES[name].idle)
         idle = sorted(n for n in set(self.params) - self.learned if not n.startswith(may_idle))
         assert not idle, f"parameters that never got a gradient: {idle[:6]}"
         for name in features:
@@ -387,6 +394,16 @@ class Setup:
             raise refusal(error, *pair) from None
         return config
 
+    def finetune_config(self, run: Path, techniques: tuple[str, ...], pair: tuple[str, ...]):
+        """`train --from RUN --finetune quora` under the techniques' training settings."""
+        from mtbert.adapting import config_from_run
+        from mtbert.errors import ConfigError
+
+        try:
+            return config_from_run(run, self.config(techniques), FINETUNED)
+        except ConfigError as error:
+            raise refusal(error, *pair) from None
+
 
 # ---------------------------------------------------------------- actions on a run
 
@@ -495,6 +512,12 @@ def act(setup: Setup, action: str, run: Path, techniques: tuple[str, ...],
             setup.runs[("added", folder)] = train_checked(
                 setup.added_task_config(techniques, pair), folder, list(techniques))
         return folder, f"Quora and STS added to a run: {setup.runs[('added', folder)]}"
+    if action == "finetune":
+        folder = run.with_name(run.name + "-finetuned")
+        if ("finetuned", folder) not in setup.runs:
+            setup.runs[("finetuned", folder)] = train_checked(
+                setup.finetune_config(run, techniques, pair), folder, list(techniques))
+        return folder, f"{FINETUNED} fine-tuned alone: {setup.runs[('finetuned', folder)]}"
     if action == "merge":
         return merge(setup, run, techniques, pair), "merged with a run of another task; predicts"
     if action == "export":

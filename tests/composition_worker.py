@@ -1,6 +1,6 @@
 """The 2-process cells of the composition matrix (tests/composition.py), in one torchrun job:
-each technique's run trained, checked and resumed on 2 ranks, and a task added under 2 ranks;
-rank 0 writes each outcome to OUT/ddp-results.json.
+each technique's run trained, checked and resumed on 2 ranks, a task added and a task
+fine-tuned under 2 ranks; rank 0 writes each outcome to OUT/ddp-results.json.
 
     torchrun --standalone --nproc-per-node 2 tests/composition_worker.py SPEC.json
 """
@@ -27,6 +27,9 @@ def main(spec_file: str) -> None:
             try:
                 if name == "add_task":
                     config, techniques = setup.added_task_config((), ("processes", "add_task")), ()
+                elif name == "finetune":  # from the plain run trained above
+                    config, techniques = setup.finetune_config(
+                        setup.work / "ddp-base", (), ("processes", "finetune")), ()
                 else:
                     config = setup.config(techniques)
                 results[name] = {"checked": train_checked(

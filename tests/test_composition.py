@@ -43,12 +43,12 @@ def setup(tiny_backbone, tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(setup) -> dict[str, dict]:
-    """Every technique's run, the plain run and a task added, each trained, checked and
-    resumed on 2 processes: one torchrun job."""
+    """Every technique's run, the plain run, a task added and a task fine-tuned, each
+    trained, checked and resumed on 2 processes: one torchrun job."""
     spec = setup.work / "ddp-spec.json"
     spec.write_text(json.dumps({"backbone": str(setup.backbone), "data": str(setup.data),
                                 "work": str(setup.work),
-                                "techniques": ["", "add_task", *TECHNIQUES]}))
+                                "techniques": ["", "add_task", "finetune", *TECHNIQUES]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -67,7 +67,7 @@ def check_pair(setup: Setup, a: str, b: str, request) -> str:
     if "processes" in (a, b):
         other = a if b == "processes" else b
         result = request.getfixturevalue("two_processes")[
-            other if other in (*TECHNIQUES, "add_task") else ""]
+            other if other in (*TECHNIQUES, "add_task", "finetune") else ""]
         if "error" in result:
             pytest.fail(result["error"])
         if "refused" in result:

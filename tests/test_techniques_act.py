@@ -43,10 +43,18 @@ def test_settings_that_cannot_act_are_rejected_when_read(overrides):
         check_techniques(load_config(CONFIGS / "base.yaml", overrides.split()))
 
 
-def test_pcgrad_with_one_task_is_rejected_too():
-    with pytest.raises(ConfigError, match="several tasks"):
+@pytest.mark.parametrize("setting,says", [
+    ("train.combiner=pcgrad", "acts only when a step holds several tasks"),
+    ("train.weighting=gradnorm", "weighs tasks against each other, and with one task"),
+    ("train.weighting=dwa", "weighs tasks against each other, and with one task")])
+def test_methods_of_several_tasks_are_rejected_with_one_task(setting, says):
+    """GradNorm and DWA renormalise their weights to sum to the number of tasks: with one
+    task the weight is 1 at every step, the plain sum (a single-task run or a fine-tune)."""
+    with pytest.raises(ConfigError, match=says):
         check_techniques(load_config(CONFIGS / "base.yaml",
-                                     ["tasks=[sst]", "train.combiner=pcgrad"]))
+                                     ["tasks=[sst]", setting, "train.epochs=3"]))
+    check_techniques(load_config(CONFIGS / "base.yaml",
+                                 ["tasks=[sst]", "train.weighting=uncertainty"]))
 
 
 def test_a_run_that_a_step_cap_stops_early_still_reaches_dwa(tiny_backbone, tiny_data, tmp_path):

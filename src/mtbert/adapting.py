@@ -49,11 +49,18 @@ def config_from_run(run: str | Path, new: ExperimentConfig,
 def finetune_config(base: ExperimentConfig, new: ExperimentConfig, run: str | Path,
                     task: str) -> ExperimentConfig:
     """Stage two of MT-DNN: `base`'s model and its `task` alone, trained with `new`'s
-    settings from RUN (a run of `base`, which need not be trained yet), named NAME-TASK."""
+    settings from RUN (a run of `base`, which need not be trained yet), named NAME-TASK.
+    A setting of `new` that cannot act on one task is refused here, naming the fine-tune."""
+    from mtbert.techniques import check_techniques
+
     config = dataclasses.replace(
         new, name=f"{new.name}-{task}", model=base.model, tasks=[base.task(task)],
         adapt=dataclasses.replace(new.adapt, from_run=str(run), finetune=task))
-    validate(config)
+    try:
+        validate(config)
+        check_techniques(config)
+    except ConfigError as error:
+        raise ConfigError(f"--finetune {task} trains {task} alone: {error}") from None
     return config
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mtbert.config import ConfigError, to_dict, validate
+from mtbert.config import AdaptConfig, ConfigError, to_dict, validate
 from mtbert.model.multitask import MultitaskModel
 
 DEFAULT_SCALE = {"average": 1.0, "task-arithmetic": 0.5, "ties": 1.0}
@@ -101,7 +101,9 @@ def merge_runs(runs: Sequence[str | Path], method: str, out: str | Path,
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"merge: the runs' task names must differ, got {names}")
-    merged_config = dataclasses.replace(configs[0], name=Path(out).name, tasks=tasks)
+    # How the runs were trained from others (--from, --finetune) is theirs, not the merge's.
+    merged_config = dataclasses.replace(configs[0], name=Path(out).name, tasks=tasks,
+                                        adapt=AdaptConfig())
     validate(merged_config)
 
     base_encoder, _ = load_backbone(configs[0])

@@ -87,6 +87,10 @@ def check_techniques(config: ExperimentConfig) -> None:
     if combiner.needs_several_tasks and not several:
         raise ConfigError(f"train.combiner: {train.combiner!r} acts only when a step holds "
                           "several tasks; use train.sampler: round_robin with two or more tasks")
+    if weighting.needs_several_tasks and len(config.tasks) < 2:
+        raise ConfigError(f"train.weighting: {train.weighting!r} weighs tasks against each "
+                          "other, and with one task its weight stays 1 (the plain sum); use "
+                          "train.weighting: sum")
     if weighting.needs_every_task and not sampler.draws_every_task:
         raise ConfigError(f"train.weighting: {train.weighting!r} needs every task's loss at "
                           f"every step; train.sampler {train.sampler!r} draws one task per "

@@ -93,13 +93,16 @@ class LossWeighting(nn.Module):
     differ from the plain sum, so a shorter run is an error; ``uses_task_weights``: reads the
     tasks' ``weight`` keys (every other weighting rejects weights other than 1);
     ``needs_encoder_gradients``: the method reads gradients of the shared encoder, so it
-    cannot act with the encoder frozen (``adapt.freeze_encoder``).
+    cannot act with the encoder frozen (``adapt.freeze_encoder``); ``needs_several_tasks``:
+    its weights only move relative to other tasks' (they are renormalised to sum to the number
+    of tasks), so with one task it is the plain sum.
 
     Args:
         task_names: Names of all tasks, unique; the order of ``weights()``.
     """
 
     needs_every_task = False
+    needs_several_tasks = False
     acts_from_epoch = 1
     uses_task_weights = False
     needs_encoder_gradients = False

@@ -35,6 +35,7 @@ class DynamicWeightAverage(LossWeighting):
     """
 
     acts_from_epoch = 3
+    needs_several_tasks = True
 
     def __init__(self, task_names: Sequence[str], temperature: float = 2.0):
         super().__init__(task_names)

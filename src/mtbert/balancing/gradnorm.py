@@ -41,6 +41,7 @@ class GradNormWeighting(LossWeighting):
     """
 
     needs_every_task = True
+    needs_several_tasks = True
     needs_encoder_gradients = True
 
     def __init__(self, task_names: Sequence[str], alpha: float = 1.5, min_weight: float = 1e-3):
