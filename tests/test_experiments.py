@@ -626,6 +626,38 @@ def test_two_stage_row_fine_tunes_each_task_from_the_baseline_and_teaches_a_stud
                   single_task=True)
 
 
+def test_two_stage_with_a_config_fine_tunes_under_its_settings(tmp_path, tiny_backbone,
+                                                                tiny_data):
+    """`--two-stage CONFIG`: stage two takes CONFIG's training settings (MT-DNN's short
+    fine-tune), under the budget's cap, with the seed of the run it starts from and scored on
+    its dev sample; a setting
+    that cannot act on one task is refused naming the fine-tune."""
+    base = tiny_yaml(tmp_path, "base", tiny_backbone, tasks="[sst, sts]", max_steps=6)
+    short = tiny_yaml(tmp_path, "short", tiny_backbone, tasks="[sst]", max_steps=None,
+                      train="lr: 2.0e-5, head_lr: 3.0e-5, seed: 99, max_eval_examples: 7")
+    out = tmp_path / "two-stage"
+    planned = {(r.name, r.seed_index): r for r in plan_runs(
+        [base], "small", 2, out, str(tiny_data), single_task=True, two_stage=short)}
+    for k in (0, 1):
+        stage_one = planned[("base", k)]
+        for task in ("sst", "sts"):
+            config = planned[(f"base-two-stage-{task}", k)].config
+            assert (config.train.lr, config.train.head_lr) == (2.0e-5, 3.0e-5)
+            assert config.train.seed == stage_one.config.train.seed
+            assert config.train.max_eval_examples == stage_one.config.train.max_eval_examples
+            assert config.train.max_steps == get_budget("small").steps  # CONFIG has none
+            assert config.adapt.from_run == str(stage_one.run_dir)
+            assert [t.name for t in config.tasks] == [task]
+            assert config.tasks[0] == stage_one.config.task(task)
+    drawing = plan_runs([base], "small", 1, out, str(tiny_data), single_task=True,
+                        two_stage=True)
+    assert next(r for r in drawing if r.name == "base-two-stage-sst").config.train.lr == 1.0e-3
+    weighted = tiny_yaml(tmp_path, "weighted", tiny_backbone, train="weighting: gradnorm")
+    with pytest.raises(ConfigError, match="--finetune sst trains sst alone: train.weighting"):
+        plan_runs([base], "small", 1, out, str(tiny_data), single_task=True,
+                  two_stage=weighted)
+
+
 def test_a_run_whose_stage_one_failed_waits_instead_of_failing_obscurely(
         tmp_path, tiny_backbone, tiny_data, monkeypatch):
     base = tiny_yaml(tmp_path, "base", tiny_backbone, tasks="[sst, sts]", max_steps=2)

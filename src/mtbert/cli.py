@@ -203,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["average", "task-arithmetic", "ties"],
                         help="with --single-task: also a row per method merging each seed's "
                              "single-task runs (mtbert merge)")
-    ablate.add_argument("--two-stage", action="store_true",
+    ablate.add_argument("--two-stage", nargs="?", const=True, default=False, metavar="CONFIG",
                         help="also a row <baseline>-two-stage (MT-DNN, Liu et al. 2019): each "
                              "task fine-tuned alone from the baseline's run of the same seed, "
-                             "one model per task")
+                             "one model per task, drawing what its single-task row draws; with "
+                             "CONFIG, under CONFIG's training settings (e.g. "
+                             "configs/winning/two-stage.yaml, MT-DNN's short fine-tune)")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablation"),
                         help="output folder (default: runs/ablation)")
     ablate.add_argument("--data-dir", help="folder with the task files (default: config)")

@@ -64,7 +64,13 @@ from mtbert.config import (
 )
 from mtbert.data.readers import stream_examples
 from mtbert.data.tasks import reading_options, sample_rows, split_file
-from mtbert.experiments.budgets import budget_max_steps, get_budget, match_draws, planned_draws
+from mtbert.experiments.budgets import (
+    Budget,
+    budget_max_steps,
+    get_budget,
+    match_draws,
+    planned_draws,
+)
 from mtbert.merging import METHODS as MERGE_METHODS
 from mtbert.metrics import METRICS
 from mtbert.provenance import code_version
@@ -174,7 +180,8 @@ def config_name(path: Path, overrides: Sequence[str], config: ExperimentConfig) 
 def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: int = 3,
               out: str | Path = "runs/ablation", data_dir: str | None = None,
               overrides: Sequence[str] = (), single_task: bool = False,
-              merges: Sequence[str] = (), two_stage: bool = False) -> list[PlannedRun]:
+              merges: Sequence[str] = (), two_stage: bool | str | Path = False
+              ) -> list[PlannedRun]:
     """Resolve every config x seed under the budget; checks names and finished runs. A run
     comes after the runs it needs (`needs`).
 
@@ -186,7 +193,10 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
     row `<name>-two-stage`, MT-DNN's recipe (Liu et al. 2019): each task fine-tuned alone
     from the baseline's run of the same seed (`mtbert train --from RUN --finetune TASK`),
     drawing what the task's single-task row draws; one model per task, each scored on its
-    task. Its models can teach a student: `distill.teachers: {TASK: two-stage}`.
+    task. Its models can teach a student: `distill.teachers: {TASK: two-stage}`. A config
+    file as `two_stage`: stage two takes that file's training settings instead (MT-DNN's
+    short fine-tune, `configs/winning/two-stage.yaml`), under the budget, with the seed of
+    the run it starts from.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1, got {seeds}")
@@ -205,11 +215,8 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
             raise ConfigError(f"{path} and {names[name]} are both named {name!r}; give one a "
                               f"different `name:`")
         names[name] = path
-        steps = budget_max_steps(spec, base)
-        capped = [] if steps is None else [f"train.max_steps={steps}"]
         for k in range(seeds):
-            config = load_config(path, [*spec.overrides, *capped, *overrides,
-                                        f"train.seed={base.train.seed + k}"], data_dir)
+            config = budgeted_config(path, spec, overrides, data_dir, base, k)
             check_techniques(config)
             config.name = name
             baseline = next(iter(names))
@@ -243,7 +250,9 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
                 sources=[out / f"{run.name}-only-{t.name}" / f"seed-{run.seed_index}"
                          for t in run.config.tasks]))
     if two_stage:
-        runs += [part for run in baselines for part in two_stage_runs(run, out)]
+        stage_two = None if two_stage is True else budgeted_config(
+            Path(two_stage), spec, overrides, data_dir)
+        runs += [part for run in baselines for part in two_stage_runs(run, out, stage_two)]
     stale = [message for run in runs if (message := _stale(run))]
     if stale:
         raise ConfigError("finished runs were trained with another config; delete them or use "
@@ -251,14 +260,36 @@ def plan_runs(config_files: Sequence[str | Path], budget: str = "small", seeds: 
     return in_dependency_order(runs)
 
 
-def two_stage_runs(baseline: PlannedRun, out: Path) -> list[PlannedRun]:
-    """The `<name>-two-stage` row of one seed: a fine-tune of each task from `baseline`'s run
-    (drawing the batches its single-task row draws), then the row that collects them."""
+def budgeted_config(path: Path, spec: Budget, overrides: Sequence[str], data_dir: str | None,
+                    base: ExperimentConfig | None = None, k: int = 0) -> ExperimentConfig:
+    """`path` under the budget `spec` (its settings, its step cap) and `overrides`, with seed
+    k of the config (`base`: the config read without cap or seed, if already read)."""
+    if base is None:
+        base = load_config(path, [*spec.overrides, *overrides], data_dir)
+    steps = budget_max_steps(spec, base)
+    capped = [] if steps is None else [f"train.max_steps={steps}"]
+    return load_config(path, [*spec.overrides, *capped, *overrides,
+                              f"train.seed={base.train.seed + k}"], data_dir)
+
+
+def two_stage_runs(baseline: PlannedRun, out: Path,
+                   stage_two: ExperimentConfig | None = None) -> list[PlannedRun]:
+    """The `<name>-two-stage` row of one seed: a fine-tune of each task from `baseline`'s run,
+    then the row that collects them. Each fine-tune draws the batches the task's single-task
+    row draws, or, given `stage_two`, trains with its settings and the baseline's seed,
+    scored on the baseline's dev sample (the table's one scoring rule)."""
     from mtbert.adapting import finetune_config
 
     row, k = f"{baseline.name}-two-stage", baseline.seed_index
+    if stage_two is None:
+        settings = single_task_configs(baseline.config, True)
+    else:
+        settings = [copy.deepcopy(stage_two) for _ in baseline.config.tasks]
+        for config, task in zip(settings, baseline.config.tasks):
+            config.tasks, config.train.seed = [task], baseline.config.train.seed
+            config.train.max_eval_examples = baseline.config.train.max_eval_examples
     parts = []
-    for alone in single_task_configs(baseline.config, True):
+    for alone in settings:
         alone.name = row  # the fine-tune of TASK is named ROW-TASK
         config = finetune_config(baseline.config, alone, baseline.run_dir, alone.tasks[0].name)
         parts.append(PlannedRun(config.name, baseline.config_file, k, config,
@@ -469,7 +500,8 @@ def run_ablation(config_files: Sequence[str | Path], budget: str = "small", seed
                  out: str | Path = "runs/ablation", data_dir: str | None = None,
                  overrides: Sequence[str] = (), report: bool = True,
                  tensorboard: bool = False, single_task: bool = False,
-                 merges: Sequence[str] = (), two_stage: bool = False) -> AblationOutcome:
+                 merges: Sequence[str] = (), two_stage: bool | str | Path = False
+                 ) -> AblationOutcome:
     """Train every config x seed not finished yet, then write the result tables.
 
     The first config is the baseline every other row is compared with; `single_task` adds
