@@ -630,8 +630,7 @@ def test_two_stage_with_a_config_fine_tunes_under_its_settings(tmp_path, tiny_ba
                                                                 tiny_data):
     """`--two-stage CONFIG`: stage two takes CONFIG's training settings (MT-DNN's short
     fine-tune), under the budget's cap, with the seed of the run it starts from and scored on
-    its dev sample; a setting
-    that cannot act on one task is refused naming the fine-tune."""
+    its dev sample; a setting that cannot act on one task is refused naming the fine-tune."""
     base = tiny_yaml(tmp_path, "base", tiny_backbone, tasks="[sst, sts]", max_steps=6)
     short = tiny_yaml(tmp_path, "short", tiny_backbone, tasks="[sst]", max_steps=None,
                       train="lr: 2.0e-5, head_lr: 3.0e-5, seed: 99, max_eval_examples: 7")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mtbert.config import AdaptConfig, ConfigError, ExperimentConfig, load_config, validate
 from mtbert.model.multitask import MultitaskModel
+from mtbert.techniques import check_techniques
 
 
 def config_from_run(run: str | Path, new: ExperimentConfig,
@@ -51,8 +52,6 @@ def finetune_config(base: ExperimentConfig, new: ExperimentConfig, run: str | Pa
     """Stage two of MT-DNN: `base`'s model and its `task` alone, trained with `new`'s
     settings from RUN (a run of `base`, which need not be trained yet), named NAME-TASK.
     A setting of `new` that cannot act on one task is refused here, naming the fine-tune."""
-    from mtbert.techniques import check_techniques
-
     config = dataclasses.replace(
         new, name=f"{new.name}-{task}", model=base.model, tasks=[base.task(task)],
         adapt=dataclasses.replace(new.adapt, from_run=str(run), finetune=task))

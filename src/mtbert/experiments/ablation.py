@@ -281,17 +281,18 @@ def two_stage_runs(baseline: PlannedRun, out: Path,
     from mtbert.adapting import finetune_config
 
     row, k = f"{baseline.name}-two-stage", baseline.seed_index
+    tasks = [task.name for task in baseline.config.tasks]
     if stage_two is None:
         settings = single_task_configs(baseline.config, True)
     else:
-        settings = [copy.deepcopy(stage_two) for _ in baseline.config.tasks]
-        for config, task in zip(settings, baseline.config.tasks):
-            config.tasks, config.train.seed = [task], baseline.config.train.seed
+        settings = [copy.deepcopy(stage_two) for _ in tasks]
+        for config in settings:
+            config.train.seed = baseline.config.train.seed
             config.train.max_eval_examples = baseline.config.train.max_eval_examples
     parts = []
-    for alone in settings:
+    for task, alone in zip(tasks, settings):
         alone.name = row  # the fine-tune of TASK is named ROW-TASK
-        config = finetune_config(baseline.config, alone, baseline.run_dir, alone.tasks[0].name)
+        config = finetune_config(baseline.config, alone, baseline.run_dir, task)
         parts.append(PlannedRun(config.name, baseline.config_file, k, config,
                                 out / config.name / f"seed-{k}", part_of=row,
                                 after=[baseline.run_dir]))
